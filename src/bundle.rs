@@ -1,0 +1,342 @@
+//! Model bundles: the immutable directory `models/<model>/<version>/` that fixes a version.
+//!
+//! A bundle holds `manifest.toml` (feature schema, limit policy, training provenance and
+//! holdout metrics), `parameters.toml` (the fitted model) and `bundle.sha256`, the digest over
+//! a canonical form of every other file. The digest is the bundle's identity in every record.
+//! [`Bundle::load`] reads, verifies the digest, parses and validates; a bundle that fails any
+//! step is refused whole, which is also what keeps a half-written bundle from ever loading.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::model::LogisticModel;
+use crate::policy::Policy;
+use crate::schema::{FeatureSpec, Schema};
+
+pub const MANIFEST_FILE: &str = "manifest.toml";
+pub const PARAMETERS_FILE: &str = "parameters.toml";
+/// Holds the digest; written last, so its presence marks a complete bundle.
+pub const DIGEST_FILE: &str = "bundle.sha256";
+/// The manifest format this build reads and writes.
+pub const FORMAT: u32 = 1;
+
+/// Why a bundle was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("bundle is incomplete: {0} is missing")]
+    Incomplete(&'static str),
+    #[error("digest mismatch: {DIGEST_FILE} says {expected} but the files hash to {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("{file} does not parse: {message}")]
+    Parse { file: &'static str, message: String },
+    #[error("invalid bundle: {0}")]
+    Invalid(String),
+}
+
+impl BundleError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        BundleError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// A bundle's identity: `sha256:` and the hex digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BundleDigest(String);
+
+impl BundleDigest {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BundleDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where the training data came from, so a version can be reproduced and audited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Training {
+    pub data_file: String,
+    /// sha256 of the data file's bytes.
+    pub data_sha256: String,
+    pub rows: u64,
+    pub label: String,
+    pub excluded: Vec<String>,
+    pub holdout_fraction: f64,
+    pub seed: u64,
+}
+
+/// Quality on the stratified holdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub holdout_rows: u64,
+    pub holdout_defaults: u64,
+    pub auc: f64,
+    pub ks: f64,
+    pub gini: f64,
+    pub brier: f64,
+}
+
+/// The human-readable description of a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub model: String,
+    pub version: String,
+    /// RFC 3339; given to the trainer so that a retrain reproduces the digest.
+    pub created_at: String,
+    pub trainer: String,
+    pub training: Training,
+    pub metrics: Metrics,
+    #[serde(rename = "feature")]
+    pub features: Vec<FeatureSpec>,
+    pub policy: Policy,
+}
+
+/// A verified, validated version, ready to score.
+#[derive(Debug)]
+pub struct Bundle {
+    pub manifest: Manifest,
+    /// The manifest exactly as stored, for people who ask to see it.
+    pub manifest_text: String,
+    pub schema: Schema,
+    pub model: LogisticModel,
+    pub digest: BundleDigest,
+}
+
+impl Bundle {
+    pub fn model_name(&self) -> &str {
+        &self.manifest.model
+    }
+
+    pub fn version(&self) -> &str {
+        &self.manifest.version
+    }
+
+    /// Reads a bundle directory: verify the digest, parse, validate. `expect` names the model
+    /// and version the directory stands for; a manifest that says otherwise is refused.
+    pub fn load(dir: &Path, expect: Option<(&str, &str)>) -> Result<Bundle, BundleError> {
+        let files = read_files(dir)?;
+        let recorded = match files.iter().find(|(name, _)| name == DIGEST_FILE) {
+            Some((_, bytes)) => String::from_utf8_lossy(bytes).trim().to_string(),
+            None => return Err(BundleError::Incomplete(DIGEST_FILE)),
+        };
+        let digest = digest_of(&files);
+        if recorded != digest.0 {
+            return Err(BundleError::DigestMismatch {
+                expected: recorded,
+                actual: digest.0,
+            });
+        }
+        let text = |file: &'static str| -> Result<String, BundleError> {
+            let (_, bytes) = files
+                .iter()
+                .find(|(name, _)| name == file)
+                .ok_or(BundleError::Incomplete(file))?;
+            String::from_utf8(bytes.clone()).map_err(|_| BundleError::Parse {
+                file,
+                message: "not UTF-8".into(),
+            })
+        };
+        let manifest_text = text(MANIFEST_FILE)?;
+        let manifest: Manifest =
+            toml::from_str(&manifest_text).map_err(|e| BundleError::Parse {
+                file: MANIFEST_FILE,
+                message: e.message().to_string(),
+            })?;
+        let model: LogisticModel =
+            toml::from_str(&text(PARAMETERS_FILE)?).map_err(|e| BundleError::Parse {
+                file: PARAMETERS_FILE,
+                message: e.message().to_string(),
+            })?;
+        let bundle = Bundle {
+            schema: Schema::new(manifest.features.clone()),
+            manifest,
+            manifest_text,
+            model,
+            digest,
+        };
+        bundle.validate(expect)?;
+        Ok(bundle)
+    }
+
+    /// Everything a bundle must satisfy beyond parsing.
+    fn validate(&self, expect: Option<(&str, &str)>) -> Result<(), BundleError> {
+        let m = &self.manifest;
+        if m.format != FORMAT {
+            return Err(BundleError::Invalid(format!(
+                "manifest format {} is not the supported {FORMAT}",
+                m.format
+            )));
+        }
+        if let Some((model, version)) = expect
+            && (m.model != model || m.version != version)
+        {
+            return Err(BundleError::Invalid(format!(
+                "manifest says {}/{} but the bundle sits at {model}/{version}",
+                m.model, m.version
+            )));
+        }
+        self.schema.check().map_err(BundleError::Invalid)?;
+        self.model.check().map_err(BundleError::Invalid)?;
+        let schema_names = self.schema.features().iter().map(|f| &f.name);
+        let param_names = self.model.terms.iter().map(|t| &t.name);
+        if !schema_names.eq(param_names) {
+            return Err(BundleError::Invalid(
+                "the schema's features do not match the parameters' features (names and order)"
+                    .into(),
+            ));
+        }
+        m.policy
+            .check()
+            .map_err(|e| BundleError::Invalid(format!("policy: {e}")))?;
+        Ok(())
+    }
+
+    /// Scores sample vectors drawn from the schema (the training means, and each range's
+    /// corners) and checks every answer is a usable probability, before the version may serve.
+    pub fn warm_up(&self) -> Result<(), BundleError> {
+        let specs = self.schema.features();
+        let means: Vec<f64> = specs
+            .iter()
+            .zip(&self.model.terms)
+            .map(|(s, t)| t.mean.clamp(s.min, s.max))
+            .collect();
+        let lows: Vec<f64> = specs.iter().map(|s| s.min).collect();
+        let highs: Vec<f64> = specs.iter().map(|s| s.max).collect();
+        for sample in [means, lows, highs] {
+            let pd = self.model.score(&sample).probability_of_default;
+            if !(0.0..=1.0).contains(&pd) {
+                return Err(BundleError::Invalid(format!(
+                    "warm-up scored a probability of {pd}"
+                )));
+            }
+            self.manifest.policy.apply(pd, Some(100_000));
+        }
+        Ok(())
+    }
+}
+
+/// The regular files of a bundle directory, sorted by name. Subdirectories are refused:
+/// a bundle is flat so that its canonical form is obvious.
+fn read_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| BundleError::io(dir, e))? {
+        let entry = entry.map_err(|e| BundleError::io(dir, e))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| BundleError::io(&path, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !kind.is_file() {
+            return Err(BundleError::Invalid(format!(
+                "{name} is not a regular file; bundles are flat directories"
+            )));
+        }
+        let bytes = fs::read(&path).map_err(|e| BundleError::io(&path, e))?;
+        files.push((name, bytes));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// sha256 over every file but the digest file, sorted by name, each framed as
+/// `name NUL length(u64 LE) bytes`, so that no two different bundles share a stream.
+fn digest_of(files: &[(String, Vec<u8>)]) -> BundleDigest {
+    let mut h = Sha256::new();
+    for (name, bytes) in files.iter().filter(|(n, _)| n != DIGEST_FILE) {
+        h.update(name.as_bytes());
+        h.update([0u8]);
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    BundleDigest(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Computes the digest of a bundle directory's files and writes it to `bundle.sha256`.
+///
+/// For tools that assemble a bundle by hand (and for tests that build broken ones); the
+/// trainer seals through [`write`].
+pub fn seal(dir: &Path) -> Result<BundleDigest, BundleError> {
+    let digest = digest_of(&read_files(dir)?);
+    let path = dir.join(DIGEST_FILE);
+    fs::write(&path, format!("{digest}\n")).map_err(|e| BundleError::io(&path, e))?;
+    Ok(digest)
+}
+
+/// Writes a new bundle at `models_dir/<model>/<version>` atomically: into a hidden sibling
+/// first, the digest file last, then renamed into place. An existing version is never
+/// overwritten: bundles are immutable.
+pub fn write(
+    models_dir: &Path,
+    manifest: &Manifest,
+    model: &LogisticModel,
+) -> Result<(PathBuf, BundleDigest), BundleError> {
+    let parent = models_dir.join(&manifest.model);
+    let dest = parent.join(&manifest.version);
+    if dest.exists() {
+        return Err(BundleError::Invalid(format!(
+            "{} already exists; bundles are immutable, pick a new version",
+            dest.display()
+        )));
+    }
+    let ser = |file, r: Result<String, toml::ser::Error>| {
+        r.map_err(|e| BundleError::Parse {
+            file,
+            message: e.to_string(),
+        })
+    };
+    let files = vec![
+        (
+            MANIFEST_FILE.to_string(),
+            ser(MANIFEST_FILE, toml::to_string_pretty(manifest))?.into_bytes(),
+        ),
+        (
+            PARAMETERS_FILE.to_string(),
+            ser(PARAMETERS_FILE, toml::to_string_pretty(model))?.into_bytes(),
+        ),
+    ];
+    let staging = parent.join(format!(
+        ".{}.partial-{}",
+        manifest.version,
+        std::process::id()
+    ));
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |e| BundleError::Io { path: p, source: e }
+    };
+    fs::create_dir_all(&staging).map_err(io(&staging))?;
+    for (name, bytes) in &files {
+        fs::write(staging.join(name), bytes).map_err(io(&staging))?;
+    }
+    let digest = seal(&staging)?;
+    fs::rename(&staging, &dest).map_err(io(&dest))?;
+    Ok((dest, digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_separates_names_from_contents() {
+        let a = digest_of(&[("ab".into(), b"c".to_vec())]);
+        let b = digest_of(&[("a".into(), b"bc".to_vec())]);
+        assert_ne!(a, b);
+        let with_digest_file = digest_of(&[
+            ("ab".into(), b"c".to_vec()),
+            (DIGEST_FILE.into(), b"x".to_vec()),
+        ]);
+        assert_eq!(a, with_digest_file);
+    }
+}

@@ -1,0 +1,581 @@
+//! The `riskserve` command line: `serve`, `train`, `score`, `models` and `bench`.
+//!
+//! Arguments are parsed by clap into typed structs before any work starts; every command
+//! returns `anyhow::Result`, and `main` prints errors with their whole cause chain. Client
+//! commands talk to a running server (`--server`, default the local one).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tonic::transport::Channel;
+
+use crate::bench::{self, BenchArgs};
+use crate::bundle::Manifest;
+use crate::config::Config;
+use crate::grpc::pb;
+use crate::grpc::pb::models_client::ModelsClient;
+use crate::grpc::pb::scoring_client::ScoringClient;
+use crate::train::{self, Stage, TrainSpec};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "riskserve",
+    version,
+    about = "Serve, roll out and audit credit-risk models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve(ServeArgs),
+    /// Train a new model version from a CSV file and write its bundle.
+    Train(TrainArgs),
+    /// Score one customer on a running server.
+    Score(ScoreArgs),
+    /// List, show, load, serve or unload model versions on a running server.
+    Models {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+    /// Closed-loop load generator against a running server; prints one JSON line.
+    Bench(BenchArgs),
+    /// A server whose Score does no work: the ceiling for `bench` on the same machine.
+    #[command(hide = true)]
+    BenchEmptyServer {
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "RISKSERVE_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Directory of model bundles [default: models].
+    #[arg(long, env = "RISKSERVE_MODELS")]
+    models: Option<PathBuf>,
+    /// Directory for the server's state [default: riskserve-data].
+    #[arg(long, env = "RISKSERVE_DATA")]
+    data: Option<PathBuf>,
+    /// A TOML configuration file; flags and RISKSERVE_* variables override it.
+    #[arg(long, env = "RISKSERVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Make every bundle the watcher loads serve at once.
+    #[arg(long, env = "RISKSERVE_AUTO_SERVE")]
+    auto_serve: Option<bool>,
+    /// Log format.
+    #[arg(long, env = "RISKSERVE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// The training CSV (numeric columns with a header).
+    #[arg(long)]
+    data: PathBuf,
+    /// The 0/1 label column (1 = defaulted).
+    #[arg(long)]
+    label: String,
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    version: String,
+    /// Columns not to train on (ids, prohibited bases).
+    #[arg(long, num_args = 1..)]
+    exclude: Vec<String>,
+    /// Share of each class held out for evaluation.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Feature schema (types, ranges, missing rules); default: observed ranges.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Limit policy (TOML); default: the built-in credit-limit policy.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where bundles are written.
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Creation time for the manifest (RFC 3339); fix it to reproduce a digest.
+    /// Default: $SOURCE_DATE_EPOCH if set, else now.
+    #[arg(long)]
+    created_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct ServerArg {
+    /// The riskserve server to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "RISKSERVE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+}
+
+#[derive(Debug, Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    #[arg(long, default_value = "credit-limit")]
+    model: String,
+    /// The customer's id (default with --csv: the row's USER_ID).
+    #[arg(long)]
+    customer: Option<String>,
+    #[arg(long)]
+    current_limit: Option<i64>,
+    /// A feature value, NAME=VALUE; repeat for each feature.
+    #[arg(long = "feature", value_name = "NAME=VALUE")]
+    features: Vec<String>,
+    /// Take features (and current limit, customer id) from a CSV file...
+    #[arg(long, requires = "row")]
+    csv: Option<PathBuf>,
+    /// ...at this data row (1 = the first row after the header).
+    #[arg(long, requires = "csv")]
+    row: Option<usize>,
+    /// Request id; default: a fresh UUIDv7. Reuse one to retry.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Print the response as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsAction {
+    /// Every model and version with its state.
+    List,
+    /// A version's manifest.
+    Show { model: String, version: String },
+    /// Load models/<MODEL>/<VERSION> (verify, validate, warm up).
+    Load { model: String, version: String },
+    /// Make a loaded version serve.
+    Serve { model: String, version: String },
+    /// Unload a version that does not serve.
+    Unload { model: String, version: String },
+}
+
+/// Runs the command line and turns errors into a message and exit code 2.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("riskserve: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Train(args) => train_cmd(args),
+        Command::Score(args) => runtime.block_on(score(args)),
+        Command::Models { server, action } => runtime.block_on(models(server, action)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::BenchEmptyServer { listen } => runtime.block_on(bench::empty_server(listen)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RISKSERVE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(models) = args.models {
+        config.models_dir = models;
+    }
+    if let Some(data) = args.data {
+        config.data_dir = data;
+    }
+    if let Some(auto) = args.auto_serve {
+        config.auto_serve = auto;
+    }
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    crate::serve(listener, config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let created_at = match args.created_at {
+        Some(t) => t,
+        None => {
+            let when = match std::env::var("SOURCE_DATE_EPOCH") {
+                Ok(secs) => {
+                    let secs: u64 = secs.parse().context("SOURCE_DATE_EPOCH is not a number")?;
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+                }
+                Err(_) => SystemTime::now(),
+            };
+            humantime::format_rfc3339_seconds(when).to_string()
+        }
+    };
+    let spec = TrainSpec {
+        data: args.data,
+        label: args.label,
+        model: args.model,
+        version: args.version,
+        exclude: args.exclude,
+        holdout: args.holdout,
+        seed: args.seed,
+        schema: args.schema,
+        policy: args.policy,
+        models_dir: args.models,
+        created_at,
+    };
+    let bar = indicatif::ProgressBar::new(Stage::ALL.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{bar:20}] {pos}/{len} {msg} ({elapsed})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let mut started = 0;
+    let report = train::train(&spec, &mut |stage| {
+        bar.set_position(started);
+        bar.set_message(stage.describe());
+        started += 1;
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    let m = &report.manifest;
+    println!(
+        "trained {}/{} in {}",
+        m.model,
+        m.version,
+        report.dir.display()
+    );
+    println!();
+    let rows = [
+        ("digest", report.digest.to_string()),
+        ("features", m.features.len().to_string()),
+        ("excluded", m.training.excluded.join(", ")),
+        ("train rows", report.train_rows.to_string()),
+        (
+            "holdout rows",
+            format!(
+                "{} ({} defaults)",
+                m.metrics.holdout_rows, m.metrics.holdout_defaults
+            ),
+        ),
+        ("AUC", format!("{:.4}", m.metrics.auc)),
+        ("KS", format!("{:.4}", m.metrics.ks)),
+        ("Gini", format!("{:.4}", m.metrics.gini)),
+        ("Brier", format!("{:.4}", m.metrics.brier)),
+        ("created at", m.created_at.clone()),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<13} {v}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Connects to `--server`, accepting a bare `host:port`.
+pub async fn connect(server: &str) -> anyhow::Result<Channel> {
+    let uri = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    Channel::from_shared(uri.clone())
+        .with_context(|| format!("bad server address {server}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {uri}"))
+}
+
+async fn serving_manifest(channel: Channel, model: &str) -> anyhow::Result<Manifest> {
+    let mut client = ModelsClient::new(channel);
+    let models = client
+        .list_models(pb::ListModelsRequest {})
+        .await?
+        .into_inner();
+    let Some(entry) = models.models.iter().find(|m| m.name == model) else {
+        bail!("the server has no model {model}");
+    };
+    if entry.serving_version.is_empty() {
+        bail!("model {model} has no serving version");
+    }
+    let manifest = client
+        .get_manifest(pb::VersionRef {
+            model: model.into(),
+            version: entry.serving_version.clone(),
+        })
+        .await?
+        .into_inner();
+    toml::from_str(&manifest.manifest_toml).context("parsing the serving manifest")
+}
+
+/// One CSV row as header → cell.
+pub fn csv_row(path: &Path, row: usize) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("opening {}", path.display()))?;
+    let headers = reader.headers()?.clone();
+    let record = reader
+        .records()
+        .nth(row.checked_sub(1).context("--row counts from 1")?)
+        .with_context(|| format!("{} has no row {row}", path.display()))??;
+    Ok(headers
+        .iter()
+        .map(String::from)
+        .zip(record.iter().map(String::from))
+        .collect())
+}
+
+fn feature_value(text: &str) -> pb::FeatureValue {
+    use pb::feature_value::Kind;
+    let kind = if let Ok(i) = text.parse::<i64>() {
+        Kind::Integer(i)
+    } else if let Ok(x) = text.parse::<f64>() {
+        Kind::Number(x)
+    } else if let Ok(b) = text.parse::<bool>() {
+        Kind::Flag(b)
+    } else {
+        Kind::Text(text.to_string())
+    };
+    pb::FeatureValue { kind: Some(kind) }
+}
+
+async fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
+    let channel = connect(&args.server.server).await?;
+    let mut features = BTreeMap::new();
+    let mut customer = args.customer;
+    let mut current_limit = args.current_limit;
+    if let (Some(path), Some(row)) = (&args.csv, args.row) {
+        let cells = csv_row(path, row)?;
+        let manifest = serving_manifest(channel.clone(), &args.model).await?;
+        for spec in &manifest.features {
+            if let Some(cell) = cells.get(&spec.name) {
+                features.insert(spec.name.clone(), feature_value(cell));
+            }
+        }
+        customer = customer.or_else(|| cells.get("USER_ID").cloned());
+        if current_limit.is_none() {
+            current_limit = cells
+                .get("CREDIT_LIMIT")
+                .and_then(|c| c.parse::<f64>().ok())
+                .map(|c| c as i64);
+        }
+    }
+    for pair in &args.features {
+        let (name, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--feature {pair}: expected NAME=VALUE"))?;
+        features.insert(name.to_string(), feature_value(value));
+    }
+    let customer = customer.context("--customer is required (or --csv with a USER_ID column)")?;
+    let request = pb::ScoreRequest {
+        request_id: args
+            .request_id
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        customer_id: customer,
+        model: args.model,
+        features,
+        current_limit,
+    };
+    let response = ScoringClient::new(channel)
+        .score(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    if args.json {
+        println!("{}", response_json(&response));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let decision = pb::Decision::try_from(response.decision)
+        .map(|d| d.as_str_name().trim_start_matches("DECISION_").to_string())
+        .unwrap_or_default();
+    let arm = pb::Arm::try_from(response.arm)
+        .map(|a| a.as_str_name().trim_start_matches("ARM_").to_lowercase())
+        .unwrap_or_default();
+    let limit = match response.current_limit {
+        Some(c) => format!("{c} → {}", response.granted_limit),
+        None => format!("{} (new customer)", response.granted_limit),
+    };
+    println!(
+        "decision  {}  (request {})",
+        response.decision_id, response.request_id
+    );
+    println!(
+        "model     {} {}  {}",
+        response.model, response.version, response.digest
+    );
+    println!(
+        "result    {decision}, grade {}, probability of default {:.4}",
+        response.grade, response.probability_of_default
+    );
+    println!("limit     {limit}");
+    println!("arm       {arm}");
+    println!("reasons   (what pushed the probability of default up most)");
+    if response.reasons.is_empty() {
+        println!("          none: every feature lowered it");
+    }
+    for (i, r) in response.reasons.iter().enumerate() {
+        println!(
+            "          {}. {:<16} {:+.4} log-odds  (value {})",
+            i + 1,
+            r.feature,
+            r.contribution,
+            r.value
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn response_json(r: &pb::ScoreResponse) -> serde_json::Value {
+    serde_json::json!({
+        "decision_id": r.decision_id,
+        "request_id": r.request_id,
+        "model": r.model,
+        "version": r.version,
+        "digest": r.digest,
+        "probability_of_default": r.probability_of_default,
+        "grade": r.grade,
+        "decision": pb::Decision::try_from(r.decision).map(|d| d.as_str_name()).unwrap_or("?"),
+        "current_limit": r.current_limit,
+        "granted_limit": r.granted_limit,
+        "arm": pb::Arm::try_from(r.arm).map(|a| a.as_str_name()).unwrap_or("?"),
+        "reasons": r.reasons.iter().map(|x| serde_json::json!({
+            "feature": x.feature, "contribution": x.contribution, "value": x.value
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn models(server: ServerArg, action: ModelsAction) -> anyhow::Result<ExitCode> {
+    let mut client = ModelsClient::new(connect(&server.server).await?);
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let print_version = |v: &pb::VersionStatus| {
+        let state = pb::VersionState::try_from(v.state)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("VERSION_STATE_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<10} {:<8} {:<20} {}",
+            v.version,
+            state,
+            v.created_at,
+            if v.error.is_empty() {
+                &v.digest
+            } else {
+                &v.error
+            }
+        );
+    };
+    match action {
+        ModelsAction::List => {
+            let list = client
+                .list_models(pb::ListModelsRequest {})
+                .await
+                .map_err(status)?;
+            for m in list.into_inner().models {
+                let serving = if m.serving_version.is_empty() {
+                    "none"
+                } else {
+                    &m.serving_version
+                };
+                println!("{}  (serving: {serving})", m.name);
+                for v in &m.versions {
+                    print_version(v);
+                }
+            }
+        }
+        ModelsAction::Show { model, version } => {
+            let m = client
+                .get_manifest(pb::VersionRef { model, version })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("# {}/{}  {}", m.model, m.version, m.digest);
+            print!("{}", m.manifest_toml);
+        }
+        ModelsAction::Load { model, version } => {
+            let v = client
+                .load_version(pb::VersionRef { model, version })
+                .await
+                .map_err(status)?;
+            print_version(&v.into_inner());
+        }
+        ModelsAction::Serve { model, version } => {
+            let v = client
+                .serve_version(pb::VersionRef { model, version })
+                .await
+                .map_err(status)?;
+            print_version(&v.into_inner());
+        }
+        ModelsAction::Unload { model, version } => {
+            let v = client
+                .unload_version(pb::VersionRef { model, version })
+                .await
+                .map_err(status)?;
+            print_version(&v.into_inner());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

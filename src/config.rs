@@ -1,0 +1,131 @@
+//! Server configuration: embedded defaults, then a TOML file, then environment variables and
+//! flags (the CLI merges those two through clap, flags winning).
+//!
+//! Everything is parsed and checked here, before any port is bound or any bundle read, so a
+//! bad setting stops the server at once with a message naming it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole server configuration. Field names are the keys of the TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the gRPC port.
+    pub listen: SocketAddr,
+    /// Where bundles live: `<models_dir>/<model>/<version>/`.
+    pub models_dir: PathBuf,
+    /// Where the server keeps its state (serving choices now; the decision log later).
+    pub data_dir: PathBuf,
+    /// How often the watcher looks for new bundles.
+    pub watch_interval_ms: u64,
+    /// Whether a bundle the watcher loads is made to serve at once. Off: new versions wait
+    /// for an operator.
+    pub auto_serve: bool,
+    /// How long shutdown waits for in-flight requests.
+    pub grace_period_secs: u64,
+    /// Most requests in one ScoreBatch.
+    pub max_batch: usize,
+    /// Versions pinned to serve at start, by model; overrides the saved choice.
+    pub serving: BTreeMap<String, String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            models_dir: PathBuf::from("models"),
+            data_dir: PathBuf::from("riskserve-data"),
+            watch_interval_ms: 500,
+            auto_serve: false,
+            grace_period_secs: 10,
+            max_batch: 1_000,
+            serving: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(config)
+    }
+
+    /// Checks the values that parsing alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(10..=60_000).contains(&self.watch_interval_ms) {
+            return Err(ConfigError::Invalid(
+                "watch_interval_ms must be between 10 and 60000".into(),
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > 100_000 {
+            return Err(ConfigError::Invalid(
+                "max_batch must be between 1 and 100000".into(),
+            ));
+        }
+        if self.grace_period_secs > 3_600 {
+            return Err(ConfigError::Invalid(
+                "grace_period_secs must be at most 3600".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn watch_interval(&self) -> Duration {
+        Duration::from_millis(self.watch_interval_ms)
+    }
+
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:6000\"\n[serving]\ncredit-limit = \"v1\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.serving["credit-limit"], "v1");
+        assert_eq!(c.watch_interval_ms, 500);
+
+        std::fs::write(&path, "lisen = \"0.0.0.0:6000\"\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+}

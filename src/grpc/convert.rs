@@ -1,0 +1,160 @@
+//! Conversions between wire messages and domain types, checked where they enter.
+
+use crate::grpc::pb;
+use crate::model::Contribution;
+use crate::policy::Outcome;
+use crate::registry::{VersionInfo, VersionState};
+use crate::schema::RawValue;
+use crate::scoring::{Arm, Decision, ScoreRequest};
+
+/// Longest request id or customer id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A request field that broke a rule of the API itself (before any schema is consulted).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {rule}")]
+pub struct RequestError {
+    pub field: String,
+    pub rule: String,
+}
+
+fn required_id(field: &str, value: String) -> Result<String, RequestError> {
+    let rule = if value.is_empty() {
+        "is required"
+    } else if value.len() > MAX_ID_LEN {
+        "must be at most 128 bytes"
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else {
+        return Ok(value);
+    };
+    Err(RequestError {
+        field: field.into(),
+        rule: rule.into(),
+    })
+}
+
+impl TryFrom<pb::ScoreRequest> for ScoreRequest {
+    type Error = RequestError;
+
+    fn try_from(req: pb::ScoreRequest) -> Result<Self, Self::Error> {
+        let current_limit = match req.current_limit {
+            Some(limit) if limit < 0 => {
+                return Err(RequestError {
+                    field: "current_limit".into(),
+                    rule: format!("must be ≥ 0, got {limit}"),
+                });
+            }
+            other => other,
+        };
+        if req.model.is_empty() {
+            return Err(RequestError {
+                field: "model".into(),
+                rule: "is required".into(),
+            });
+        }
+        Ok(ScoreRequest {
+            request_id: required_id("request_id", req.request_id)?,
+            customer_id: required_id("customer_id", req.customer_id)?,
+            model: req.model,
+            features: req
+                .features
+                .into_iter()
+                .map(|(name, value)| (name, raw_value(value)))
+                .collect(),
+            current_limit,
+        })
+    }
+}
+
+fn raw_value(v: pb::FeatureValue) -> RawValue {
+    use pb::feature_value::Kind;
+    match v.kind {
+        Some(Kind::Number(x)) => RawValue::Number(x),
+        Some(Kind::Integer(i)) => RawValue::Integer(i),
+        Some(Kind::Text(s)) => RawValue::Text(s),
+        Some(Kind::Flag(b)) => RawValue::Flag(b),
+        None => RawValue::Empty,
+    }
+}
+
+impl From<Outcome> for pb::Decision {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Approve => pb::Decision::Approve,
+            Outcome::Review => pb::Decision::Review,
+            Outcome::Decline => pb::Decision::Decline,
+        }
+    }
+}
+
+impl From<Arm> for pb::Arm {
+    fn from(a: Arm) -> Self {
+        match a {
+            Arm::Champion => pb::Arm::Champion,
+            Arm::Candidate => pb::Arm::Candidate,
+            Arm::Shadow => pb::Arm::Shadow,
+        }
+    }
+}
+
+impl From<Contribution> for pb::Reason {
+    fn from(c: Contribution) -> Self {
+        pb::Reason {
+            feature: c.feature,
+            contribution: c.contribution,
+            value: c.value,
+        }
+    }
+}
+
+impl From<Decision> for pb::ScoreResponse {
+    fn from(d: Decision) -> Self {
+        pb::ScoreResponse {
+            decision_id: d.decision_id.to_string(),
+            request_id: d.request_id,
+            model: d.model,
+            version: d.version,
+            digest: d.digest.to_string(),
+            probability_of_default: d.probability_of_default,
+            grade: d.grade,
+            decision: pb::Decision::from(d.outcome).into(),
+            granted_limit: d.granted_limit,
+            current_limit: d.current_limit,
+            reasons: d.reasons.into_iter().map(Into::into).collect(),
+            arm: pb::Arm::from(d.arm).into(),
+        }
+    }
+}
+
+impl From<VersionState> for pb::VersionState {
+    fn from(s: VersionState) -> Self {
+        match s {
+            VersionState::Loading => pb::VersionState::Loading,
+            VersionState::Ready => pb::VersionState::Ready,
+            VersionState::Serving => pb::VersionState::Serving,
+            VersionState::Failed => pb::VersionState::Failed,
+        }
+    }
+}
+
+impl From<VersionInfo> for pb::VersionStatus {
+    fn from(v: VersionInfo) -> Self {
+        pb::VersionStatus {
+            state: pb::VersionState::from(v.state).into(),
+            digest: v
+                .bundle
+                .as_ref()
+                .map(|b| b.digest.to_string())
+                .unwrap_or_default(),
+            created_at: v
+                .bundle
+                .as_ref()
+                .map(|b| b.manifest.created_at.clone())
+                .unwrap_or_default(),
+            error: v.error.unwrap_or_default(),
+            model: v.model,
+            version: v.version,
+        }
+    }
+}

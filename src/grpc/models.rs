@@ -1,0 +1,90 @@
+//! The `riskserve.v1.Models` service: list, show, load, serve and unload versions.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::grpc::pb::{self, models_server::Models};
+use crate::registry::Registry;
+
+/// Model management over a shared [`Registry`].
+#[derive(Debug, Clone)]
+pub struct ModelsService {
+    registry: Arc<Registry>,
+}
+
+impl ModelsService {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        ModelsService { registry }
+    }
+}
+
+#[tonic::async_trait]
+impl Models for ModelsService {
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|m| pb::ModelStatus {
+                name: m.name,
+                serving_version: m.serving.unwrap_or_default(),
+                versions: m.versions.into_iter().map(Into::into).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn get_manifest(
+        &self,
+        request: Request<pb::VersionRef>,
+    ) -> Result<Response<pb::ManifestResponse>, Status> {
+        let r = request.into_inner();
+        let info = self.registry.info(&r.model, &r.version)?;
+        let bundle = info.bundle.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "{}/{} is {}: {}",
+                r.model,
+                r.version,
+                info.state.as_str(),
+                info.error.as_deref().unwrap_or("no manifest to show")
+            ))
+        })?;
+        Ok(Response::new(pb::ManifestResponse {
+            model: r.model,
+            version: r.version,
+            digest: bundle.digest.to_string(),
+            manifest_toml: bundle.manifest_text.clone(),
+        }))
+    }
+
+    async fn load_version(
+        &self,
+        request: Request<pb::VersionRef>,
+    ) -> Result<Response<pb::VersionStatus>, Status> {
+        let r = request.into_inner();
+        let info = self.registry.load(&r.model, &r.version).await?;
+        Ok(Response::new(info.into()))
+    }
+
+    async fn serve_version(
+        &self,
+        request: Request<pb::VersionRef>,
+    ) -> Result<Response<pb::VersionStatus>, Status> {
+        let r = request.into_inner();
+        let info = self.registry.serve(&r.model, &r.version)?;
+        Ok(Response::new(info.into()))
+    }
+
+    async fn unload_version(
+        &self,
+        request: Request<pb::VersionRef>,
+    ) -> Result<Response<pb::VersionStatus>, Status> {
+        let r = request.into_inner();
+        let info = self.registry.unload(&r.model, &r.version)?;
+        Ok(Response::new(info.into()))
+    }
+}

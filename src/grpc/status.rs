@@ -1,0 +1,115 @@
+//! The one mapping from domain errors to gRPC statuses.
+//!
+//! Every variant is matched by name (no catch-all arm), so a new error variant does not
+//! compile until someone decides what a caller should see for it.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::bundle::BundleError;
+use crate::grpc::convert::RequestError;
+use crate::registry::RegistryError;
+use crate::schema::FeatureError;
+use crate::scoring::ScoreError;
+
+/// What a caller is told: a code, a message, and the offending field when there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub code: Code,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl Refusal {
+    fn new(code: Code, err: &impl ToString) -> Self {
+        Refusal {
+            code,
+            message: err.to_string(),
+            field: None,
+        }
+    }
+
+    fn on_field(mut self, field: String) -> Self {
+        self.field = Some(field);
+        self
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        match r.field {
+            Some(field) => Status::with_error_details(
+                r.code,
+                r.message.clone(),
+                ErrorDetails::with_bad_request_violation(field, r.message),
+            ),
+            None => Status::new(r.code, r.message),
+        }
+    }
+}
+
+impl From<&RequestError> for Refusal {
+    fn from(e: &RequestError) -> Self {
+        Refusal::new(Code::InvalidArgument, e).on_field(e.field.clone())
+    }
+}
+
+impl From<&FeatureError> for Refusal {
+    fn from(e: &FeatureError) -> Self {
+        Refusal::new(Code::InvalidArgument, e).on_field(format!("features.{}", e.feature))
+    }
+}
+
+impl From<&RegistryError> for Refusal {
+    fn from(e: &RegistryError) -> Self {
+        let code = match e {
+            RegistryError::UnknownModel(_) => Code::NotFound,
+            RegistryError::UnknownVersion { .. } => Code::NotFound,
+            RegistryError::NoBundle(_) => Code::NotFound,
+            // The model exists but cannot answer now; a retry may succeed.
+            RegistryError::NoServingVersion(_) => Code::Unavailable,
+            RegistryError::NotReady { .. } => Code::FailedPrecondition,
+            RegistryError::UnloadServing { .. } => Code::FailedPrecondition,
+            RegistryError::AlreadyLoading { .. } => Code::Aborted,
+            RegistryError::InvalidName { field, .. } => {
+                return Refusal::new(Code::InvalidArgument, e).on_field(field.to_string());
+            }
+            RegistryError::Load { source, .. } => match source {
+                BundleError::Io { .. } => Code::FailedPrecondition,
+                BundleError::Incomplete(_) => Code::FailedPrecondition,
+                BundleError::DigestMismatch { .. } => Code::FailedPrecondition,
+                BundleError::Parse { .. } => Code::FailedPrecondition,
+                BundleError::Invalid(_) => Code::FailedPrecondition,
+            },
+            RegistryError::Persist { .. } => Code::Internal,
+        };
+        Refusal::new(code, e)
+    }
+}
+
+impl From<&ScoreError> for Refusal {
+    fn from(e: &ScoreError) -> Self {
+        match e {
+            ScoreError::Route(e) => e.into(),
+            ScoreError::Feature(e) => e.into(),
+        }
+    }
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        Refusal::from(&e).into()
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Status {
+        Refusal::from(&e).into()
+    }
+}
+
+impl From<ScoreError> for Status {
+    fn from(e: ScoreError) -> Status {
+        Refusal::from(&e).into()
+    }
+}

@@ -1,0 +1,40 @@
+//! riskserve: serves versioned credit-risk models over gRPC and keeps every decision
+//! traceable to the exact version that made it.
+//!
+//! # Layout
+//!
+//! The path of one request, top to bottom:
+//!
+//! - [`grpc`]: the edge. Wire messages in, `TryFrom` into domain types (request fields
+//!   checked), domain errors out as `tonic::Status` through one exhaustive mapping.
+//! - [`scoring`]: validate → route → score → policy → (record) → respond, in domain types.
+//! - [`registry`]: the loaded versions of each model and the serving one behind an arc-swap.
+//! - [`bundle`]: the immutable on-disk version: manifest, parameters, digest.
+//! - [`schema`], [`model`], [`policy`]: a version's feature rules, its fitted logistic model,
+//!   and its PD → grade → decision → limit policy.
+//!
+//! Around it:
+//!
+//! - [`server`]: assembles services, health and reflection on a bound listener; shutdown.
+//! - [`watcher`]: loads bundles that appear under `models/`.
+//! - [`train`]: fits a version with linfa and writes its bundle.
+//! - [`config`]: defaults, file, environment and flags, checked before anything starts.
+//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`bench`] its
+//!   load generator.
+
+pub mod bench;
+pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod grpc;
+pub mod model;
+pub mod policy;
+pub mod registry;
+pub mod schema;
+pub mod scoring;
+pub mod server;
+pub mod train;
+pub mod watcher;
+
+pub use config::Config;
+pub use server::serve;

@@ -1,0 +1,158 @@
+//! Assembles and runs the server: registry, bundle watcher, health, reflection and the gRPC
+//! services, on a listener the caller has already bound, until `shutdown` resolves.
+//!
+//! Shutdown order: health turns NOT_SERVING at once, the server stops accepting and drains
+//! in-flight requests, for at most the grace period, then background tasks are stopped and
+//! awaited. Readiness ("" and `riskserve.v1.Scoring` in grpc.health.v1) is SERVING only while
+//! every model has a serving version; `liveness` is SERVING from start to shutdown, whatever
+//! happens to loads.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::{Config, ConfigError};
+use crate::grpc::pb::models_server::ModelsServer;
+use crate::grpc::pb::scoring_server::ScoringServer;
+use crate::grpc::{ModelsService, ScoringService, pb};
+use crate::registry::{Registry, RegistryError};
+use crate::scoring::Scorer;
+use crate::watcher;
+
+/// Health service names, besides the per-service ones.
+pub const LIVENESS: &str = "liveness";
+const SCORING: &str = "riskserve.v1.Scoring";
+const MODELS: &str = "riskserve.v1.Models";
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("creating data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs riskserve on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+
+    let registry = Arc::new(Registry::new(
+        config.models_dir.clone(),
+        Some(config.data_dir.join("serving.toml")),
+    ));
+    for (model, version, _) in watcher::scan(&config.models_dir) {
+        // A refused bundle is logged and listed as failed; it must not stop the others.
+        let _ = registry.load(&model, &version).await;
+    }
+    registry.choose_initial_serving(&config.serving)?;
+
+    let stop = CancellationToken::new();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(MODELS, ServingStatus::Serving)
+        .await;
+    let health_task = tokio::spawn(follow_readiness(
+        reporter.clone(),
+        registry.clone(),
+        stop.clone(),
+    ));
+    let watcher_task = tokio::spawn(watcher::run(
+        registry.clone(),
+        config.watch_interval(),
+        config.auto_serve,
+        stop.clone(),
+    ));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let scoring = ScoringService::new(Scorer::new(registry.clone()), config.max_batch);
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ScoringServer::new(scoring))
+        .add_service(ModelsServer::new(ModelsService::new(registry.clone())));
+
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, models = %config.models_dir.display(), "riskserve listening");
+
+    let signal = {
+        let (stop, reporter) = (stop.clone(), reporter.clone());
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            for name in ["", SCORING, MODELS, LIVENESS] {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            stop.cancel();
+        }
+    };
+    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let grace = config.grace_period();
+    let result = tokio::select! {
+        result = server => result.map_err(ServeError::from),
+        _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "grace period over with requests still in flight; closing");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    let _ = tokio::join!(watcher_task, health_task);
+    tracing::info!("riskserve stopped");
+    result
+}
+
+/// Mirrors the registry's readiness into the health service until shutdown.
+async fn follow_readiness(
+    reporter: HealthReporter,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) {
+    let mut ready = registry.subscribe_ready();
+    loop {
+        let status = if registry.is_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if !stop.is_cancelled() {
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(SCORING, status).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = ready.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The `riskserve` program itself: training reproduces the shipped bundle, and the client
+//! commands print what a person needs against a running server.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn riskserve() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskserve"));
+    cmd.current_dir(repo());
+    cmd
+}
+
+fn digest_of(bundle: &std::path::Path) -> String {
+    std::fs::read_to_string(bundle.join("bundle.sha256"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The README's command retrains models/credit-limit/v1 bit for bit, and a second run
+/// (through the library) gives the same digest again.
+#[test]
+fn training_is_deterministic_and_reproduces_the_shipped_v1() {
+    let shipped = digest_of(&repo().join("models/credit-limit/v1"));
+    let out = tempfile::tempdir().unwrap();
+    let run = riskserve()
+        .args([
+            "train",
+            "--data",
+            "data/taiwan_credit_default.csv",
+            "--label",
+            "DID_DEFAULT_PAYMENT",
+            "--model",
+            "credit-limit",
+            "--version",
+            "v1",
+            "--schema",
+            "data/taiwan_schema.toml",
+            "--exclude",
+            "USER_ID",
+            "SEX",
+            "MARITALSTATUS",
+            "--seed",
+            "7",
+            "--created-at",
+            "2026-11-28T00:00:00Z",
+            "--models",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("AUC") && stdout.contains(&shipped),
+        "{stdout}"
+    );
+    assert_eq!(digest_of(&out.path().join("credit-limit/v1")), shipped);
+
+    let again = tempfile::tempdir().unwrap();
+    let report = riskserve::train::train(&v1_spec(again.path()), &mut |_| {}).unwrap();
+    assert_eq!(report.digest.to_string(), shipped);
+    assert!(
+        report.manifest.metrics.auc > 0.7,
+        "AUC {}",
+        report.manifest.metrics.auc
+    );
+
+    // Bundles are immutable: training the same version again is refused.
+    let err = riskserve::train::train(&v1_spec(again.path()), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("immutable"), "{err}");
+}
+
+#[test]
+fn training_refuses_bad_input_with_a_clear_message() {
+    let out = tempfile::tempdir().unwrap();
+    let run = riskserve()
+        .args([
+            "train",
+            "--data",
+            "data/taiwan_credit_default.csv",
+            "--label",
+            "NO_SUCH",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--models",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("no column named NO_SUCH"));
+}
+
+#[tokio::test]
+async fn score_and_models_commands_talk_to_a_running_server() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let addr = server.addr.to_string();
+    let run = move |args: &[&str]| {
+        let out = riskserve()
+            .args(args)
+            .args(["--server", &addr])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || {
+            run(&[
+                "score",
+                "--csv",
+                "data/taiwan_credit_default.csv",
+                "--row",
+                "1",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    for needle in [
+        "decision ",
+        "credit-limit v1",
+        "sha256:",
+        "probability of default",
+        "20000 →",
+        "PAYMENTDELAY_1",
+    ] {
+        assert!(stdout.contains(needle), "{needle} in {stdout}");
+    }
+
+    let (ok, _, stderr) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || {
+            run(&[
+                "score",
+                "--csv",
+                "data/taiwan_credit_default.csv",
+                "--row",
+                "2",
+                "--feature",
+                "AGE=abc",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("AGE"),
+        "{stderr}"
+    );
+
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || {
+            assert!(run(&["models", "load", "credit-limit", "v2"]).0);
+            assert!(run(&["models", "serve", "credit-limit", "v2"]).0);
+            run(&["models", "list"])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("credit-limit  (serving: v2)"), "{stdout}");
+    assert!(
+        stdout.contains("v1") && stdout.contains("ready"),
+        "{stdout}"
+    );
+    server.stop().await.unwrap();
+}

@@ -1,0 +1,280 @@
+//! Shared helpers for the integration tests: a real server on an ephemeral port, model
+//! directories with trained versions, Taiwan customers, and an independent PD computation.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use riskserve::Config;
+use riskserve::grpc::pb;
+use riskserve::grpc::pb::models_client::ModelsClient;
+use riskserve::grpc::pb::scoring_client::ScoringClient;
+use riskserve::server::ServeError;
+use riskserve::train::{self, TrainSpec};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const MODEL: &str = "credit-limit";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn taiwan_csv() -> PathBuf {
+    repo().join("data/taiwan_credit_default.csv")
+}
+
+/// A running server and what it was started with.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), ServeError>>,
+}
+
+impl TestServer {
+    /// Starts riskserve on 127.0.0.1:0 with these models, state in `data`, and v1 pinned to
+    /// serve (otherwise the highest version would).
+    pub async fn start(models_dir: &Path, data: &Path) -> TestServer {
+        let config = Config {
+            serving: [(MODEL.to_string(), "v1".to_string())].into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            models_dir: models_dir.to_owned(),
+            data_dir: data.to_owned(),
+            watch_interval_ms: 100,
+            grace_period_secs: 5,
+            ..Config::default()
+        };
+        TestServer::start_with(config).await
+    }
+
+    pub async fn start_with(config: Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(riskserve::serve(listener, config.clone(), async {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        // serve() loads bundles before it accepts; wait until it answers.
+        let mut models = ModelsClient::new(channel.clone());
+        for _ in 0..200 {
+            if models.list_models(pb::ListModelsRequest {}).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        TestServer {
+            addr,
+            channel,
+            config,
+            shutdown: Some(tx),
+            handle,
+        }
+    }
+
+    pub fn scoring(&self) -> ScoringClient<Channel> {
+        ScoringClient::new(self.channel.clone())
+    }
+
+    pub fn models(&self) -> ModelsClient<Channel> {
+        ModelsClient::new(self.channel.clone())
+    }
+
+    /// Signals shutdown and waits for serve() to return.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.handle).await.unwrap()
+    }
+}
+
+/// Copies a flat directory tree (bundles are flat: model/version/files).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The training run that reproduces the shipped v1 (the command in the README).
+pub fn v1_spec(models_dir: &Path) -> TrainSpec {
+    TrainSpec {
+        data: taiwan_csv(),
+        label: "DID_DEFAULT_PAYMENT".into(),
+        model: MODEL.into(),
+        version: "v1".into(),
+        exclude: vec!["USER_ID".into(), "SEX".into(), "MARITALSTATUS".into()],
+        holdout: 0.2,
+        seed: 7,
+        schema: Some(repo().join("data/taiwan_schema.toml")),
+        policy: None,
+        models_dir: models_dir.to_owned(),
+        created_at: "2026-11-28T00:00:00Z".into(),
+    }
+}
+
+/// A bundle directory holding the shipped v1 and a v2 trained here on another seed and
+/// holdout (so its coefficients and digest differ). Trained once per test binary.
+pub fn models_v1_v2() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&repo().join("models"), dir.path());
+        let spec = TrainSpec {
+            version: "v2".into(),
+            seed: 11,
+            holdout: 0.3,
+            ..v1_spec(dir.path())
+        };
+        train::train(&spec, &mut |_| {}).expect("training v2");
+        dir
+    })
+    .path()
+}
+
+/// A fresh copy of `models_v1_v2()` that a test may change.
+pub fn scratch_models() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(models_v1_v2(), dir.path());
+    dir
+}
+
+/// One Taiwan customer, as the CSV has it.
+#[derive(Debug, Clone)]
+pub struct Customer {
+    pub id: String,
+    pub limit: i64,
+    pub values: BTreeMap<String, f64>,
+}
+
+pub fn customers() -> &'static [Customer] {
+    static ROWS: OnceLock<Vec<Customer>> = OnceLock::new();
+    ROWS.get_or_init(|| {
+        let mut reader = csv::Reader::from_path(taiwan_csv()).unwrap();
+        let headers = reader.headers().unwrap().clone();
+        reader
+            .records()
+            .map(|r| {
+                let r = r.unwrap();
+                let values: BTreeMap<String, f64> = headers
+                    .iter()
+                    .zip(r.iter())
+                    .map(|(h, v)| (h.to_string(), v.parse().unwrap()))
+                    .collect();
+                Customer {
+                    id: format!("{}", values["USER_ID"] as i64),
+                    limit: values["CREDIT_LIMIT"] as i64,
+                    values,
+                }
+            })
+            .collect()
+    })
+}
+
+/// The features the v1 schema scores (read from the shipped manifest).
+pub fn schema_features() -> Vec<String> {
+    let text =
+        std::fs::read_to_string(repo().join("models/credit-limit/v1/parameters.toml")).unwrap();
+    let params: toml::Value = toml::from_str(&text).unwrap();
+    params["feature"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn number(x: f64) -> pb::FeatureValue {
+    pb::FeatureValue {
+        kind: Some(pb::feature_value::Kind::Number(x)),
+    }
+}
+
+/// A valid Score request for a customer.
+pub fn request(c: &Customer, request_id: &str) -> pb::ScoreRequest {
+    let features = schema_features()
+        .into_iter()
+        .map(|name| {
+            let v = c.values[&name];
+            (name, number(v))
+        })
+        .collect();
+    pb::ScoreRequest {
+        request_id: request_id.into(),
+        customer_id: c.id.clone(),
+        model: MODEL.into(),
+        features,
+        current_limit: Some(c.limit),
+    }
+}
+
+/// What a bundle's parameters.toml says, parsed here independently of riskserve's types.
+pub struct Offline {
+    pub digest: String,
+    intercept: f64,
+    terms: Vec<(String, f64, f64, f64)>,
+}
+
+impl Offline {
+    pub fn read(bundle_dir: &Path) -> Offline {
+        let text = std::fs::read_to_string(bundle_dir.join("parameters.toml")).unwrap();
+        let p: toml::Value = toml::from_str(&text).unwrap();
+        let terms = p["feature"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["name"].as_str().unwrap().to_string(),
+                    f["mean"].as_float().unwrap(),
+                    f["scale"].as_float().unwrap(),
+                    f["coefficient"].as_float().unwrap(),
+                )
+            })
+            .collect();
+        let digest = std::fs::read_to_string(bundle_dir.join("bundle.sha256"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Offline {
+            digest,
+            intercept: p["intercept"].as_float().unwrap(),
+            terms,
+        }
+    }
+
+    /// Each feature's term in the log-odds, in the bundle's order.
+    pub fn contributions(&self, values: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
+        self.terms
+            .iter()
+            .map(|(name, mean, scale, coef)| (name.clone(), coef * ((values[name] - mean) / scale)))
+            .collect()
+    }
+
+    pub fn pd(&self, values: &BTreeMap<String, f64>) -> f64 {
+        let logit = self.intercept
+            + self
+                .contributions(values)
+                .iter()
+                .map(|(_, c)| c)
+                .sum::<f64>();
+        1.0 / (1.0 + (-logit).exp())
+    }
+}

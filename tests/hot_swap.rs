@@ -1,0 +1,352 @@
+//! Hot swap: a swap storm under load, refused corrupt bundles, and the bundle watcher.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use riskserve::grpc::pb;
+use tonic::Code;
+
+fn version_ref(version: &str) -> pb::VersionRef {
+    pb::VersionRef {
+        model: MODEL.into(),
+        version: version.into(),
+    }
+}
+
+async fn serving_version(server: &TestServer) -> String {
+    let list = server
+        .models()
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    list.models
+        .into_iter()
+        .find(|m| m.name == MODEL)
+        .unwrap()
+        .serving_version
+}
+
+async fn version_status(server: &TestServer, version: &str) -> Option<pb::VersionStatus> {
+    let list = server
+        .models()
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    list.models
+        .into_iter()
+        .find(|m| m.name == MODEL)?
+        .versions
+        .into_iter()
+        .find(|v| v.version == version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn swap_storm_loses_no_request_and_every_answer_is_consistent() {
+    let models = models_v1_v2();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models, data.path()).await;
+    server
+        .models()
+        .load_version(version_ref("v2"))
+        .await
+        .unwrap();
+    let offline: BTreeMap<String, Offline> = ["v1", "v2"]
+        .iter()
+        .map(|v| (v.to_string(), Offline::read(&models.join(MODEL).join(v))))
+        .collect();
+    assert_ne!(offline["v1"].digest, offline["v2"].digest);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let mut client = server.scoring();
+        let done = done.clone();
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut i = c;
+            while !done.load(Ordering::Relaxed) {
+                let customer = &customers()[i % customers().len()];
+                let r = client
+                    .score(request(customer, &format!("storm-{c}-{i}")))
+                    .await
+                    .map(|r| r.into_inner());
+                answers.push((i % customers().len(), r));
+                i += 8;
+            }
+            answers
+        }));
+    }
+    let mut admin = server.models();
+    for swap in 0..200 {
+        let version = if swap % 2 == 0 { "v2" } else { "v1" };
+        admin.serve_version(version_ref(version)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+
+    let mut per_version = BTreeMap::<String, usize>::new();
+    for client in clients {
+        for (row, answer) in client.await.unwrap() {
+            let r = answer.expect("no request fails during a swap storm");
+            let o = &offline[&r.version];
+            assert_eq!(r.digest, o.digest, "version and digest belong together");
+            let pd = o.pd(&customers()[row].values);
+            assert!(
+                (r.probability_of_default - pd).abs() < 1e-12,
+                "PD matches its version"
+            );
+            *per_version.entry(r.version).or_default() += 1;
+        }
+    }
+    assert!(
+        per_version.get("v1").copied().unwrap_or(0) > 0
+            && per_version.get("v2").copied().unwrap_or(0) > 0,
+        "both versions served: {per_version:?}"
+    );
+    assert_eq!(serving_version(&server).await, "v1");
+    server.stop().await.unwrap();
+}
+
+/// Rewrites one file of a copied bundle; `reseal` recomputes the digest (so the content
+/// check, not the digest check, must refuse it).
+fn corrupt(dir: &Path, file: &str, edit: impl Fn(String) -> String, reseal: bool) {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, edit(text)).unwrap();
+    if reseal {
+        riskserve::bundle::seal(dir).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn corrupt_bundles_are_refused_and_the_serving_version_keeps_answering() {
+    let models = scratch_models();
+    let v1 = models.path().join(MODEL).join("v1");
+    let make = |name: &str| {
+        let dir = models.path().join(MODEL).join(name);
+        copy_dir(&v1, &dir);
+        // The manifest must name the directory it sits in.
+        corrupt(
+            &dir,
+            "manifest.toml",
+            |t| t.replace("version = \"v1\"", &format!("version = \"{name}\"")),
+            true,
+        );
+        dir
+    };
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|d| corrupt(d, "parameters.toml", |t| t[..t.len() / 2].to_string(), true)),
+            "parameters.toml does not parse",
+        ),
+        (
+            "truncated-unsealed",
+            Box::new(|d| {
+                corrupt(
+                    d,
+                    "parameters.toml",
+                    |t| t[..t.len() / 2].to_string(),
+                    false,
+                )
+            }),
+            "digest mismatch",
+        ),
+        (
+            "wrong-digest",
+            Box::new(|d| {
+                std::fs::write(
+                    d.join("bundle.sha256"),
+                    format!("sha256:{}\n", "0".repeat(64)),
+                )
+                .unwrap()
+            }),
+            "digest mismatch",
+        ),
+        (
+            "nan-coefficient",
+            Box::new(|d| {
+                corrupt(
+                    d,
+                    "parameters.toml",
+                    |t| {
+                        let at = t.find("coefficient = ").unwrap() + "coefficient = ".len();
+                        let end = at + t[at..].find('\n').unwrap();
+                        format!("{}nan{}", &t[..at], &t[end..])
+                    },
+                    true,
+                )
+            }),
+            "not finite",
+        ),
+        (
+            "schema-mismatch",
+            Box::new(|d| {
+                corrupt(
+                    d,
+                    "parameters.toml",
+                    |t| t.replace("name = \"AGE\"", "name = \"AGE_YEARS\""),
+                    true,
+                )
+            }),
+            "do not match",
+        ),
+        (
+            "band-gap",
+            Box::new(|d| {
+                corrupt(
+                    d,
+                    "manifest.toml",
+                    |t| t.replace("pd_min = 0.1\n", "pd_min = 0.12\n"),
+                    true,
+                )
+            }),
+            "contiguous",
+        ),
+        (
+            "no-digest",
+            Box::new(|d| std::fs::remove_file(d.join("bundle.sha256")).unwrap()),
+            "incomplete",
+        ),
+    ];
+    for (name, _, _) in &cases {
+        make(name);
+    }
+    for (name, break_it, _) in &cases {
+        break_it(&models.path().join(MODEL).join(name));
+    }
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models.path(), data.path()).await;
+    let mut admin = server.models();
+    for (name, _, why) in &cases {
+        let status = admin.load_version(version_ref(name)).await.expect_err(name);
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{name}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains(why),
+            "{name}: {}",
+            status.message()
+        );
+        let listed = version_status(&server, name).await.expect("listed");
+        assert_eq!(listed.state, pb::VersionState::Failed as i32, "{name}");
+        assert!(listed.error.contains(why), "{name}: {}", listed.error);
+        let status = admin
+            .serve_version(version_ref(name))
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+
+        assert_eq!(serving_version(&server).await, "v1");
+        let r = server
+            .scoring()
+            .score(request(&customers()[7], &format!("after-{name}")))
+            .await
+            .expect("the serving version keeps answering")
+            .into_inner();
+        assert_eq!(r.version, "v1");
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_watcher_loads_a_new_bundle_once_complete_and_does_not_serve_it() {
+    let models = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("models"), models.path());
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models.path(), data.path()).await;
+    assert_eq!(serving_version(&server).await, "v1");
+
+    // A bundle caught half-written: files present, digest file not yet.
+    let v2_src = models_v1_v2().join(MODEL).join("v2");
+    let v2 = models.path().join(MODEL).join("v2");
+    std::fs::create_dir_all(&v2).unwrap();
+    std::fs::copy(v2_src.join("manifest.toml"), v2.join("manifest.toml")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = version_status(&server, "v2").await;
+    assert!(
+        seen.as_ref()
+            .is_none_or(|v| v.state == pb::VersionState::Failed as i32),
+        "a half-written bundle never loads: {seen:?}"
+    );
+
+    // Completed: the watcher loads it within 2 s and leaves v1 serving.
+    let completed = Instant::now();
+    std::fs::copy(v2_src.join("parameters.toml"), v2.join("parameters.toml")).unwrap();
+    std::fs::copy(v2_src.join("bundle.sha256"), v2.join("bundle.sha256")).unwrap();
+    loop {
+        if let Some(v) = version_status(&server, "v2").await
+            && v.state == pb::VersionState::Ready as i32
+        {
+            break;
+        }
+        assert!(
+            completed.elapsed() < Duration::from_secs(2),
+            "v2 not loaded within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(serving_version(&server).await, "v1");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn serve_and_unload_follow_the_version_lifecycle() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let mut admin = server.models();
+
+    let status = admin.unload_version(version_ref("v1")).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    let status = admin.serve_version(version_ref("v9")).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = admin.load_version(version_ref("../v1")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let v2 = admin
+        .load_version(version_ref("v2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v2.state, pb::VersionState::Ready as i32);
+    assert!(v2.digest.starts_with("sha256:"));
+    let manifest = admin
+        .get_manifest(version_ref("v2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(manifest.manifest_toml.contains("version = \"v2\""));
+
+    let served = admin
+        .serve_version(version_ref("v2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(served.state, pb::VersionState::Serving as i32);
+    let r = server
+        .scoring()
+        .score(request(&customers()[0], "after-swap"))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().version, "v2");
+    admin.unload_version(version_ref("v1")).await.unwrap();
+    assert!(version_status(&server, "v1").await.is_none());
+    server.stop().await.unwrap();
+}
