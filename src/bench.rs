@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "data/taiwan_credit_default.csv")]
     data: PathBuf,
     /// During the measured window, switch the serving version between these two, e.g. v1,v2.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     swap: Vec<String>,
     /// Pause between swaps, milliseconds.
     #[arg(long, default_value_t = 10)]
@@ -71,6 +71,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Some(cycles) = args.churn_cycles {
         return churn(&args, cycles).await;
     }
+    anyhow::ensure!(
+        args.swap.is_empty() || args.swap.len() == 2,
+        "--swap takes two versions, e.g. v1,v2"
+    );
     let requests = Arc::new(requests(&args)?);
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {

@@ -110,6 +110,7 @@ pub struct Registry {
     choices_file: Option<PathBuf>,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     ready: watch::Sender<bool>,
+    persisting: Mutex<()>,
 }
 
 impl Registry {
@@ -119,6 +120,7 @@ impl Registry {
             choices_file,
             slots: RwLock::default(),
             ready: watch::Sender::new(false),
+            persisting: Mutex::new(()),
         }
     }
 
@@ -228,7 +230,14 @@ impl Registry {
     }
 
     /// Makes a READY version the serving one, atomically, and remembers the choice.
-    pub fn serve(&self, model: &str, version: &str) -> Result<VersionInfo, RegistryError> {
+    ///
+    /// The swap is one pointer store; saving the choice is file I/O, done on a blocking
+    /// thread so that it never holds up a scoring request.
+    pub async fn serve(
+        self: &Arc<Self>,
+        model: &str,
+        version: &str,
+    ) -> Result<VersionInfo, RegistryError> {
         let slot = self.slot(model)?;
         let bundle = {
             let versions = slot.versions.lock().expect("versions lock poisoned");
@@ -257,7 +266,15 @@ impl Registry {
                 previous = previous.as_ref().map(|b| b.version()),
                 "serving version switched"
             );
-            self.persist_choice(model, version)?;
+            let registry = self.clone();
+            tokio::task::spawn_blocking(move || registry.persist_choices())
+                .await
+                .unwrap_or_else(|join| {
+                    Err(RegistryError::Persist {
+                        path: PathBuf::new(),
+                        message: join.to_string(),
+                    })
+                })?;
         }
         self.refresh_ready();
         self.info(model, version)
@@ -341,8 +358,8 @@ impl Registry {
     /// Chooses what serves each model at start: the pinned version if configured, else the
     /// choice saved by the last run, else the highest version by natural order. Only READY
     /// versions qualify; a model with none stays without a serving version (not ready).
-    pub fn choose_initial_serving(
-        &self,
+    pub async fn choose_initial_serving(
+        self: &Arc<Self>,
         pinned: &BTreeMap<String, String>,
     ) -> Result<(), RegistryError> {
         let saved = self.saved_choices();
@@ -361,7 +378,7 @@ impl Registry {
             let choice = wanted.or_else(|| loaded.iter().copied().max_by(|a, b| natural_cmp(a, b)));
             match choice {
                 Some(version) => {
-                    self.serve(&model.name, version)?;
+                    self.serve(&model.name, version).await?;
                 }
                 None => {
                     tracing::error!(model = %model.name, "no loadable version; model not ready")
@@ -385,12 +402,20 @@ impl Registry {
         }
     }
 
-    fn persist_choice(&self, model: &str, version: &str) -> Result<(), RegistryError> {
+    /// Writes what serves now, for every model, over the saved choices. Writers take turns
+    /// and each writes the current state, so the file ends with the last swap whatever order
+    /// concurrent swaps finish in.
+    fn persist_choices(&self) -> Result<(), RegistryError> {
         let Some(path) = &self.choices_file else {
             return Ok(());
         };
+        let _turn = self.persisting.lock().expect("persist lock poisoned");
         let mut choices = self.saved_choices();
-        choices.insert(model.to_string(), version.to_string());
+        for model in self.list() {
+            if let Some(version) = model.serving {
+                choices.insert(model.name, version);
+            }
+        }
         let err = |message: String| RegistryError::Persist {
             path: path.clone(),
             message,

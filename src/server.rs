@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -69,7 +69,7 @@ pub async fn serve(
         // A refused bundle is logged and listed as failed; it must not stop the others.
         let _ = registry.load(&model, &version).await;
     }
-    registry.choose_initial_serving(&config.serving)?;
+    registry.choose_initial_serving(&config.serving).await?;
 
     let stop = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -118,7 +118,10 @@ pub async fn serve(
             stop.cancel();
         }
     };
-    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // Small request/response pairs: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
+    // hold each answer for tens of milliseconds.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = router.serve_with_incoming_shutdown(incoming, signal);
     let grace = config.grace_period();
     let result = tokio::select! {
         result = server => result.map_err(ServeError::from),

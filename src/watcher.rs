@@ -2,8 +2,9 @@
 //!
 //! It polls rather than subscribing to file-system events: a poll every half second meets the
 //! two-second promise on every file system (network mounts and containers included) and
-//! needs no platform code. A directory that fails to load is tried again only once its
-//! contents change, which is how a bundle caught half-written loads when it is complete.
+//! needs no platform code. Each directory is tried once per state of its contents: one that
+//! fails is tried again only when it changes (how a bundle caught half-written loads once
+//! complete), and one an operator unloaded is not loaded back behind their back.
 //! The watcher never makes a version serve unless `auto_serve` is configured.
 
 use std::collections::BTreeMap;
@@ -26,7 +27,8 @@ pub async fn run(
     auto_serve: bool,
     shutdown: CancellationToken,
 ) {
-    let mut failed: BTreeMap<(String, String), Fingerprint> = BTreeMap::new();
+    // What each directory looked like when it was last handled.
+    let mut handled: BTreeMap<(String, String), Fingerprint> = BTreeMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -36,27 +38,24 @@ pub async fn run(
         }
         for (model, version, fingerprint) in scan(registry.models_dir()) {
             let key = (model.clone(), version.clone());
-            match registry.knows(&model, &version) {
-                Some(VersionState::Failed) | None => {}
-                Some(_) => {
-                    failed.remove(&key);
-                    continue;
-                }
-            }
-            if failed.get(&key) == Some(&fingerprint) {
+            let known = registry.knows(&model, &version);
+            let retry = match handled.insert(key, fingerprint.clone()) {
+                // Unchanged since last handled.
+                Some(previous) if previous == fingerprint => false,
+                // Changed: worth another try unless a version is already loaded from it.
+                Some(_) => matches!(known, Some(VersionState::Failed) | None),
+                // First sight: new unless the start-up scan or an operator already tried it.
+                None => known.is_none(),
+            };
+            if !retry {
                 continue;
             }
-            match registry.load(&model, &version).await {
-                Ok(_) => {
-                    failed.remove(&key);
-                    if auto_serve && let Err(e) = registry.serve(&model, &version) {
-                        tracing::warn!(%model, %version, error = %e, "auto-serve failed");
-                    }
-                }
-                Err(_) => {
-                    // The registry logged why; wait for the directory to change.
-                    failed.insert(key, fingerprint);
-                }
+            // A refusal is logged by the registry and listed as failed.
+            if registry.load(&model, &version).await.is_ok()
+                && auto_serve
+                && let Err(e) = registry.serve(&model, &version).await
+            {
+                tracing::warn!(%model, %version, error = %e, "auto-serve failed");
             }
         }
     }

@@ -347,6 +347,8 @@ async fn serve_and_unload_follow_the_version_lifecycle() {
         .unwrap();
     assert_eq!(r.into_inner().version, "v2");
     admin.unload_version(version_ref("v1")).await.unwrap();
+    // The watcher (polling every 100 ms here) does not load an unloaded version back.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(version_status(&server, "v1").await.is_none());
     server.stop().await.unwrap();
 }

@@ -75,7 +75,7 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
-        let info = self.registry.serve(&r.model, &r.version)?;
+        let info = self.registry.serve(&r.model, &r.version).await?;
         Ok(Response::new(info.into()))
     }
 

@@ -1,0 +1,37 @@
+"""Summarise bench/run.sh's JSON lines: medians per label and the ratios BENCHMARKS.md quotes."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+rows = defaultdict(list)
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line.startswith("{"):
+        r = json.loads(line)
+        rows[r["label"]].append(r)
+
+
+def med(label, key):
+    values = [r[key] for r in rows.get(label, []) if key in r]
+    return statistics.median(values) if values else float("nan")
+
+
+print("| label | runs | throughput req/s (median) | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for label, rs in rows.items():
+    if "throughput_rps" in rs[0]:
+        print(
+            f"| {label} | {len(rs)} | {med(label, 'throughput_rps'):,.0f} | {med(label, 'p50_us'):.0f} "
+            f"| {med(label, 'p90_us'):.0f} | {med(label, 'p99_us'):.0f} | {med(label, 'p999_us'):.0f} "
+            f"| {sum(r['errors'] for r in rs)} |"
+        )
+print()
+for c in (1, 8, 32):
+    ratio = med(f"score-c{c}", "throughput_rps") / med(f"empty-c{c}", "throughput_rps")
+    print(f"Score / empty handler throughput at concurrency {c}: {ratio:.2f}")
+steady, swaps = med("steady-c8", "p99_us"), med("swaps-c8", "p99_us")
+print(f"p99 during swap storm / steady p99 (c=8): {swaps / steady:.2f}  ({swaps:.0f} µs vs {steady:.0f} µs; "
+      f"{sum(r.get('swaps', 0) for r in rows.get('swaps-c8', []))} swaps)")
+for label in ("rss-3-versions", "rss-after-10-cycles", "rss-after-1000-cycles"):
+    print(f"{label}: {med(label, 'rss_kib') / 1024:.1f} MiB")
