@@ -54,6 +54,11 @@ impl BundleError {
 pub struct BundleDigest(String);
 
 impl BundleDigest {
+    /// A digest as recorded elsewhere (a decision record); not checked against any bundle.
+    pub fn recorded(digest: String) -> Self {
+        BundleDigest(digest)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -47,6 +47,16 @@ enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+    /// Ask the decision log: a decision, a customer's history, explain, replay, verify.
+    Trace {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Print JSON lines instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        query: TraceQuery,
+    },
     /// Closed-loop load generator against a running server; prints one JSON line.
     Bench(BenchArgs),
     /// A server whose Score does no work: the ceiling for `bench` on the same machine.
@@ -77,6 +87,44 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "RISKSERVE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Decision log durability: sync (fsync per group commit) or async.
+    #[arg(long, env = "RISKSERVE_DURABILITY", value_parser = ["sync", "async"])]
+    durability: Option<String>,
+    /// Customer HMAC key files, current first, comma-separated.
+    #[arg(long, env = "RISKSERVE_CUSTOMER_KEY_FILES", value_delimiter = ',')]
+    customer_key_files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TraceQuery {
+    /// The whole record of one decision.
+    Decision { decision_id: String },
+    /// A customer's decisions, oldest first, with each limit change marked.
+    Customer { customer_id: String },
+    /// What differs from the customer's previous decision.
+    Explain { decision_id: String },
+    /// Re-score the recorded inputs with the recorded bundle and compare bit for bit.
+    Replay { decision_id: String },
+    /// Walk the hash chain and report the first broken link.
+    Verify,
+    /// What one version decided: counts, decline rate, limits raised, cut, withdrawn.
+    ByVersion {
+        model: String,
+        version: String,
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(long, default_value = "")]
+        until: String,
+    },
+    /// Every record in a window, for analysts.
+    Export {
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(long, default_value = "")]
+        until: String,
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        format: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +238,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train_cmd(args),
         Command::Score(args) => runtime.block_on(score(args)),
         Command::Models { server, action } => runtime.block_on(models(server, action)),
+        Command::Trace {
+            server,
+            json,
+            query,
+        } => runtime.block_on(crate::cli_trace::run(
+            &server.server,
+            json,
+            query_args(query),
+        )),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::BenchEmptyServer { listen } => runtime.block_on(bench::empty_server(listen)),
     }
@@ -225,10 +282,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(auto) = args.auto_serve {
         config.auto_serve = auto;
     }
+    if let Some(d) = &args.durability {
+        config.durability = match d.as_str() {
+            "async" => crate::decision_log::Durability::Async,
+            _ => crate::decision_log::Durability::Sync,
+        };
+    }
+    if !args.customer_key_files.is_empty() {
+        config.customer_key_files = args.customer_key_files.clone();
+    }
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
+    // For scripts and tests that asked for port 0: the one line riskserve prints on stdout.
+    println!("listening on {}", listener.local_addr()?);
+    // A write past a file-size limit must fail as an I/O error the decision log handles,
+    // not kill the process with SIGXFSZ.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     crate::serve(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -578,4 +652,35 @@ async fn models(server: ServerArg, action: ModelsAction) -> anyhow::Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn query_args(q: TraceQuery) -> crate::cli_trace::Query {
+    use crate::cli_trace::Query;
+    match q {
+        TraceQuery::Decision { decision_id } => Query::Decision(decision_id),
+        TraceQuery::Customer { customer_id } => Query::Customer(customer_id),
+        TraceQuery::Explain { decision_id } => Query::Explain(decision_id),
+        TraceQuery::Replay { decision_id } => Query::Replay(decision_id),
+        TraceQuery::Verify => Query::Verify,
+        TraceQuery::ByVersion {
+            model,
+            version,
+            since,
+            until,
+        } => Query::ByVersion {
+            model,
+            version,
+            since,
+            until,
+        },
+        TraceQuery::Export {
+            since,
+            until,
+            format,
+        } => Query::Export {
+            since,
+            until,
+            csv: format == "csv",
+        },
+    }
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::decision_log::Durability;
+
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +48,16 @@ pub struct Config {
     pub max_batch: usize,
     /// Versions pinned to serve at start, by model; overrides the saved choice.
     pub serving: BTreeMap<String, String>,
+    /// How hard each group commit of the decision log is pushed to disk.
+    pub durability: Durability,
+    /// Most decisions in one group commit.
+    pub log_batch: usize,
+    /// Decisions waiting for the writer before new ones are refused (UNAVAILABLE).
+    pub log_queue: usize,
+    /// Files holding the customer HMAC keys, current first (older ones for lookups after a
+    /// rotation). Empty: a server on loopback generates a development key in the data
+    /// directory; any other server refuses to start.
+    pub customer_key_files: Vec<PathBuf>,
 }
 
 impl Default for Config {
@@ -59,6 +71,10 @@ impl Default for Config {
             grace_period_secs: 10,
             max_batch: 1_000,
             serving: BTreeMap::new(),
+            durability: Durability::Sync,
+            log_batch: 512,
+            log_queue: 16_384,
+            customer_key_files: Vec::new(),
         }
     }
 }
@@ -89,6 +105,11 @@ impl Config {
                 "max_batch must be between 1 and 100000".into(),
             ));
         }
+        if self.log_batch == 0 || self.log_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "log_batch and log_queue must be at least 1".into(),
+            ));
+        }
         if self.grace_period_secs > 3_600 {
             return Err(ConfigError::Invalid(
                 "grace_period_secs must be at most 3600".into(),
@@ -99,6 +120,11 @@ impl Config {
 
     pub fn watch_interval(&self) -> Duration {
         Duration::from_millis(self.watch_interval_ms)
+    }
+
+    /// The decision log's SQLite file.
+    pub fn decision_log_path(&self) -> PathBuf {
+        self.data_dir.join("decisions.db")
     }
 
     pub fn grace_period(&self) -> Duration {

@@ -7,7 +7,9 @@
 //!
 //! - [`grpc`]: the edge. Wire messages in, `TryFrom` into domain types (request fields
 //!   checked), domain errors out as `tonic::Status` through one exhaustive mapping.
-//! - [`scoring`]: validate → route → score → policy → (record) → respond, in domain types.
+//! - [`scoring`]: validate → route → score → policy → record → respond, in domain types.
+//! - [`decision_log`]: every decision, durable before it is answered, in a hash chain;
+//!   [`customer`] pseudonymises customer ids before anything is stored.
 //! - [`registry`]: the loaded versions of each model and the serving one behind an arc-swap.
 //! - [`bundle`]: the immutable on-disk version: manifest, parameters, digest.
 //! - [`schema`], [`model`], [`policy`]: a version's feature rules, its fitted logistic model,
@@ -17,6 +19,7 @@
 //!
 //! - [`server`]: assembles services, health and reflection on a bound listener; shutdown.
 //! - [`watcher`]: loads bundles that appear under `models/`.
+//! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify.
 //! - [`train`]: fits a version with linfa and writes its bundle.
 //! - [`config`]: defaults, file, environment and flags, checked before anything starts.
 //! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`bench`] its
@@ -25,7 +28,10 @@
 pub mod bench;
 pub mod bundle;
 pub mod cli;
+mod cli_trace;
 pub mod config;
+pub mod customer;
+pub mod decision_log;
 pub mod grpc;
 pub mod model;
 pub mod policy;
@@ -33,6 +39,7 @@ pub mod registry;
 pub mod schema;
 pub mod scoring;
 pub mod server;
+pub mod trace;
 pub mod train;
 pub mod watcher;
 

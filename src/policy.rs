@@ -22,6 +22,12 @@ impl Outcome {
             Outcome::Decline => "decline",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        [Outcome::Approve, Outcome::Review, Outcome::Decline]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+    }
 }
 
 /// One grade band: probabilities of default in `[pd_min, pd_max)` (the last band also takes 1).

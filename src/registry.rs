@@ -348,6 +348,24 @@ impl Registry {
         }
     }
 
+    /// A loaded version with this digest, whichever model or state.
+    pub fn find_by_digest(&self, digest: &str) -> Option<Arc<Bundle>> {
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .read()
+            .expect("registry lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        slots.iter().find_map(|slot| {
+            let versions = slot.versions.lock().expect("versions lock poisoned");
+            versions.values().find_map(|e| match e {
+                Entry::Loaded(b) if b.digest.as_str() == digest => Some(b.clone()),
+                _ => None,
+            })
+        })
+    }
+
     /// Whether the registry already holds this version (loaded, loading or failed).
     pub fn knows(&self, model: &str, version: &str) -> Option<VersionState> {
         let slot = self.slot(model).ok()?;

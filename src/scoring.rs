@@ -3,14 +3,20 @@
 //! Domain types only: the gRPC edge turns wire messages into a [`ScoreRequest`] (checking the
 //! request's own fields) and a [`Decision`] back into a response. Here the features are judged
 //! against the schema of the version the request was routed to, because the schema belongs to
-//! the version, and that version is held (one `Arc`) until the decision is made.
+//! the version, and that version is held (one `Arc`) until the decision is made. A decision
+//! is returned only once the decision log says it is durable.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
 use crate::bundle::{Bundle, BundleDigest};
+use crate::customer::CustomerKeys;
+use crate::decision_log::{
+    AppendFuture, Appended, DecisionLog, DecisionRecord, LogError, RecordBody, RecordedReason,
+};
 use crate::model::Contribution;
 use crate::policy::Outcome;
 use crate::registry::{Registry, RegistryError};
@@ -42,6 +48,12 @@ impl Arm {
             Arm::Shadow => "shadow",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Arm> {
+        [Arm::Champion, Arm::Candidate, Arm::Shadow]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
 }
 
 /// What one version decided for one customer.
@@ -61,6 +73,36 @@ pub struct Decision {
     pub arm: Arm,
 }
 
+impl Decision {
+    /// The decision a record holds (for an idempotent retry, the one first answered).
+    pub fn from_record(r: &DecisionRecord) -> Result<Decision, LogError> {
+        let b = &r.body;
+        let damaged = |what: &str| LogError::Damaged(format!("record seq {}: bad {what}", r.seq));
+        Ok(Decision {
+            decision_id: Uuid::parse_str(&b.decision_id).map_err(|_| damaged("decision_id"))?,
+            request_id: b.request_id.clone(),
+            model: b.model.clone(),
+            version: b.version.clone(),
+            digest: BundleDigest::recorded(b.digest.clone()),
+            probability_of_default: b.probability_of_default,
+            grade: b.grade.clone(),
+            outcome: Outcome::parse(&b.decision).ok_or_else(|| damaged("decision"))?,
+            current_limit: b.current_limit,
+            granted_limit: b.granted_limit,
+            reasons: b
+                .reasons
+                .iter()
+                .map(|x| Contribution {
+                    feature: x.feature.clone(),
+                    contribution: x.contribution,
+                    value: x.value,
+                })
+                .collect(),
+            arm: Arm::parse(&b.arm).ok_or_else(|| damaged("arm"))?,
+        })
+    }
+}
+
 /// Why a request got no decision.
 #[derive(Debug, thiserror::Error)]
 pub enum ScoreError {
@@ -68,29 +110,152 @@ pub enum ScoreError {
     Route(#[from] RegistryError),
     #[error(transparent)]
     Feature(#[from] FeatureError),
+    #[error(transparent)]
+    Record(#[from] LogError),
 }
 
-/// Scores requests with the serving versions of a registry.
-#[derive(Debug, Clone)]
+/// Scores requests with the serving versions of a registry and records every decision.
+#[derive(Clone)]
 pub struct Scorer {
     registry: Arc<Registry>,
+    log: Arc<dyn DecisionLog>,
+    keys: CustomerKeys,
+}
+
+impl std::fmt::Debug for Scorer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scorer").finish_non_exhaustive()
+    }
+}
+
+/// A decision made and queued for the log, not yet durable.
+struct Pending {
+    decision: Decision,
+    durable: AppendFuture,
 }
 
 impl Scorer {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Scorer { registry }
+    pub fn new(registry: Arc<Registry>, log: Arc<dyn DecisionLog>, keys: CustomerKeys) -> Self {
+        Scorer {
+            registry,
+            log,
+            keys,
+        }
     }
 
-    /// Makes one decision.
-    pub fn score(&self, req: &ScoreRequest) -> Result<Decision, ScoreError> {
+    /// Makes one decision and returns it once recorded.
+    pub async fn score(&self, req: &ScoreRequest) -> Result<Decision, ScoreError> {
+        let pending = self.decide_and_queue(req)?;
+        finish(pending).await
+    }
+
+    /// Makes many decisions; all are queued before any is awaited, so they share commits.
+    pub async fn score_many(&self, reqs: &[ScoreRequest]) -> Vec<Result<Decision, ScoreError>> {
+        let pending: Vec<_> = reqs.iter().map(|r| self.decide_and_queue(r)).collect();
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Ok(p) => finish(p).await,
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    fn decide_and_queue(&self, req: &ScoreRequest) -> Result<Pending, ScoreError> {
         // Route: until rollouts exist, the champion (the serving version) takes everyone.
         let bundle = self.registry.serving(&req.model)?;
         let arm = Arm::Champion;
         // Validate the features against the schema of the version that will decide.
         let x = bundle.schema.vector(&req.features)?;
-        Ok(decide(&bundle, req, &x, arm))
-        // Record: the decision log (a later step) writes the decision here, before it returns.
+        // Score and policy.
+        let decision = decide(&bundle, req, &x, arm);
+        // Record: queued now, answered when durable.
+        let body = self.record_body(req, &bundle, &x, &decision);
+        Ok(Pending {
+            durable: self.log.append(body),
+            decision,
+        })
     }
+
+    fn record_body(
+        &self,
+        req: &ScoreRequest,
+        bundle: &Bundle,
+        x: &[f64],
+        d: &Decision,
+    ) -> RecordBody {
+        let customer = self.keys.current(&req.customer_id);
+        RecordBody {
+            decision_id: d.decision_id.to_string(),
+            recorded_at: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            request_id: req.request_id.clone(),
+            request_hash: request_hash(req, &customer.value),
+            customer_ref: customer.value,
+            key_id: customer.key_id,
+            model: d.model.clone(),
+            version: d.version.clone(),
+            digest: d.digest.to_string(),
+            rollout_id: None,
+            arm: d.arm.as_str().to_string(),
+            features: bundle
+                .schema
+                .features()
+                .iter()
+                .zip(x)
+                .map(|(f, v)| (f.name.clone(), *v))
+                .collect(),
+            probability_of_default: d.probability_of_default,
+            grade: d.grade.clone(),
+            decision: d.outcome.as_str().to_string(),
+            current_limit: d.current_limit,
+            granted_limit: d.granted_limit,
+            reasons: d
+                .reasons
+                .iter()
+                .map(|r| RecordedReason {
+                    feature: r.feature.clone(),
+                    contribution: r.contribution,
+                    value: r.value,
+                })
+                .collect(),
+            caller: None,
+            trace_id: None,
+        }
+    }
+}
+
+async fn finish(p: Pending) -> Result<Decision, ScoreError> {
+    match p.durable.await? {
+        Appended::New(_) => Ok(p.decision),
+        Appended::Existing(record) => Ok(Decision::from_record(&record)?),
+    }
+}
+
+/// What makes two requests "the same" for an idempotent retry: the customer (as a ref),
+/// the model, the features exactly as sent, and the current limit.
+fn request_hash(req: &ScoreRequest, customer_ref: &str) -> String {
+    let features: BTreeMap<&str, serde_json::Value> = req
+        .features
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                RawValue::Number(x) => serde_json::json!({ "number": x }),
+                RawValue::Integer(i) => serde_json::json!({ "integer": i }),
+                RawValue::Text(s) => serde_json::json!({ "text": s }),
+                RawValue::Flag(b) => serde_json::json!({ "flag": b }),
+                RawValue::Empty => serde_json::Value::Null,
+            };
+            (k.as_str(), v)
+        })
+        .collect();
+    let canonical = serde_json::json!({
+        "customer_ref": customer_ref,
+        "model": req.model,
+        "features": features,
+        "current_limit": req.current_limit,
+    });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
 /// Score and policy: what `bundle` decides for a validated vector.

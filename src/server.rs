@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -19,11 +20,15 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ConfigError};
+use crate::customer::{CustomerKeys, KeyError};
+use crate::decision_log::{DecisionLog, LogError, SqliteLog};
 use crate::grpc::pb::models_server::ModelsServer;
 use crate::grpc::pb::scoring_server::ScoringServer;
-use crate::grpc::{ModelsService, ScoringService, pb};
+use crate::grpc::pb::trace_server::TraceServer;
+use crate::grpc::{ModelsService, ScoringService, TraceService, pb};
 use crate::registry::{Registry, RegistryError};
 use crate::scoring::Scorer;
+use crate::trace::Tracer;
 use crate::watcher;
 
 /// Health service names, besides the per-service ones.
@@ -43,6 +48,10 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("opening the decision log: {0}")]
+    DecisionLog(#[from] LogError),
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
@@ -60,6 +69,14 @@ pub async fn serve(
         path: config.data_dir.clone(),
         source,
     })?;
+
+    let keys = customer_keys(&config)?;
+    let log: Arc<dyn DecisionLog> = SqliteLog::open(
+        &config.decision_log_path(),
+        config.durability,
+        config.log_batch,
+        config.log_queue,
+    )?;
 
     let registry = Arc::new(Registry::new(
         config.models_dir.clone(),
@@ -82,6 +99,7 @@ pub async fn serve(
     let health_task = tokio::spawn(follow_readiness(
         reporter.clone(),
         registry.clone(),
+        log.healthy(),
         stop.clone(),
     ));
     let watcher_task = tokio::spawn(watcher::run(
@@ -95,12 +113,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let scoring = ScoringService::new(Scorer::new(registry.clone()), config.max_batch);
+    let scoring = ScoringService::new(
+        Scorer::new(registry.clone(), log.clone(), keys.clone()),
+        config.max_batch,
+    );
+    let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys));
     let router = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScoringServer::new(scoring))
-        .add_service(ModelsServer::new(ModelsService::new(registry.clone())));
+        .add_service(ModelsServer::new(ModelsService::new(registry.clone())))
+        .add_service(TraceServer::new(trace));
 
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, models = %config.models_dir.display(), "riskserve listening");
@@ -132,19 +155,40 @@ pub async fn serve(
     };
     stop.cancel();
     let _ = tokio::join!(watcher_task, health_task);
+    // Everything answered is already durable; this commits what was queued but unanswered.
+    let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("riskserve stopped");
     result
 }
 
-/// Mirrors the registry's readiness into the health service until shutdown.
+/// The customer keys: configured files, or on loopback only, a development key kept in the
+/// data directory.
+fn customer_keys(config: &Config) -> Result<CustomerKeys, ServeError> {
+    if !config.customer_key_files.is_empty() {
+        return Ok(CustomerKeys::from_files(&config.customer_key_files)?);
+    }
+    if !config.listen.ip().is_loopback() {
+        return Err(KeyError::Missing.into());
+    }
+    let path = config.data_dir.join("customer-dev.key");
+    tracing::warn!(
+        path = %path.display(),
+        "no customer_key_files configured: using a development key (loopback only)"
+    );
+    Ok(CustomerKeys::dev_key(&path)?)
+}
+
+/// Mirrors readiness (every model serving, and the decision log writable) into the health
+/// service until shutdown.
 async fn follow_readiness(
     reporter: HealthReporter,
     registry: Arc<Registry>,
+    mut log_healthy: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
     let mut ready = registry.subscribe_ready();
     loop {
-        let status = if registry.is_ready() {
+        let status = if registry.is_ready() && *log_healthy.borrow_and_update() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -156,6 +200,7 @@ async fn follow_readiness(
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = ready.changed() => if changed.is_err() { return },
+            changed = log_healthy.changed() => if changed.is_err() { return },
         }
     }
 }

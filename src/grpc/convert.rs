@@ -1,11 +1,14 @@
 //! Conversions between wire messages and domain types, checked where they enter.
 
+use crate::decision_log::{DecisionRecord, VerifyReport, VersionStats};
 use crate::grpc::pb;
 use crate::model::Contribution;
+use crate::policy::Band;
 use crate::policy::Outcome;
 use crate::registry::{VersionInfo, VersionState};
 use crate::schema::RawValue;
 use crate::scoring::{Arm, Decision, ScoreRequest};
+use crate::trace::{Explanation, Replay};
 
 /// Longest request id or customer id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
@@ -156,5 +159,137 @@ impl From<VersionInfo> for pb::VersionStatus {
             model: v.model,
             version: v.version,
         }
+    }
+}
+
+fn outcome_i32(decision: &str) -> i32 {
+    crate::policy::Outcome::parse(decision)
+        .map(|o| pb::Decision::from(o) as i32)
+        .unwrap_or(pb::Decision::Unspecified as i32)
+}
+
+impl From<DecisionRecord> for pb::DecisionRecord {
+    fn from(r: DecisionRecord) -> Self {
+        let b = r.body;
+        pb::DecisionRecord {
+            seq: r.seq,
+            arm: Arm::parse(&b.arm)
+                .map(|a| pb::Arm::from(a) as i32)
+                .unwrap_or(pb::Arm::Unspecified as i32),
+            decision: outcome_i32(&b.decision),
+            decision_id: b.decision_id,
+            recorded_at: b.recorded_at,
+            request_id: b.request_id,
+            request_hash: b.request_hash,
+            customer_ref: b.customer_ref,
+            key_id: b.key_id,
+            model: b.model,
+            version: b.version,
+            digest: b.digest,
+            rollout_id: b.rollout_id.unwrap_or_default(),
+            features: b.features.into_iter().collect(),
+            probability_of_default: b.probability_of_default,
+            grade: b.grade,
+            current_limit: b.current_limit,
+            granted_limit: b.granted_limit,
+            reasons: b
+                .reasons
+                .into_iter()
+                .map(|x| pb::Reason {
+                    feature: x.feature,
+                    contribution: x.contribution,
+                    value: x.value,
+                })
+                .collect(),
+            caller: b.caller.unwrap_or_default(),
+            trace_id: b.trace_id.unwrap_or_default(),
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+impl From<Band> for pb::Band {
+    fn from(b: Band) -> Self {
+        pb::Band {
+            grade: b.grade,
+            pd_min: b.pd_min,
+            pd_max: b.pd_max,
+            decision: pb::Decision::from(b.decision) as i32,
+            limit_factor: b.limit_factor,
+        }
+    }
+}
+
+impl From<Explanation> for pb::Explanation {
+    fn from(e: Explanation) -> Self {
+        pb::Explanation {
+            decision: Some(e.decision.into()),
+            previous: e.previous.map(Into::into),
+            band: e.band.map(Into::into),
+            previous_band: e.previous_band.map(Into::into),
+            moved: e
+                .moved
+                .into_iter()
+                .map(|(feature, before, after)| pb::FeatureChange {
+                    feature,
+                    before,
+                    after,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Replay> for pb::ReplayResult {
+    fn from(r: Replay) -> Self {
+        pb::ReplayResult {
+            identical: r.differences.is_empty(),
+            recorded: Some(r.recorded.into()),
+            probability_of_default: r.probability_of_default,
+            grade: r.grade,
+            decision: pb::Decision::from(r.outcome) as i32,
+            granted_limit: r.granted_limit,
+            reasons: r.reasons.into_iter().map(Into::into).collect(),
+            differences: r.differences,
+        }
+    }
+}
+
+impl From<VerifyReport> for pb::VerifyResult {
+    fn from(r: VerifyReport) -> Self {
+        pb::VerifyResult {
+            records: r.records,
+            head_hash: r.head_hash,
+            ok: r.first_break.is_none(),
+            first_break: r.first_break.map(|b| pb::ChainBreak {
+                seq: b.seq,
+                decision_id: b.decision_id,
+                kind: b.kind.as_str().to_string(),
+                detail: b.detail,
+            }),
+        }
+    }
+}
+
+/// A version's aggregates, with its decline rate.
+pub fn version_summary(model: String, version: String, s: VersionStats) -> pb::VersionSummary {
+    pb::VersionSummary {
+        model,
+        version,
+        decisions: s.decisions,
+        approve: s.approve,
+        review: s.review,
+        decline: s.decline,
+        decline_rate: if s.decisions == 0 {
+            0.0
+        } else {
+            s.decline as f64 / s.decisions as f64
+        },
+        raised: s.raised,
+        held: s.held,
+        cut: s.cut,
+        withdrawn: s.withdrawn,
+        new_customers: s.new_customers,
     }
 }

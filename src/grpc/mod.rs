@@ -4,13 +4,15 @@
 //! fields are checked) and domain errors become `tonic::Status` in [`status`], in one
 //! exhaustive mapping. The services themselves only sequence calls into the domain.
 
-mod convert;
+pub(crate) mod convert;
 mod models;
 mod scoring;
 mod status;
+mod trace;
 
 pub use models::ModelsService;
 pub use scoring::ScoringService;
+pub use trace::TraceService;
 
 /// Generated protobuf and gRPC types of `riskserve.v1`, also used by the CLI's clients.
 pub mod pb {

@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::pb::{self, scoring_server::Scoring};
 use crate::grpc::status::Refusal;
-use crate::scoring::{ScoreError, ScoreRequest, Scorer};
+use crate::scoring::{Decision, ScoreError, ScoreRequest, Scorer};
 
 /// Serves Score and ScoreBatch through a [`Scorer`].
 #[derive(Debug, Clone)]
@@ -17,14 +17,19 @@ impl ScoringService {
     pub fn new(scorer: Scorer, max_batch: usize) -> Self {
         ScoringService { scorer, max_batch }
     }
+}
 
-    fn score_one(&self, req: pb::ScoreRequest) -> Result<pb::ScoreResponse, Refusal> {
-        let req = ScoreRequest::try_from(req).map_err(|e| Refusal::from(&e))?;
-        let decision = self
-            .scorer
-            .score(&req)
-            .map_err(|e: ScoreError| Refusal::from(&e))?;
-        Ok(decision.into())
+fn item(result: Result<Decision, Refusal>) -> pb::ScoreBatchItem {
+    let outcome = match result {
+        Ok(decision) => pb::score_batch_item::Outcome::Response(decision.into()),
+        Err(refusal) => pb::score_batch_item::Outcome::Error(pb::ItemError {
+            code: refusal.code as i32,
+            message: refusal.message,
+            field: refusal.field.unwrap_or_default(),
+        }),
+    };
+    pb::ScoreBatchItem {
+        outcome: Some(outcome),
     }
 }
 
@@ -34,8 +39,9 @@ impl Scoring for ScoringService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let response = self.score_one(request.into_inner())?;
-        Ok(Response::new(response))
+        let req = ScoreRequest::try_from(request.into_inner())?;
+        let decision = self.scorer.score(&req).await?;
+        Ok(Response::new(decision.into()))
     }
 
     async fn score_batch(
@@ -50,19 +56,16 @@ impl Scoring for ScoringService {
                 requests.len()
             )));
         }
-        let items = requests
-            .into_iter()
-            .map(|req| {
-                let outcome = match self.score_one(req) {
-                    Ok(response) => pb::score_batch_item::Outcome::Response(response),
-                    Err(refusal) => pb::score_batch_item::Outcome::Error(pb::ItemError {
-                        code: refusal.code as i32,
-                        message: refusal.message,
-                        field: refusal.field.unwrap_or_default(),
-                    }),
-                };
-                pb::ScoreBatchItem {
-                    outcome: Some(outcome),
+        let converted: Vec<_> = requests.into_iter().map(ScoreRequest::try_from).collect();
+        let valid: Vec<ScoreRequest> = converted.iter().filter_map(|r| r.clone().ok()).collect();
+        let mut scored = self.scorer.score_many(&valid).await.into_iter();
+        let items = converted
+            .iter()
+            .map(|c| match c {
+                Err(e) => item(Err(Refusal::from(e))),
+                Ok(_) => {
+                    let result = scored.next().expect("one result per valid request");
+                    item(result.map_err(|e: ScoreError| Refusal::from(&e)))
                 }
             })
             .collect();

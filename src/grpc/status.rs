@@ -7,10 +7,12 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::bundle::BundleError;
+use crate::decision_log::LogError;
 use crate::grpc::convert::RequestError;
 use crate::registry::RegistryError;
 use crate::schema::FeatureError;
 use crate::scoring::ScoreError;
+use crate::trace::TraceError;
 
 /// What a caller is told: a code, a message, and the offending field when there is one.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,12 +89,33 @@ impl From<&RegistryError> for Refusal {
     }
 }
 
+impl From<&LogError> for Refusal {
+    fn from(e: &LogError) -> Self {
+        match e {
+            // Fail closed: nothing was acknowledged; the caller may retry with the same id.
+            LogError::Unavailable(_) => Refusal::new(Code::Unavailable, e),
+            LogError::Damaged(_) => Refusal::new(Code::Unavailable, e),
+            LogError::RequestIdReused(_) => {
+                Refusal::new(Code::AlreadyExists, e).on_field("request_id".into())
+            }
+            LogError::Query(_) => Refusal::new(Code::Internal, e),
+        }
+    }
+}
+
 impl From<&ScoreError> for Refusal {
     fn from(e: &ScoreError) -> Self {
         match e {
             ScoreError::Route(e) => e.into(),
             ScoreError::Feature(e) => e.into(),
+            ScoreError::Record(e) => e.into(),
         }
+    }
+}
+
+impl From<LogError> for Status {
+    fn from(e: LogError) -> Status {
+        Refusal::from(&e).into()
     }
 }
 
@@ -110,6 +133,29 @@ impl From<RegistryError> for Status {
 
 impl From<ScoreError> for Status {
     fn from(e: ScoreError) -> Status {
+        Refusal::from(&e).into()
+    }
+}
+
+impl From<&TraceError> for Refusal {
+    fn from(e: &TraceError) -> Self {
+        match e {
+            TraceError::NoDecision(_) => Refusal::new(Code::NotFound, e),
+            TraceError::BadDecisionId(_) => {
+                Refusal::new(Code::InvalidArgument, e).on_field("decision_id".into())
+            }
+            TraceError::NoBundle(_) => Refusal::new(Code::FailedPrecondition, e),
+            TraceError::Bundle { .. } => Refusal::new(Code::FailedPrecondition, e),
+            TraceError::BadTime { field, .. } => {
+                Refusal::new(Code::InvalidArgument, e).on_field(field.to_string())
+            }
+            TraceError::Log(e) => e.into(),
+        }
+    }
+}
+
+impl From<TraceError> for Status {
+    fn from(e: TraceError) -> Status {
         Refusal::from(&e).into()
     }
 }

@@ -1,0 +1,177 @@
+//! The decision log: every decision, durable before it is answered, in a hash chain.
+//!
+//! A [`DecisionLog`] takes decisions from the request path and says when each is durable;
+//! the request answers only then. The embedded backend is [`SqliteLog`] (one WAL-mode SQLite
+//! file that reviewers can open with any SQLite tool), with one writer thread that commits the
+//! decisions of concurrent requests in one transaction and one fsync (group commit). Each
+//! record carries the hash of the one before it, so [`chain`] can tell an edited, deleted,
+//! inserted or reordered record from an intact log.
+
+pub mod chain;
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use chain::{Break, BreakKind, VerifyReport};
+pub use sqlite::SqliteLog;
+
+/// How hard a commit is pushed to disk before its requests are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=FULL`: each group commit is fsynced before anyone is answered. Nothing
+    /// acknowledged is lost on a process crash, an OS crash or a power loss.
+    #[default]
+    Sync,
+    /// `synchronous=NORMAL`: commits are written but fsynced only at WAL checkpoints. Nothing
+    /// acknowledged is lost when the process dies; an OS crash or power loss can lose every
+    /// decision committed since the last checkpoint (up to about 1,000 pages of WAL).
+    Async,
+}
+
+/// A principal reason as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedReason {
+    pub feature: String,
+    pub contribution: f64,
+    pub value: f64,
+}
+
+/// Everything recorded of a decision except its place in the chain. Field order is the
+/// canonical order hashed by the chain; never reorder, only append.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordBody {
+    pub decision_id: String,
+    /// RFC 3339, UTC, microseconds: sorts as text in time order.
+    pub recorded_at: String,
+    pub request_id: String,
+    /// sha256 of the request's inputs, for idempotent retries.
+    pub request_hash: String,
+    /// HMAC of the customer id; the raw id is never stored.
+    pub customer_ref: String,
+    /// Which customer key made `customer_ref`.
+    pub key_id: String,
+    pub model: String,
+    pub version: String,
+    pub digest: String,
+    pub rollout_id: Option<String>,
+    pub arm: String,
+    /// The vector exactly as scored, by feature name (imputed values included).
+    pub features: BTreeMap<String, f64>,
+    pub probability_of_default: f64,
+    pub grade: String,
+    pub decision: String,
+    pub current_limit: Option<i64>,
+    pub granted_limit: i64,
+    pub reasons: Vec<RecordedReason>,
+    pub caller: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionRecord {
+    /// Position in the chain, from 1.
+    pub seq: i64,
+    pub body: RecordBody,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// What became of an appended decision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Appended {
+    /// Recorded now.
+    New(DecisionRecord),
+    /// The request id was already recorded with the same inputs: the earlier decision stands.
+    Existing(DecisionRecord),
+}
+
+/// Why the log refused or could not serve.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The log cannot be written now; nothing of this decision was acknowledged.
+    #[error("decision log unavailable: {0}")]
+    Unavailable(String),
+    /// The request id was recorded before with different inputs.
+    #[error("request_id {0} was already used for a different request")]
+    RequestIdReused(String),
+    /// The log's file is not what the writer left (replaced, truncated, or corrupt).
+    #[error("decision log is damaged: {0}")]
+    Damaged(String),
+    #[error("decision log query failed: {0}")]
+    Query(String),
+}
+
+/// A decision on its way to disk.
+pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, LogError>> + Send>>;
+
+/// Aggregates of what one version decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VersionStats {
+    pub decisions: u64,
+    pub approve: u64,
+    pub review: u64,
+    pub decline: u64,
+    /// Granted above the current limit.
+    pub raised: u64,
+    pub held: u64,
+    /// Granted below the current limit, but above zero.
+    pub cut: u64,
+    /// Granted zero while the current limit was above zero.
+    pub withdrawn: u64,
+    /// No current limit was given.
+    pub new_customers: u64,
+}
+
+/// An inclusive-exclusive time window over `recorded_at` (RFC 3339 text).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+/// A store of decisions. Appends are asynchronous (they resolve once durable); reads are
+/// blocking and belong on a blocking thread.
+pub trait DecisionLog: Send + Sync + 'static {
+    /// Queues a decision for the next group commit. The queueing happens in this call; the
+    /// future resolves when the decision is durable, was found recorded already, or failed.
+    fn append(&self, body: RecordBody) -> AppendFuture;
+
+    /// Whether writes currently succeed; false from the first failure until a probe write
+    /// succeeds again.
+    fn healthy(&self) -> watch::Receiver<bool>;
+
+    /// Stops the writer after it has committed everything queued.
+    fn close(&self);
+
+    fn get(&self, decision_id: &str) -> Result<Option<DecisionRecord>, LogError>;
+
+    /// A customer's records (under any of their refs), oldest first.
+    fn by_customer(&self, refs: &[String]) -> Result<Vec<DecisionRecord>, LogError>;
+
+    /// The customer's latest served (non-shadow) decision before `seq`.
+    fn previous(&self, refs: &[String], seq: i64) -> Result<Option<DecisionRecord>, LogError>;
+
+    fn version_stats(
+        &self,
+        model: &str,
+        version: &str,
+        window: &Window,
+    ) -> Result<VersionStats, LogError>;
+
+    /// Visits the records in the window in chain order until `visit` returns false.
+    fn scan(
+        &self,
+        window: &Window,
+        visit: &mut dyn FnMut(DecisionRecord) -> bool,
+    ) -> Result<(), LogError>;
+
+    /// Walks the whole chain.
+    fn verify(&self) -> Result<VerifyReport, LogError>;
+}
