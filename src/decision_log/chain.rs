@@ -72,19 +72,19 @@ pub struct Verifier<'a> {
     /// A record whose link is broken, waiting for its successor to classify the break.
     pending: Option<DecisionRecord>,
     first_break: Option<Break>,
-    /// Whether some record at a later position carries this hash.
-    hash_exists_after: &'a mut dyn FnMut(&str, i64) -> bool,
+    /// The seq of the record carrying this hash, if any.
+    find_seq: &'a mut dyn FnMut(&str) -> Option<i64>,
 }
 
 impl<'a> Verifier<'a> {
-    pub fn new(hash_exists_after: &'a mut dyn FnMut(&str, i64) -> bool) -> Self {
+    pub fn new(find_seq: &'a mut dyn FnMut(&str) -> Option<i64>) -> Self {
         Verifier {
             records: 0,
             before_prev: None,
             prev: None,
             pending: None,
             first_break: None,
-            hash_exists_after,
+            find_seq,
         }
     }
 
@@ -183,15 +183,28 @@ impl<'a> Verifier<'a> {
                 ),
             );
         }
-        if (self.hash_exists_after)(&r.prev_hash, r.seq) {
-            return at(
-                r,
-                BreakKind::Reordered,
-                format!(
-                    "record seq {} (decision {id}) is out of order: the record it follows sits later in the log",
-                    r.seq
-                ),
-            );
+        match (self.find_seq)(&r.prev_hash) {
+            Some(seq) if seq > r.seq => {
+                return at(
+                    r,
+                    BreakKind::Reordered,
+                    format!(
+                        "record seq {} (decision {id}) is out of order: the record it follows sits later, at seq {seq}",
+                        r.seq
+                    ),
+                );
+            }
+            Some(seq) => {
+                return at(
+                    r,
+                    BreakKind::Inserted,
+                    format!(
+                        "record seq {} (decision {id}) was inserted: it links to seq {seq}, which already has a successor",
+                        r.seq
+                    ),
+                );
+            }
+            None => {}
         }
         let prev_seq = self.prev.as_ref().map_or(0, |p| p.seq);
         at(
@@ -251,8 +264,8 @@ mod tests {
 
     fn verify(records: &[DecisionRecord], head: Option<(i64, String)>) -> VerifyReport {
         let all = records.to_vec();
-        let mut exists = |h: &str, seq: i64| all.iter().any(|r| r.hash == h && r.seq > seq);
-        let mut v = Verifier::new(&mut exists);
+        let mut find = |h: &str| all.iter().find(|r| r.hash == h).map(|r| r.seq);
+        let mut v = Verifier::new(&mut find);
         for r in records {
             if !v.push(r.clone()) {
                 break;
@@ -307,6 +320,17 @@ mod tests {
             BreakKind::Inserted
         );
         assert!(report.first_break.unwrap().detail.contains("forged"));
+
+        let mut appended = c.clone();
+        let mut forged = c[2].clone();
+        forged.body.decision_id = "forged-at-end".into();
+        forged.hash = link_hash(&forged.prev_hash, &forged.body);
+        forged.seq = 9;
+        appended.push(forged);
+        assert_eq!(
+            kind(&verify(&appended, None)),
+            Some((9, BreakKind::Inserted))
+        );
 
         let tail = &c[..6];
         let report = verify(tail, Some((8, c[7].hash.clone())));

@@ -167,7 +167,9 @@ impl SqliteLog {
 impl DecisionLog for SqliteLog {
     fn append(&self, body: RecordBody) -> AppendFuture {
         let (reply, rx) = oneshot::channel();
-        let queued = self.queue.try_send(Msg::Append(Box::new(Job { body, reply })));
+        let queued = self
+            .queue
+            .try_send(Msg::Append(Box::new(Job { body, reply })));
         Box::pin(async move {
             match queued {
                 Ok(()) => rx
@@ -317,12 +319,18 @@ impl DecisionLog for SqliteLog {
     fn verify(&self) -> Result<VerifyReport, LogError> {
         self.read(|c| {
             let head = read_head(c)?;
+            // Only consulted once, at a broken link: a full scan there is fine.
             let mut lookup = c
-                .prepare("SELECT 1 FROM decisions WHERE hash = ?1 AND seq > ?2 LIMIT 1")
+                .prepare("SELECT seq FROM decisions WHERE hash = ?1 LIMIT 1")
                 .map_err(query_err)?;
-            let mut exists =
-                |hash: &str, seq: i64| lookup.exists(params![hash, seq]).unwrap_or(false);
-            let mut verifier = Verifier::new(&mut exists);
+            let mut find = |hash: &str| {
+                lookup
+                    .query_row([hash], |r| r.get::<_, i64>(0))
+                    .optional()
+                    .ok()
+                    .flatten()
+            };
+            let mut verifier = Verifier::new(&mut find);
             let mut stmt = c
                 .prepare(&format!("SELECT {COLUMNS} FROM decisions ORDER BY seq"))
                 .map_err(query_err)?;

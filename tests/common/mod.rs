@@ -11,6 +11,7 @@ use riskserve::Config;
 use riskserve::grpc::pb;
 use riskserve::grpc::pb::models_client::ModelsClient;
 use riskserve::grpc::pb::scoring_client::ScoringClient;
+use riskserve::grpc::pb::trace_client::TraceClient;
 use riskserve::server::ServeError;
 use riskserve::train::{self, TrainSpec};
 use tempfile::TempDir;
@@ -88,6 +89,10 @@ impl TestServer {
 
     pub fn models(&self) -> ModelsClient<Channel> {
         ModelsClient::new(self.channel.clone())
+    }
+
+    pub fn trace(&self) -> TraceClient<Channel> {
+        TraceClient::new(self.channel.clone())
     }
 
     /// Signals shutdown and waits for serve() to return.

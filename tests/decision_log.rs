@@ -1,0 +1,297 @@
+//! The decision log through the real server: idempotent retries, the trace of a limit change,
+//! bit-for-bit replays across versions, and tampering named by verify.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use riskserve::grpc::pb;
+use tonic::Code;
+
+fn dref(id: &str) -> pb::DecisionRef {
+    pb::DecisionRef {
+        decision_id: id.into(),
+    }
+}
+
+async fn history(server: &TestServer, customer: &str) -> Vec<pb::DecisionRecord> {
+    server
+        .trace()
+        .customer_history(pb::CustomerRef {
+            customer_id: customer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
+#[tokio::test]
+async fn a_retried_request_returns_the_recorded_decision_and_a_reused_id_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    let c = &customers()[10];
+    let mut client = server.scoring();
+    let first = client
+        .score(request(c, "retry-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .score(request(c, "retry-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first, again,
+        "the retry gets the recorded decision, field for field"
+    );
+
+    let mut changed = request(c, "retry-1");
+    changed.current_limit = Some(c.limit + 1000);
+    let status = client.score(changed).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{}", status.message());
+    assert!(status.message().contains("retry-1"));
+
+    // In a batch too: a duplicate inside one batch is the same request.
+    let batch = pb::ScoreBatchRequest {
+        requests: vec![request(c, "retry-2"), request(c, "retry-2")],
+    };
+    let items = client.score_batch(batch).await.unwrap().into_inner().items;
+    let ids: Vec<_> = items
+        .iter()
+        .map(|i| match &i.outcome {
+            Some(pb::score_batch_item::Outcome::Response(r)) => r.decision_id.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+
+    let records = history(&server, &c.id).await;
+    assert_eq!(records.len(), 2, "one record per distinct request");
+    assert_eq!(records[0].decision_id, first.decision_id);
+    let verify = server
+        .trace()
+        .verify(pb::VerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verify.ok && verify.records == 2, "{verify:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_limit_change_is_traced_to_the_version_that_made_it() {
+    let models = models_v1_v2();
+    let v2 = Offline::read(&models.join(MODEL).join("v2"));
+    // A customer that v2 puts in the withdrawal band.
+    let c = customers()
+        .iter()
+        .find(|c| v2.pd(&c.values) > 0.6 && c.limit > 0)
+        .expect("a high-risk customer");
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models, data.path()).await;
+    let mut client = server.scoring();
+
+    let mut first_req = request(c, "trace-v1");
+    first_req.current_limit = Some(c.limit);
+    let first = client.score(first_req).await.unwrap().into_inner();
+    assert_eq!(first.version, "v1");
+
+    let mut admin = server.models();
+    let v2ref = pb::VersionRef {
+        model: MODEL.into(),
+        version: "v2".into(),
+    };
+    admin.load_version(v2ref.clone()).await.unwrap();
+    admin.serve_version(v2ref).await.unwrap();
+    let mut second_req = request(c, "trace-v2");
+    second_req.current_limit = Some(first.granted_limit.max(1000));
+    let second = client.score(second_req).await.unwrap().into_inner();
+    assert_eq!((second.version.as_str(), second.granted_limit), ("v2", 0));
+
+    let records = history(&server, &c.id).await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1].decision_id, second.decision_id);
+    assert_eq!(records[1].version, "v2");
+    assert_eq!(records[1].digest, v2.digest);
+    assert_eq!(records[1].arm, pb::Arm::Champion as i32);
+    assert_eq!(
+        records[1].current_limit,
+        Some(first.granted_limit.max(1000))
+    );
+    assert_eq!(records[1].granted_limit, 0);
+
+    let e = server
+        .trace()
+        .explain(dref(&second.decision_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let (now, before) = (e.decision.unwrap(), e.previous.expect("previous decision"));
+    assert_eq!(
+        (before.version.as_str(), now.version.as_str()),
+        ("v1", "v2")
+    );
+    assert_ne!(before.digest, now.digest);
+    assert_eq!(
+        before.reasons, first.reasons,
+        "the earlier reasons, as first answered"
+    );
+    assert_eq!(now.reasons, second.reasons);
+    assert!(!now.reasons.is_empty());
+    assert_eq!(e.band.unwrap().grade, second.grade);
+    assert!(
+        e.moved.is_empty(),
+        "same features: the change comes from the version"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_decisions_across_two_versions_replay_bit_for_bit() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let mut client = server.scoring();
+    let mut ids = Vec::new();
+    for (phase, version) in ["v1", "v2"].iter().enumerate() {
+        if *version == "v2" {
+            let r = pb::VersionRef {
+                model: MODEL.into(),
+                version: "v2".into(),
+            };
+            server.models().load_version(r.clone()).await.unwrap();
+            server.models().serve_version(r).await.unwrap();
+        }
+        let requests = (0..500)
+            .map(|i| {
+                request(
+                    &customers()[phase * 500 + i],
+                    &format!("replay-{version}-{i}"),
+                )
+            })
+            .collect();
+        let items = client
+            .score_batch(pb::ScoreBatchRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        for item in items {
+            let Some(pb::score_batch_item::Outcome::Response(r)) = item.outcome else {
+                panic!("batch item failed");
+            };
+            assert_eq!(&r.version, version);
+            ids.push(r.decision_id);
+        }
+    }
+    // Replays read bundles by digest: unloading v1 must not matter.
+    server
+        .models()
+        .unload_version(pb::VersionRef {
+            model: MODEL.into(),
+            version: "v1".into(),
+        })
+        .await
+        .unwrap();
+    let mut trace = server.trace();
+    let mut per_version = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let r = trace.replay(dref(id)).await.unwrap().into_inner();
+        assert!(r.identical, "{id}: {:?}", r.differences);
+        let rec = r.recorded.unwrap();
+        assert_eq!(
+            r.probability_of_default.to_bits(),
+            rec.probability_of_default.to_bits()
+        );
+        *per_version.entry(rec.version).or_default() += 1;
+    }
+    assert_eq!(per_version.get("v1"), Some(&500));
+    assert_eq!(per_version.get("v2"), Some(&500));
+
+    let summary = trace
+        .by_version(pb::ByVersionRequest {
+            model: MODEL.into(),
+            version: "v2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.decisions, 500);
+    assert_eq!(summary.approve + summary.review + summary.decline, 500);
+    assert_eq!(
+        summary.raised + summary.held + summary.cut + summary.withdrawn,
+        500
+    );
+    server.stop().await.unwrap();
+}
+
+/// Copies a stopped server's data directory, applies `sql` to its log, and returns what a
+/// server started on the copy says of the chain.
+async fn verify_after(data: &Path, sql: &str) -> pb::VerifyResult {
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(data, copy.path());
+    {
+        let db = rusqlite::Connection::open(copy.path().join("decisions.db")).unwrap();
+        db.execute_batch(sql).unwrap();
+    }
+    let server = TestServer::start(&repo().join("models"), copy.path()).await;
+    let result = server
+        .trace()
+        .verify(pb::VerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    server.stop().await.unwrap();
+    result
+}
+
+#[tokio::test]
+async fn verify_names_an_edited_a_deleted_and_a_swapped_record() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    let requests = (0..30)
+        .map(|i| request(&customers()[i], &format!("tamper-{i}")))
+        .collect();
+    server
+        .scoring()
+        .score_batch(pb::ScoreBatchRequest { requests })
+        .await
+        .unwrap();
+    let intact = server
+        .trace()
+        .verify(pb::VerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(intact.ok && intact.records == 30, "{intact:?}");
+    server.stop().await.unwrap();
+
+    let edited = verify_after(
+        data.path(),
+        "UPDATE decisions SET granted_limit = granted_limit + 1000 WHERE seq = 10;",
+    )
+    .await;
+    let b = edited.first_break.expect("edit found");
+    assert_eq!((b.seq, b.kind.as_str()), (10, "edited"), "{}", b.detail);
+
+    let deleted = verify_after(data.path(), "DELETE FROM decisions WHERE seq = 12;").await;
+    let b = deleted.first_break.expect("deletion found");
+    assert_eq!((b.seq, b.kind.as_str()), (13, "deleted"), "{}", b.detail);
+
+    let swapped = verify_after(
+        data.path(),
+        "UPDATE decisions SET seq = -1 WHERE seq = 5; UPDATE decisions SET seq = 5 WHERE seq = 20; \
+         UPDATE decisions SET seq = 20 WHERE seq = -1;",
+    )
+    .await;
+    let b = swapped.first_break.expect("swap found");
+    assert_eq!((b.seq, b.kind.as_str()), (5, "reordered"), "{}", b.detail);
+
+    let cut_short = verify_after(data.path(), "DELETE FROM decisions WHERE seq = 30;").await;
+    let b = cut_short.first_break.expect("tail deletion found");
+    assert_eq!(b.kind, "deleted", "{}", b.detail);
+    assert!(!cut_short.ok);
+}

@@ -1,0 +1,415 @@
+//! Durability with real processes: the server as a child process, killed with SIGKILL under
+//! load, starved of disk (a file-size limit set on the live process with prlimit(2), so writes
+//! fail with EFBIG exactly as on a full disk), and robbed of its log file. Every decision a
+//! client received must be in the log, unchanged, and the chain must verify.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use riskserve::grpc::pb;
+use riskserve::grpc::pb::scoring_client::ScoringClient;
+use riskserve::grpc::pb::trace_client::TraceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A riskserve process.
+struct ChildServer {
+    child: Child,
+    channel: Channel,
+    log: PathBuf,
+}
+
+impl ChildServer {
+    /// Starts `riskserve serve` on port 0 and waits until it is ready. Its stderr goes through
+    /// a pipe (as to a log collector) and is appended to `log` by this process, so that a
+    /// file-size limit set on the server does not apply to its logs.
+    async fn start(data: &Path, log: &Path) -> ChildServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_riskserve"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+            .arg(repo().join("models"))
+            .arg("--data")
+            .arg(data)
+            .env("RISKSERVE_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let mut sink = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut sink));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect(&line)
+            .to_string();
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let server = ChildServer {
+            child,
+            channel,
+            log: log.to_owned(),
+        };
+        server.wait_health("", true).await;
+        server
+    }
+
+    async fn serving(&self, service: &str) -> bool {
+        HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().status == 1)
+    }
+
+    async fn wait_health(&self, service: &str, want: bool) {
+        let start = Instant::now();
+        while self.serving(service).await != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "health {service:?} never became {want}; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+/// Sets the soft RLIMIT_FSIZE of a live process (None: unlimited).
+fn limit_file_size(pid: i32, bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// What a client was told.
+type Acked = Arc<Mutex<Vec<pb::ScoreResponse>>>;
+
+/// Clients under way: what they were acknowledged, how they failed, their tasks.
+struct Load {
+    acked: Acked,
+    failed: Arc<Mutex<Vec<Code>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// 8 clients scoring distinct requests until told to stop or the server goes away.
+/// Returns the acknowledged responses and the codes of failures.
+fn load(channel: Channel, tag: &str, stop: Arc<std::sync::atomic::AtomicBool>) -> Load {
+    let acked: Acked = Arc::default();
+    let failed: Arc<Mutex<Vec<Code>>> = Arc::default();
+    let tasks = (0..8)
+        .map(|c| {
+            let (mut client, acked, failed, stop) = (
+                ScoringClient::new(channel.clone()),
+                acked.clone(),
+                failed.clone(),
+                stop.clone(),
+            );
+            let tag = tag.to_string();
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let customer = &customers()[(c * 997 + i * 13) % customers().len()];
+                    let mut req = request(customer, &format!("{tag}-{c}-{i}"));
+                    req.customer_id = format!("pii-{tag}-{}", customer.id);
+                    match client.score(req).await {
+                        Ok(r) => acked.lock().unwrap().push(r.into_inner()),
+                        Err(s) => {
+                            failed.lock().unwrap().push(s.code());
+                            if matches!(
+                                s.code(),
+                                Code::Unavailable | Code::Unknown | Code::Cancelled
+                            ) && s.message().contains("transport")
+                            {
+                                return; // the server is gone
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    Load {
+        acked,
+        failed,
+        tasks,
+    }
+}
+
+/// Every acknowledged decision is in the log with the content the client was given.
+async fn assert_recorded(channel: &Channel, acked: &[pb::ScoreResponse]) {
+    let mut trace = TraceClient::new(channel.clone());
+    for r in acked {
+        let rec = trace
+            .get_decision(pb::DecisionRef {
+                decision_id: r.decision_id.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("acknowledged decision {} lost: {s:?}", r.decision_id))
+            .into_inner();
+        assert_eq!(rec.request_id, r.request_id);
+        assert_eq!(
+            (rec.version.as_str(), rec.digest.as_str()),
+            (r.version.as_str(), r.digest.as_str())
+        );
+        assert_eq!(
+            rec.probability_of_default.to_bits(),
+            r.probability_of_default.to_bits()
+        );
+        assert_eq!(
+            (rec.grade.as_str(), rec.decision),
+            (r.grade.as_str(), r.decision)
+        );
+        assert_eq!(
+            (rec.current_limit, rec.granted_limit),
+            (r.current_limit, r.granted_limit)
+        );
+        assert_eq!(rec.reasons, r.reasons);
+    }
+    let v = trace
+        .verify(pb::VerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "chain broken: {:?}", v.first_break);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_decision() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261128);
+    let mut all_acked = Vec::new();
+    let mut last_round = Vec::new();
+    let mut total = 0;
+    for round in 0..20 {
+        let server = ChildServer::start(data.path(), &log).await;
+        // After each restart: what the last round acknowledged is there, unchanged, and the
+        // chain verifies (everything is checked again at the end).
+        assert_recorded(&server.channel, &last_round).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let Load { acked, tasks, .. } = load(
+            server.channel.clone(),
+            &format!("crash{round}"),
+            stop.clone(),
+        );
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
+        server.kill();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        last_round = std::mem::take(&mut *acked.lock().unwrap());
+        total += last_round.len();
+        all_acked.extend(last_round.iter().cloned());
+    }
+    let server = ChildServer::start(data.path(), &log).await;
+    assert_recorded(&server.channel, &all_acked).await;
+    assert!(
+        total > 100,
+        "only {total} decisions acknowledged across 20 rounds"
+    );
+    server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_failures_fail_closed_and_the_server_recovers() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let server = ChildServer::start(data.path(), &log).await;
+    let mut client = ScoringClient::new(server.channel.clone());
+    let before = client
+        .score(request(&customers()[0], "fc-before"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The disk refuses writes: every Score is UNAVAILABLE, nothing is served, health says so.
+    limit_file_size(server.pid(), Some(4096));
+    let status = client
+        .score(request(&customers()[1], "fc-during-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    server.wait_health("", false).await;
+    server.wait_health("riskserve.v1.Scoring", false).await;
+    assert!(
+        server.serving("liveness").await,
+        "liveness is not readiness"
+    );
+    for i in 2..5 {
+        let status = client
+            .score(request(&customers()[i], &format!("fc-during-{i}")))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+
+    // Writable again: the writer's probe succeeds, health returns, scoring resumes.
+    limit_file_size(server.pid(), None);
+    server.wait_health("", true).await;
+    let after = client
+        .score(request(&customers()[1], "fc-during-1"))
+        .await
+        .expect("a retry after recovery is a new decision")
+        .into_inner();
+    assert_recorded(&server.channel, &[before, after]).await;
+    let mut trace = TraceClient::new(server.channel.clone());
+    let v = trace
+        .verify(pb::VerifyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.records, 2, "nothing of the failed batches was recorded");
+    server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_at_random_moments_under_load_never_acknowledge_a_lost_decision() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let server = ChildServer::start(data.path(), &log).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let Load {
+        acked,
+        failed,
+        tasks,
+    } = load(server.channel.clone(), "fault", stop.clone());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..150))).await;
+        // Vary the point of failure: mid-WAL, or at any write at all.
+        limit_file_size(server.pid(), Some(rng.gen_range(1..64) * 4096));
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..150))).await;
+        limit_file_size(server.pid(), None);
+    }
+    server.wait_health("", true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        !failed.is_empty(),
+        "the injected faults failed some requests"
+    );
+    assert!(
+        failed.iter().all(|c| *c == Code::Unavailable),
+        "only UNAVAILABLE: {failed:?}"
+    );
+    assert!(!acked.is_empty());
+    assert_recorded(&server.channel, &acked).await;
+    server.kill();
+}
+
+#[tokio::test]
+async fn a_log_file_removed_under_the_server_stops_scoring() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let server = ChildServer::start(data.path(), &log).await;
+    let mut client = ScoringClient::new(server.channel.clone());
+    client
+        .score(request(&customers()[0], "rm-0"))
+        .await
+        .unwrap();
+    std::fs::remove_file(data.path().join("decisions.db")).unwrap();
+    let status = client
+        .score(request(&customers()[1], "rm-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    server.wait_health("", false).await;
+    let status = client
+        .score(request(&customers()[2], "rm-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    server.kill();
+}
+
+#[tokio::test]
+async fn raw_customer_ids_appear_nowhere_in_the_data_or_the_logs() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let server = ChildServer::start(data.path(), &log).await;
+    let mut client = ScoringClient::new(server.channel.clone());
+    let ids: Vec<String> = (0..20)
+        .map(|i| format!("PII-CUSTOMER-{i:04}-7d1e"))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let mut req = request(&customers()[i], &format!("pii-{i}"));
+        req.customer_id = id.clone();
+        client.score(req).await.unwrap();
+    }
+    // Error paths too: a reused request id, and a bad feature.
+    let mut reused = request(&customers()[5], "pii-0");
+    reused.customer_id = ids[0].clone();
+    client.score(reused).await.unwrap_err();
+    let mut bad = request(&customers()[6], "pii-bad");
+    bad.customer_id = ids[1].clone();
+    bad.features.insert("AGE".into(), number(3.0));
+    client.score(bad).await.unwrap_err();
+    // And a reviewer's lookup.
+    let history = TraceClient::new(server.channel.clone())
+        .customer_history(pb::CustomerRef {
+            customer_id: ids[3].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.records.len(), 1);
+    server.kill();
+
+    let mut haystack: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        haystack.insert(path.clone(), std::fs::read(&path).unwrap());
+    }
+    assert!(haystack.keys().any(|p| p.ends_with("decisions.db")));
+    assert!(
+        haystack[&log].len() > 100,
+        "the server logged at debug level"
+    );
+    for id in &ids {
+        for (path, bytes) in &haystack {
+            let found = bytes.windows(id.len()).any(|w| w == id.as_bytes());
+            assert!(!found, "{id} found in {}", path.display());
+        }
+    }
+}
