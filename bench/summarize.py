@@ -27,11 +27,25 @@ for label, rs in rows.items():
             f"| {sum(r['errors'] for r in rs)} |"
         )
 print()
+def ratio(a, b, key="throughput_rps"):
+    return med(a, key) / med(b, key)
+
+
 for c in (1, 8, 32):
-    ratio = med(f"score-c{c}", "throughput_rps") / med(f"empty-c{c}", "throughput_rps")
-    print(f"Score / empty handler throughput at concurrency {c}: {ratio:.2f}")
-steady, swaps = med("steady-c8", "p99_us"), med("swaps-c8", "p99_us")
-print(f"p99 during swap storm / steady p99 (c=8): {swaps / steady:.2f}  ({swaps:.0f} µs vs {steady:.0f} µs; "
-      f"{sum(r.get('swaps', 0) for r in rows.get('swaps-c8', []))} swaps)")
+    if f"score-c{c}" in rows:
+        print(f"Score / empty handler throughput at concurrency {c}: {ratio(f'score-c{c}', f'empty-c{c}'):.2f}")
+if "swaps-c8" in rows:
+    steady, swaps = med("steady-c8", "p99_us"), med("swaps-c8", "p99_us")
+    print(f"p99 during swap storm / steady p99 (c=8): {swaps / steady:.2f}  ({swaps:.0f} µs vs {steady:.0f} µs; "
+          f"{sum(r.get('swaps', 0) for r in rows.get('swaps-c8', []))} swaps)")
 for label in ("rss-3-versions", "rss-after-10-cycles", "rss-after-1000-cycles"):
-    print(f"{label}: {med(label, 'rss_kib') / 1024:.1f} MiB")
+    if label in rows:
+        print(f"{label}: {med(label, 'rss_kib') / 1024:.1f} MiB")
+for c in (8, 32):
+    if f"sync-c{c}" in rows:
+        print(f"c={c}: sync-logged / unlogged throughput {ratio(f'sync-c{c}', f'off-c{c}'):.2f}, "
+              f"async / unlogged {ratio(f'async-c{c}', f'off-c{c}'):.2f}; "
+              f"p99 added by sync logging {med(f'sync-c{c}', 'p99_us') - med(f'off-c{c}', 'p99_us'):.0f} µs")
+if "fill" in rows:
+    print(f"fill: {med('fill', 'decisions'):,.0f} decisions at {med('fill', 'decisions_per_s'):,.0f}/s, "
+          f"{med('fill', 'bytes_per_decision'):,.0f} bytes per decision")

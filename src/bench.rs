@@ -21,6 +21,7 @@ use crate::cli::connect;
 use crate::grpc::pb;
 use crate::grpc::pb::models_client::ModelsClient;
 use crate::grpc::pb::scoring_client::ScoringClient;
+use crate::grpc::pb::trace_client::TraceClient;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -61,6 +62,10 @@ pub struct BenchArgs {
     churn_cycles: Option<u64>,
     #[arg(long, default_value = "v2")]
     churn_version: String,
+    /// Instead of scoring, ask CustomerHistory for random customers `fill-0` … `fill-(N-1)`
+    /// (as written by `bench-fill-log`).
+    #[arg(long)]
+    history_customers: Option<u64>,
     /// A free-form label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -75,7 +80,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         args.swap.is_empty() || args.swap.len() == 2,
         "--swap takes two versions, e.g. v1,v2"
     );
-    let requests = Arc::new(requests(&args)?);
+    let requests = Arc::new(match args.history_customers {
+        Some(_) => Vec::new(),
+        None => requests(&args.bundle, &args.data, &args.model)?,
+    });
+    let history = args.history_customers;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
         channels.push(connect(&args.server).await?);
@@ -85,7 +94,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for t in 0..args.concurrency.max(1) {
-        let mut client = ScoringClient::new(channels[t % channels.len()].clone());
+        let channel = channels[t % channels.len()].clone();
+        let mut client = ScoringClient::new(channel.clone());
+        let mut trace = TraceClient::new(channel);
         let (requests, measuring, stop, errors) = (
             requests.clone(),
             measuring.clone(),
@@ -95,12 +106,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut i = t;
+            // Request ids unique across runs against the same log.
+            let run = uuid::Uuid::now_v7();
             while !stop.load(Ordering::Relaxed) {
-                let mut req = requests[i % requests.len()].clone();
-                req.request_id = format!("bench-{t}-{i}");
                 i += args_stride();
                 let start = Instant::now();
-                let ok = client.score(req).await.is_ok();
+                let ok = match history {
+                    Some(n) => {
+                        let customer_id = format!("fill-{}", (i as u64 * 2_654_435_761) % n);
+                        trace
+                            .customer_history(pb::CustomerRef { customer_id })
+                            .await
+                            .is_ok_and(|r| !r.into_inner().records.is_empty())
+                    }
+                    None => {
+                        let mut req = requests[i % requests.len()].clone();
+                        req.request_id = format!("bench-{run}-{t}-{i}");
+                        client.score(req).await.is_ok()
+                    }
+                };
                 if measuring.load(Ordering::Relaxed) {
                     if ok {
                         hist.saturating_record(start.elapsed().as_micros() as u64);
@@ -133,7 +157,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     let line = serde_json::json!({
         "label": args.label,
-        "mode": if swaps > 0 { "score+swaps" } else { "score" },
+        "mode": match (history, swaps) {
+            (Some(_), _) => "history",
+            (None, 0) => "score",
+            (None, _) => "score+swaps",
+        },
         "concurrency": args.concurrency,
         "connections": args.connections,
         "duration_s": elapsed,
@@ -157,11 +185,15 @@ fn args_stride() -> usize {
 }
 
 /// One request per CSV row, with the features the bundle's schema names.
-fn requests(args: &BenchArgs) -> anyhow::Result<Vec<pb::ScoreRequest>> {
-    let bundle = Bundle::load(&args.bundle, None)
-        .with_context(|| format!("reading the schema from {}", args.bundle.display()))?;
-    let mut reader = csv::Reader::from_path(&args.data)
-        .with_context(|| format!("opening {}", args.data.display()))?;
+fn requests(
+    bundle_dir: &std::path::Path,
+    data: &std::path::Path,
+    model: &str,
+) -> anyhow::Result<Vec<pb::ScoreRequest>> {
+    let bundle = Bundle::load(bundle_dir, None)
+        .with_context(|| format!("reading the schema from {}", bundle_dir.display()))?;
+    let mut reader =
+        csv::Reader::from_path(data).with_context(|| format!("opening {}", data.display()))?;
     let headers = reader.headers()?.clone();
     let col = |name: &str| headers.iter().position(|h| h == name);
     let wanted: Vec<(String, usize)> = bundle
@@ -185,12 +217,12 @@ fn requests(args: &BenchArgs) -> anyhow::Result<Vec<pb::ScoreRequest>> {
         out.push(pb::ScoreRequest {
             request_id: String::new(),
             customer_id: id_col.map_or_else(|| i.to_string(), |c| record[c].to_string()),
-            model: args.model.clone(),
+            model: model.to_string(),
             features,
             current_limit: limit_col.map(|c| num(c) as i64),
         });
     }
-    anyhow::ensure!(!out.is_empty(), "{} has no rows", args.data.display());
+    anyhow::ensure!(!out.is_empty(), "{} has no rows", data.display());
     Ok(out)
 }
 
@@ -267,5 +299,96 @@ pub async fn empty_server(listen: std::net::SocketAddr) -> anyhow::Result<std::p
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Writes `decisions` synthetic but really scored decisions (Taiwan rows through the bundle)
+/// for customers `fill-0` … `fill-(customers-1)`, round-robin, into `data_dir`'s decision log
+/// through the real writer, keyed with the directory's development key, so that a server
+/// started on the directory finds them. Prints one JSON line with the size on disk.
+pub async fn fill_log(
+    data_dir: &std::path::Path,
+    decisions: u64,
+    customers: u64,
+    bundle_dir: &std::path::Path,
+    csv_path: &std::path::Path,
+) -> anyhow::Result<std::process::ExitCode> {
+    use crate::decision_log::{DecisionLog, Durability, SqliteLog};
+    use crate::schema::RawValue;
+    use crate::scoring::{Arm, ScoreRequest, decide, record_body};
+
+    std::fs::create_dir_all(data_dir)?;
+    let keys = crate::customer::CustomerKeys::dev_key(&data_dir.join("customer-dev.key"))?;
+    let db = data_dir.join("decisions.db");
+    // Async durability: the fill measures nothing, and fsyncs would only slow it.
+    let log = SqliteLog::open(&db, Durability::Async, 20_000, 200_000)?;
+    let bundle = Bundle::load(bundle_dir, None)?;
+    let rows: Vec<(Vec<f64>, Option<i64>)> = requests(bundle_dir, csv_path, bundle.model_name())?
+        .into_iter()
+        .map(|r| {
+            let x = bundle
+                .schema
+                .features()
+                .iter()
+                .map(
+                    |f| match r.features.get(&f.name).and_then(|v| v.kind.clone()) {
+                        Some(pb::feature_value::Kind::Number(x)) => x,
+                        _ => 0.0,
+                    },
+                )
+                .collect();
+            (x, r.current_limit)
+        })
+        .collect();
+    let bar = indicatif::ProgressBar::new(decisions);
+    let started = Instant::now();
+    let mut inflight = std::collections::VecDeque::new();
+    for i in 0..decisions {
+        let (x, limit) = &rows[(i % rows.len() as u64) as usize];
+        let req = ScoreRequest {
+            request_id: format!("fill-req-{i}"),
+            customer_id: format!("fill-{}", i % customers),
+            model: bundle.model_name().to_string(),
+            features: bundle
+                .schema
+                .features()
+                .iter()
+                .zip(x)
+                .map(|(f, v)| (f.name.clone(), RawValue::Number(*v)))
+                .collect(),
+            current_limit: *limit,
+        };
+        let decision = decide(&bundle, &req, x, Arm::Champion);
+        inflight.push_back(log.append(record_body(&keys, &req, &bundle, x, &decision)));
+        if inflight.len() >= 100_000 {
+            inflight.pop_front().expect("non-empty").await?;
+        }
+        if i % 10_000 == 0 {
+            bar.set_position(i);
+        }
+    }
+    for f in inflight {
+        f.await?;
+    }
+    tokio::task::spawn_blocking({
+        let log = log.clone();
+        move || log.close()
+    })
+    .await?;
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    let bytes: u64 = ["decisions.db", "decisions.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data_dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "label": "fill", "decisions": decisions, "customers": customers,
+            "duration_s": elapsed, "decisions_per_s": decisions as f64 / elapsed,
+            "bytes_on_disk": bytes, "bytes_per_decision": bytes as f64 / decisions as f64,
+        })
+    );
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -59,6 +59,20 @@ enum Command {
     },
     /// Closed-loop load generator against a running server; prints one JSON line.
     Bench(BenchArgs),
+    /// Fill a data directory's decision log with scored decisions, for lookup benchmarks.
+    #[command(hide = true)]
+    BenchFillLog {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        decisions: u64,
+        #[arg(long)]
+        customers: u64,
+        #[arg(long, default_value = "models/credit-limit/v1")]
+        bundle: PathBuf,
+        #[arg(long, default_value = "data/taiwan_credit_default.csv")]
+        csv: PathBuf,
+    },
     /// A server whose Score does no work: the ceiling for `bench` on the same machine.
     #[command(hide = true)]
     BenchEmptyServer {
@@ -93,6 +107,9 @@ struct ServeArgs {
     /// Customer HMAC key files, current first, comma-separated.
     #[arg(long, env = "RISKSERVE_CUSTOMER_KEY_FILES", value_delimiter = ',')]
     customer_key_files: Vec<PathBuf>,
+    /// Benchmark baseline: answer decisions without recording them.
+    #[arg(long, hide = true)]
+    unrecorded_benchmark_only: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +266,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         )),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::BenchEmptyServer { listen } => runtime.block_on(bench::empty_server(listen)),
+        Command::BenchFillLog {
+            data,
+            decisions,
+            customers,
+            bundle,
+            csv,
+        } => runtime.block_on(bench::fill_log(&data, decisions, customers, &bundle, &csv)),
     }
 }
 
@@ -288,6 +312,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ => crate::decision_log::Durability::Sync,
         };
     }
+    config.unrecorded_benchmark_only = args.unrecorded_benchmark_only;
     if !args.customer_key_files.is_empty() {
         config.customer_key_files = args.customer_key_files.clone();
     }

@@ -58,6 +58,9 @@ pub struct Config {
     /// rotation). Empty: a server on loopback generates a development key in the data
     /// directory; any other server refuses to start.
     pub customer_key_files: Vec<PathBuf>,
+    /// Benchmark baseline only: answer without recording. Not settable from a file.
+    #[serde(skip)]
+    pub unrecorded_benchmark_only: bool,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             log_batch: 512,
             log_queue: 16_384,
             customer_key_files: Vec::new(),
+            unrecorded_benchmark_only: false,
         }
     }
 }

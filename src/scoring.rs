@@ -171,57 +171,58 @@ impl Scorer {
         // Score and policy.
         let decision = decide(&bundle, req, &x, arm);
         // Record: queued now, answered when durable.
-        let body = self.record_body(req, &bundle, &x, &decision);
+        let body = record_body(&self.keys, req, &bundle, &x, &decision);
         Ok(Pending {
             durable: self.log.append(body),
             decision,
         })
     }
+}
 
-    fn record_body(
-        &self,
-        req: &ScoreRequest,
-        bundle: &Bundle,
-        x: &[f64],
-        d: &Decision,
-    ) -> RecordBody {
-        let customer = self.keys.current(&req.customer_id);
-        RecordBody {
-            decision_id: d.decision_id.to_string(),
-            recorded_at: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            request_id: req.request_id.clone(),
-            request_hash: request_hash(req, &customer.value),
-            customer_ref: customer.value,
-            key_id: customer.key_id,
-            model: d.model.clone(),
-            version: d.version.clone(),
-            digest: d.digest.to_string(),
-            rollout_id: None,
-            arm: d.arm.as_str().to_string(),
-            features: bundle
-                .schema
-                .features()
-                .iter()
-                .zip(x)
-                .map(|(f, v)| (f.name.clone(), *v))
-                .collect(),
-            probability_of_default: d.probability_of_default,
-            grade: d.grade.clone(),
-            decision: d.outcome.as_str().to_string(),
-            current_limit: d.current_limit,
-            granted_limit: d.granted_limit,
-            reasons: d
-                .reasons
-                .iter()
-                .map(|r| RecordedReason {
-                    feature: r.feature.clone(),
-                    contribution: r.contribution,
-                    value: r.value,
-                })
-                .collect(),
-            caller: None,
-            trace_id: None,
-        }
+/// The record of a decision: what the log stores, hashes and chains.
+pub fn record_body(
+    keys: &CustomerKeys,
+    req: &ScoreRequest,
+    bundle: &Bundle,
+    x: &[f64],
+    d: &Decision,
+) -> RecordBody {
+    let customer = keys.current(&req.customer_id);
+    RecordBody {
+        decision_id: d.decision_id.to_string(),
+        recorded_at: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        request_id: req.request_id.clone(),
+        request_hash: request_hash(req, &customer.value),
+        customer_ref: customer.value,
+        key_id: customer.key_id,
+        model: d.model.clone(),
+        version: d.version.clone(),
+        digest: d.digest.to_string(),
+        rollout_id: None,
+        arm: d.arm.as_str().to_string(),
+        features: bundle
+            .schema
+            .features()
+            .iter()
+            .zip(x)
+            .map(|(f, v)| (f.name.clone(), *v))
+            .collect(),
+        probability_of_default: d.probability_of_default,
+        grade: d.grade.clone(),
+        decision: d.outcome.as_str().to_string(),
+        current_limit: d.current_limit,
+        granted_limit: d.granted_limit,
+        reasons: d
+            .reasons
+            .iter()
+            .map(|r| RecordedReason {
+                feature: r.feature.clone(),
+                contribution: r.contribution,
+                value: r.value,
+            })
+            .collect(),
+        caller: None,
+        trace_id: None,
     }
 }
 

@@ -21,7 +21,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ConfigError};
 use crate::customer::{CustomerKeys, KeyError};
-use crate::decision_log::{DecisionLog, LogError, SqliteLog};
+use crate::decision_log::{DecisionLog, LogError, SqliteLog, Unrecorded};
 use crate::grpc::pb::models_server::ModelsServer;
 use crate::grpc::pb::scoring_server::ScoringServer;
 use crate::grpc::pb::trace_server::TraceServer;
@@ -71,12 +71,17 @@ pub async fn serve(
     })?;
 
     let keys = customer_keys(&config)?;
-    let log: Arc<dyn DecisionLog> = SqliteLog::open(
-        &config.decision_log_path(),
-        config.durability,
-        config.log_batch,
-        config.log_queue,
-    )?;
+    let log: Arc<dyn DecisionLog> = if config.unrecorded_benchmark_only {
+        tracing::warn!("RECORDING NOTHING: benchmark baseline; never run this in production");
+        Arc::new(Unrecorded::default())
+    } else {
+        SqliteLog::open(
+            &config.decision_log_path(),
+            config.durability,
+            config.log_batch,
+            config.log_queue,
+        )?
+    };
 
     let registry = Arc::new(Registry::new(
         config.models_dir.clone(),

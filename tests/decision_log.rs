@@ -290,6 +290,39 @@ async fn verify_names_an_edited_a_deleted_and_a_swapped_record() {
     let b = swapped.first_break.expect("swap found");
     assert_eq!((b.seq, b.kind.as_str()), (5, "reordered"), "{}", b.detail);
 
+    // Retention exactly as the README documents it, cutting before record 11.
+    let cutoff: String = rusqlite::Connection::open(data.path().join("decisions.db"))
+        .unwrap()
+        .query_row(
+            "SELECT recorded_at FROM decisions WHERE seq = 11",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let from = readme
+        .find("**Retention without breaking `verify`.**")
+        .unwrap();
+    let sql = readme[from..]
+        .split("```sql")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    assert!(sql.contains("'2025-11-28'"));
+    let retained = verify_after(
+        data.path(),
+        &sql.replace("'2025-11-28'", &format!("'{cutoff}'")),
+    )
+    .await;
+    assert!(retained.ok, "{:?}", retained.first_break);
+    // Records 1–10 went (fewer if timestamps tie at the cut-off), the rest remain.
+    assert!((20..30).contains(&retained.records), "{}", retained.records);
+    let pruned_without_anchor =
+        verify_after(data.path(), "DELETE FROM decisions WHERE seq <= 10;").await;
+    assert_eq!(pruned_without_anchor.first_break.unwrap().kind, "deleted");
+
     let cut_short = verify_after(data.path(), "DELETE FROM decisions WHERE seq = 30;").await;
     let b = cut_short.first_break.expect("tail deletion found");
     assert_eq!(b.kind, "deleted", "{}", b.detail);

@@ -3,6 +3,10 @@
 //! `hash = sha256(prev_hash ‖ "\n" ‖ canonical JSON of the body)`; the first record's
 //! `prev_hash` is [`GENESIS`]. The sequence number is not hashed, so a swap of two records
 //! shows as broken links rather than as edits, and verification can say which it was.
+//!
+//! Retention: records older than a cut-off may be removed together with writing an *anchor*
+//! (the seq and hash of the last removed record); verification then starts from the anchor
+//! instead of genesis, so the remaining chain still verifies and any other removal shows.
 
 use sha2::{Digest as _, Sha256};
 
@@ -66,6 +70,8 @@ pub struct VerifyReport {
 /// Walks records in seq order, keeping only a window of three, so that a log of any size
 /// verifies in constant memory.
 pub struct Verifier<'a> {
+    /// What the first record must link to: genesis, or the retention anchor.
+    start: String,
     records: u64,
     before_prev: Option<DecisionRecord>,
     prev: Option<DecisionRecord>,
@@ -77,8 +83,13 @@ pub struct Verifier<'a> {
 }
 
 impl<'a> Verifier<'a> {
-    pub fn new(find_seq: &'a mut dyn FnMut(&str) -> Option<i64>) -> Self {
+    /// `anchor` is the (seq, hash) of the last record removed by retention, if any.
+    pub fn new(
+        find_seq: &'a mut dyn FnMut(&str) -> Option<i64>,
+        anchor: Option<(i64, String)>,
+    ) -> Self {
         Verifier {
+            start: anchor.map_or_else(|| GENESIS.to_string(), |(_, hash)| hash),
             records: 0,
             before_prev: None,
             prev: None,
@@ -107,7 +118,10 @@ impl<'a> Verifier<'a> {
             });
             return false;
         }
-        let expected = self.prev.as_ref().map_or(GENESIS, |p| p.hash.as_str());
+        let expected = self
+            .prev
+            .as_ref()
+            .map_or(self.start.as_str(), |p| p.hash.as_str());
         if record.prev_hash != expected {
             self.pending = Some(record);
             return true;
@@ -142,7 +156,7 @@ impl<'a> Verifier<'a> {
             head_hash: self
                 .prev
                 .as_ref()
-                .map_or_else(|| GENESIS.to_string(), |p| p.hash.clone()),
+                .map_or_else(|| self.start.clone(), |p| p.hash.clone()),
             first_break: self.first_break,
         }
     }
@@ -150,7 +164,10 @@ impl<'a> Verifier<'a> {
     /// `r` does not link to the record before it; say why, looking one record around, and
     /// name the record at fault.
     fn classify(&mut self, r: &DecisionRecord, next: Option<&DecisionRecord>) -> Break {
-        let prev_hash = self.prev.as_ref().map_or(GENESIS, |p| p.hash.as_str());
+        let prev_hash = self
+            .prev
+            .as_ref()
+            .map_or(self.start.as_str(), |p| p.hash.as_str());
         let before_prev_hash = self.before_prev.as_ref().map(|p| p.hash.as_str());
         let at = |rec: &DecisionRecord, kind, detail: String| Break {
             seq: rec.seq,
@@ -265,7 +282,7 @@ mod tests {
     fn verify(records: &[DecisionRecord], head: Option<(i64, String)>) -> VerifyReport {
         let all = records.to_vec();
         let mut find = |h: &str| all.iter().find(|r| r.hash == h).map(|r| r.seq);
-        let mut v = Verifier::new(&mut find);
+        let mut v = Verifier::new(&mut find, None);
         for r in records {
             if !v.push(r.clone()) {
                 break;
@@ -331,6 +348,16 @@ mod tests {
             kind(&verify(&appended, None)),
             Some((9, BreakKind::Inserted))
         );
+
+        // Retention: the first three removed behind an anchor still verify; without the
+        // anchor, the removal shows.
+        let mut find = |_: &str| None;
+        let mut v = Verifier::new(&mut find, Some((3, c[2].hash.clone())));
+        for r in &c[3..] {
+            assert!(v.push(r.clone()));
+        }
+        assert_eq!(v.finish(None).first_break, None);
+        assert_eq!(kind(&verify(&c[3..], None)), Some((4, BreakKind::Deleted)));
 
         let tail = &c[..6];
         let report = verify(tail, Some((8, c[7].hash.clone())));

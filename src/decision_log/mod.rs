@@ -175,3 +175,64 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// Walks the whole chain.
     fn verify(&self) -> Result<VerifyReport, LogError>;
 }
+
+/// Records nothing and says every decision is durable. Only the baseline of the logging
+/// benchmark uses it (`serve --unrecorded-benchmark-only`, a hidden flag): it breaks the rule
+/// that no decision is answered before it is recorded.
+#[derive(Debug)]
+pub struct Unrecorded {
+    healthy: watch::Receiver<bool>,
+}
+
+impl Default for Unrecorded {
+    fn default() -> Self {
+        Unrecorded {
+            healthy: watch::channel(true).1,
+        }
+    }
+}
+
+impl DecisionLog for Unrecorded {
+    fn append(&self, body: RecordBody) -> AppendFuture {
+        Box::pin(async move {
+            Ok(Appended::New(DecisionRecord {
+                seq: 0,
+                body,
+                prev_hash: String::new(),
+                hash: String::new(),
+            }))
+        })
+    }
+
+    fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+
+    fn close(&self) {}
+
+    fn get(&self, _: &str) -> Result<Option<DecisionRecord>, LogError> {
+        Ok(None)
+    }
+
+    fn by_customer(&self, _: &[String]) -> Result<Vec<DecisionRecord>, LogError> {
+        Ok(Vec::new())
+    }
+
+    fn previous(&self, _: &[String], _: i64) -> Result<Option<DecisionRecord>, LogError> {
+        Ok(None)
+    }
+
+    fn version_stats(&self, _: &str, _: &str, _: &Window) -> Result<VersionStats, LogError> {
+        Ok(VersionStats::default())
+    }
+
+    fn scan(&self, _: &Window, _: &mut dyn FnMut(DecisionRecord) -> bool) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    fn verify(&self) -> Result<VerifyReport, LogError> {
+        Err(LogError::Query(
+            "this server records nothing (benchmark baseline)".into(),
+        ))
+    }
+}

@@ -61,6 +61,13 @@ CREATE TABLE IF NOT EXISTS chain_head (
     seq  INTEGER NOT NULL,
     hash TEXT NOT NULL
 );
+-- Retention: the seq and hash of the last record removed; verification starts here.
+CREATE TABLE IF NOT EXISTS chain_anchor (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    seq       INTEGER NOT NULL,
+    hash      TEXT NOT NULL,
+    pruned_at TEXT NOT NULL
+);
 -- Written by recovery probes only.
 CREATE TABLE IF NOT EXISTS writer_probe (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -330,7 +337,13 @@ impl DecisionLog for SqliteLog {
                     .ok()
                     .flatten()
             };
-            let mut verifier = Verifier::new(&mut find);
+            let anchor = c
+                .query_row("SELECT seq, hash FROM chain_anchor WHERE id = 1", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .optional()
+                .map_err(query_err)?;
+            let mut verifier = Verifier::new(&mut find, anchor);
             let mut stmt = c
                 .prepare(&format!("SELECT {COLUMNS} FROM decisions ORDER BY seq"))
                 .map_err(query_err)?;

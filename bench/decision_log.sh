@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Decision-log benchmarks for BENCHMARKS.md: Score with durable (sync) logging against no
+# logging at all, in one run, and CustomerHistory lookups on a log of many decisions.
+# Server on core 0, load generator on core 1. Usage: bench/decision_log.sh
+# env: DURATION=5 WARMUP=1 ROUNDS=3 FILL_DIR=<dir with a filled log> FILL=10000000 CUSTOMERS=1000000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-3}
+FILL=${FILL:-10000000}
+CUSTOMERS=${CUSTOMERS:-1000000}
+OUT=bench/out/decision-log
+FILL_DIR=${FILL_DIR:-$OUT/fill}
+BIN=target/release/riskserve
+
+cargo build --release --quiet
+rm -rf "$OUT/sync" "$OUT/async" "$OUT/off" && mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+: > "$RESULTS"
+
+PIDS=()
+trap 'kill ${PIDS[@]} 2>/dev/null || true' EXIT
+start() { # port data-dir [flags...]
+  local port=$1 dir=$2; shift 2
+  taskset -c 0 "$BIN" serve --listen 127.0.0.1:$port --data "$dir" "$@" > /dev/null 2>> "$OUT/server.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do
+    "$BIN" models list --server 127.0.0.1:$port > /dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "server on $port did not start" >&2; exit 1
+}
+load() { # label port concurrency [args...]
+  local label=$1 port=$2 c=$3; shift 3
+  taskset -c 1 "$BIN" bench --server 127.0.0.1:$port --concurrency "$c" \
+    --duration "$DURATION" --warmup "$WARMUP" --label "$label" "$@" | tee -a "$RESULTS"
+}
+
+start 50081 "$OUT/sync"
+start 50082 "$OUT/off" --unrecorded-benchmark-only
+start 50083 "$OUT/async" --durability async
+
+for round in $(seq "$ROUNDS"); do
+  for c in 8 32; do
+    load "off-c$c" 50082 "$c"
+    load "sync-c$c" 50081 "$c"
+    load "async-c$c" 50083 "$c"
+  done
+done
+sync_count=$(sqlite3 "$OUT/sync/decisions.db" 'select count(*) from decisions' 2>/dev/null || echo "")
+
+if [ ! -f "$FILL_DIR/decisions.db" ]; then
+  "$BIN" bench-fill-log --data "$FILL_DIR" --decisions "$FILL" --customers "$CUSTOMERS" | tee -a "$RESULTS"
+fi
+start 50084 "$FILL_DIR"
+for round in $(seq "$ROUNDS"); do
+  load "history-c1" 50084 1 --history-customers "$CUSTOMERS"
+  load "history-c8" 50084 8 --history-customers "$CUSTOMERS"
+done
+records=$(ls -l "$FILL_DIR"/decisions.db* | awk '{s += $5} END {print s}')
+echo "{\"label\":\"fill-size\",\"bytes_on_disk\":$records}" | tee -a "$RESULTS"
+
+python3 bench/summarize.py "$RESULTS"
