@@ -359,7 +359,7 @@ pub async fn fill_log(
             current_limit: *limit,
         };
         let decision = decide(&bundle, &req, x, Arm::Champion);
-        inflight.push_back(log.append(record_body(&keys, &req, &bundle, x, &decision)));
+        inflight.push_back(log.append(record_body(&keys, &req, &bundle, x, &decision, None)));
         if inflight.len() >= 100_000 {
             inflight.pop_front().expect("non-empty").await?;
         }

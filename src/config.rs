@@ -58,6 +58,10 @@ pub struct Config {
     /// rotation). Empty: a server on loopback generates a development key in the data
     /// directory; any other server refuses to start.
     pub customer_key_files: Vec<PathBuf>,
+    /// How often rollout guardrails are evaluated.
+    pub rollout_eval_interval_ms: u64,
+    /// Shadow scorings waiting for the shadow worker; more are dropped and counted.
+    pub shadow_queue: usize,
     /// Benchmark baseline only: answer without recording. Not settable from a file.
     #[serde(skip)]
     pub unrecorded_benchmark_only: bool,
@@ -78,6 +82,8 @@ impl Default for Config {
             log_batch: 512,
             log_queue: 16_384,
             customer_key_files: Vec::new(),
+            rollout_eval_interval_ms: 1_000,
+            shadow_queue: 1_024,
             unrecorded_benchmark_only: false,
         }
     }
@@ -107,6 +113,11 @@ impl Config {
         if self.max_batch == 0 || self.max_batch > 100_000 {
             return Err(ConfigError::Invalid(
                 "max_batch must be between 1 and 100000".into(),
+            ));
+        }
+        if !(10..=60_000).contains(&self.rollout_eval_interval_ms) || self.shadow_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "rollout_eval_interval_ms must be 10–60000 and shadow_queue at least 1".into(),
             ));
         }
         if self.log_batch == 0 || self.log_queue == 0 {

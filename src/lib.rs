@@ -36,6 +36,7 @@ pub mod grpc;
 pub mod model;
 pub mod policy;
 pub mod registry;
+pub mod rollout;
 pub mod schema;
 pub mod scoring;
 pub mod server;

@@ -20,6 +20,7 @@ use crate::decision_log::{
 use crate::model::Contribution;
 use crate::policy::Outcome;
 use crate::registry::{Registry, RegistryError};
+use crate::rollout::Rollouts;
 use crate::schema::{FeatureError, RawValue};
 
 /// A request whose own fields are well formed; its features are not yet judged.
@@ -118,6 +119,7 @@ pub enum ScoreError {
 #[derive(Clone)]
 pub struct Scorer {
     registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
     log: Arc<dyn DecisionLog>,
     keys: CustomerKeys,
 }
@@ -135,9 +137,15 @@ struct Pending {
 }
 
 impl Scorer {
-    pub fn new(registry: Arc<Registry>, log: Arc<dyn DecisionLog>, keys: CustomerKeys) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        rollouts: Arc<Rollouts>,
+        log: Arc<dyn DecisionLog>,
+        keys: CustomerKeys,
+    ) -> Self {
         Scorer {
             registry,
+            rollouts,
             log,
             keys,
         }
@@ -163,15 +171,31 @@ impl Scorer {
     }
 
     fn decide_and_queue(&self, req: &ScoreRequest) -> Result<Pending, ScoreError> {
-        // Route: until rollouts exist, the champion (the serving version) takes everyone.
-        let bundle = self.registry.serving(&req.model)?;
-        let arm = Arm::Champion;
+        // Route: the customer's arm in the model's rollout, if one is open.
+        let route = self.rollouts.route(&req.model, &req.customer_id);
+        let bundle = match &route.candidate {
+            Some(candidate) => candidate.clone(),
+            None => self.registry.serving(&req.model)?,
+        };
+        let started = std::time::Instant::now();
         // Validate the features against the schema of the version that will decide.
-        let x = bundle.schema.vector(&req.features)?;
+        let x = match bundle.schema.vector(&req.features) {
+            Ok(x) => x,
+            Err(e) => {
+                // Refusals by the candidate's schema count against the candidate.
+                if route.arm == Arm::Candidate {
+                    self.rollouts.observe(&route, None, started.elapsed());
+                }
+                return Err(e.into());
+            }
+        };
         // Score and policy.
-        let decision = decide(&bundle, req, &x, arm);
+        let decision = decide(&bundle, req, &x, route.arm);
+        self.rollouts
+            .observe(&route, Some(&decision), started.elapsed());
+        self.rollouts.shadow(&route, req);
         // Record: queued now, answered when durable.
-        let body = record_body(&self.keys, req, &bundle, &x, &decision);
+        let body = record_body(&self.keys, req, &bundle, &x, &decision, route.rollout_id);
         Ok(Pending {
             durable: self.log.append(body),
             decision,
@@ -186,6 +210,7 @@ pub fn record_body(
     bundle: &Bundle,
     x: &[f64],
     d: &Decision,
+    rollout_id: Option<String>,
 ) -> RecordBody {
     let customer = keys.current(&req.customer_id);
     RecordBody {
@@ -198,7 +223,7 @@ pub fn record_body(
         model: d.model.clone(),
         version: d.version.clone(),
         digest: d.digest.to_string(),
-        rollout_id: None,
+        rollout_id,
         arm: d.arm.as_str().to_string(),
         features: bundle
             .schema

@@ -23,10 +23,14 @@ use crate::config::{Config, ConfigError};
 use crate::customer::{CustomerKeys, KeyError};
 use crate::decision_log::{DecisionLog, LogError, SqliteLog, Unrecorded};
 use crate::grpc::pb::models_server::ModelsServer;
+use crate::grpc::pb::rollouts_server::RolloutsServer;
 use crate::grpc::pb::scoring_server::ScoringServer;
 use crate::grpc::pb::trace_server::TraceServer;
-use crate::grpc::{ModelsService, ScoringService, TraceService, pb};
+use crate::grpc::{ModelsService, RolloutsService, ScoringService, TraceService, pb};
 use crate::registry::{Registry, RegistryError};
+use crate::rollout::Rollouts;
+use crate::rollout::controller::RolloutError;
+use crate::rollout::store::{RolloutStore, StoreError};
 use crate::scoring::Scorer;
 use crate::trace::Tracer;
 use crate::watcher;
@@ -52,6 +56,10 @@ pub enum ServeError {
     Keys(#[from] KeyError),
     #[error("opening the decision log: {0}")]
     DecisionLog(#[from] LogError),
+    #[error(transparent)]
+    RolloutStore(#[from] StoreError),
+    #[error("resuming rollouts: {0}")]
+    Rollouts(#[from] RolloutError),
     #[error("building reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
@@ -118,8 +126,25 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let rollouts = Rollouts::open(
+        RolloutStore::open(&config.decision_log_path())?,
+        registry.clone(),
+        log.clone(),
+        keys.clone(),
+        config.shadow_queue,
+    )
+    .await?;
+    let rollout_task = tokio::spawn(rollouts.clone().run(
+        std::time::Duration::from_millis(config.rollout_eval_interval_ms),
+        stop.clone(),
+    ));
     let scoring = ScoringService::new(
-        Scorer::new(registry.clone(), log.clone(), keys.clone()),
+        Scorer::new(
+            registry.clone(),
+            rollouts.clone(),
+            log.clone(),
+            keys.clone(),
+        ),
         config.max_batch,
     );
     let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys));
@@ -127,7 +152,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScoringServer::new(scoring))
-        .add_service(ModelsServer::new(ModelsService::new(registry.clone())))
+        .add_service(ModelsServer::new(ModelsService::new(
+            registry.clone(),
+            rollouts.clone(),
+        )))
+        .add_service(RolloutsServer::new(RolloutsService::new(rollouts)))
         .add_service(TraceServer::new(trace));
 
     let local = listener.local_addr().ok();
@@ -159,7 +188,7 @@ pub async fn serve(
         }
     };
     stop.cancel();
-    let _ = tokio::join!(watcher_task, health_task);
+    let _ = tokio::join!(watcher_task, health_task, rollout_task);
     // Everything answered is already durable; this commits what was queued but unanswered.
     let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("riskserve stopped");

@@ -293,3 +293,62 @@ pub fn version_summary(model: String, version: String, s: VersionStats) -> pb::V
         new_customers: s.new_customers,
     }
 }
+
+impl From<crate::rollout::GuardrailReading> for pb::Guardrail {
+    fn from(g: crate::rollout::GuardrailReading) -> Self {
+        pb::Guardrail {
+            name: g.name,
+            value: g.value,
+            threshold: g.threshold,
+            p_value: g.p_value,
+            candidate_n: g.candidate_n as u64,
+            champion_n: g.champion_n as u64,
+            breached: g.breached,
+            note: g.note,
+        }
+    }
+}
+
+impl From<crate::rollout::controller::RolloutStatus> for pb::RolloutStatus {
+    fn from(s: crate::rollout::controller::RolloutStatus) -> Self {
+        let r = s.record;
+        pb::RolloutStatus {
+            id: r.id,
+            model: r.model,
+            champion: r.champion,
+            candidate: r.candidate,
+            state: r.state.as_str().into(),
+            step: r.step as u32,
+            steps: r.plan.steps.len() as u32,
+            share_bp: s.share_bp,
+            shadow: s.shadow,
+            step_started_at: r.step_started_at,
+            step_decisions: s.step_decisions,
+            champion_decisions: s.counts.champion,
+            candidate_decisions: s.counts.candidate,
+            shadow_decisions: s.counts.shadow,
+            candidate_errors: s.counts.errors,
+            shadow_dropped: s.shadow_dropped,
+            guardrails: s.readings.into_iter().map(Into::into).collect(),
+            transitions: s
+                .transitions
+                .into_iter()
+                .map(|t| pb::RolloutTransition {
+                    at: t.at,
+                    from_state: t
+                        .from_state
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                    to_state: t.to_state.as_str().into(),
+                    from_step: t.from_step.map_or(-1, |s| s as i32),
+                    to_step: t.to_step as u32,
+                    actor: t.actor,
+                    reason: t.reason,
+                    figures: t.figures.into_iter().map(Into::into).collect(),
+                })
+                .collect(),
+            plan_toml: toml::to_string_pretty(&r.plan).unwrap_or_default(),
+            created_at: r.created_at,
+        }
+    }
+}

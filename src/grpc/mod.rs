@@ -6,11 +6,13 @@
 
 pub(crate) mod convert;
 mod models;
+mod rollouts;
 mod scoring;
-mod status;
+pub(crate) mod status;
 mod trace;
 
 pub use models::ModelsService;
+pub use rollouts::RolloutsService;
 pub use scoring::ScoringService;
 pub use trace::TraceService;
 

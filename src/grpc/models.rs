@@ -6,16 +6,18 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::pb::{self, models_server::Models};
 use crate::registry::Registry;
+use crate::rollout::Rollouts;
 
 /// Model management over a shared [`Registry`].
 #[derive(Debug, Clone)]
 pub struct ModelsService {
     registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
 }
 
 impl ModelsService {
-    pub fn new(registry: Arc<Registry>) -> Self {
-        ModelsService { registry }
+    pub fn new(registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Self {
+        ModelsService { registry, rollouts }
     }
 }
 
@@ -75,6 +77,12 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
+        if self.rollouts.is_open(&r.model) {
+            return Err(Status::failed_precondition(format!(
+                "model {} has an open rollout: promote or roll it back instead of switching by hand",
+                r.model
+            )));
+        }
         let info = self.registry.serve(&r.model, &r.version).await?;
         Ok(Response::new(info.into()))
     }
@@ -84,6 +92,12 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
+        if self.rollouts.uses(&r.model, &r.version) {
+            return Err(Status::failed_precondition(format!(
+                "{}/{} is part of an open rollout",
+                r.model, r.version
+            )));
+        }
         let info = self.registry.unload(&r.model, &r.version)?;
         Ok(Response::new(info.into()))
     }

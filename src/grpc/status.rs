@@ -10,6 +10,7 @@ use crate::bundle::BundleError;
 use crate::decision_log::LogError;
 use crate::grpc::convert::RequestError;
 use crate::registry::RegistryError;
+use crate::rollout::controller::RolloutError;
 use crate::schema::FeatureError;
 use crate::scoring::ScoreError;
 use crate::trace::TraceError;
@@ -156,6 +157,41 @@ impl From<&TraceError> for Refusal {
 
 impl From<TraceError> for Status {
     fn from(e: TraceError) -> Status {
+        Refusal::from(&e).into()
+    }
+}
+
+/// INVALID_ARGUMENT naming a request field.
+pub fn invalid_field(field: &str, message: &str) -> Status {
+    Refusal {
+        code: Code::InvalidArgument,
+        message: message.to_string(),
+        field: Some(field.to_string()),
+    }
+    .into()
+}
+
+impl From<&RolloutError> for Refusal {
+    fn from(e: &RolloutError) -> Self {
+        match e {
+            RolloutError::NoRollout(_) => Refusal::new(Code::NotFound, e),
+            RolloutError::AlreadyOpen { .. } => Refusal::new(Code::AlreadyExists, e),
+            RolloutError::Plan(_) => {
+                Refusal::new(Code::InvalidArgument, e).on_field("plan_toml".into())
+            }
+            RolloutError::SameVersion(_) => {
+                Refusal::new(Code::InvalidArgument, e).on_field("candidate".into())
+            }
+            RolloutError::LastStep => Refusal::new(Code::FailedPrecondition, e),
+            RolloutError::WrongState(_) => Refusal::new(Code::FailedPrecondition, e),
+            RolloutError::Registry(e) => e.into(),
+            RolloutError::Store(_) => Refusal::new(Code::Unavailable, e),
+        }
+    }
+}
+
+impl From<RolloutError> for Status {
+    fn from(e: RolloutError) -> Status {
         Refusal::from(&e).into()
     }
 }

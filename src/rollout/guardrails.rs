@@ -1,0 +1,346 @@
+//! Guardrails: the candidate (or shadow) arm against the champion on a sliding window.
+//!
+//! Each arm keeps its last `window` observations. A guardrail breaches only with a minimum
+//! sample on both arms and, for rates, a one-sided two-proportion z-test at `alpha`, so that
+//! noise at a 1% share does not roll a sound candidate back. PSI compares the candidate's PD
+//! distribution with the champion's over ten bins cut at the champion's deciles.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// Guardrail thresholds; part of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thresholds {
+    /// Candidate decline rate minus champion's, at most.
+    pub max_decline_rate_diff: f64,
+    /// Share of limits cut (granted < current) on the candidate minus champion's, at most.
+    pub max_cut_rate_diff: f64,
+    /// Share of limits withdrawn (granted 0, current > 0), candidate minus champion, at most.
+    pub max_withdrawal_rate_diff: f64,
+    /// PSI of the candidate's PD distribution against the champion's, at most.
+    pub max_psi: f64,
+    /// The candidate arm's error rate, at most.
+    pub max_error_rate: f64,
+    /// The candidate arm's p99 scoring latency, at most (milliseconds).
+    pub max_p99_latency_ms: f64,
+    /// Observations each arm needs before any guardrail may breach.
+    pub min_sample: usize,
+    /// Significance of the rate tests.
+    pub alpha: f64,
+    /// Observations kept per arm.
+    pub window: usize,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            max_decline_rate_diff: 0.05,
+            max_cut_rate_diff: 0.05,
+            max_withdrawal_rate_diff: 0.02,
+            max_psi: 0.25,
+            max_error_rate: 0.01,
+            max_p99_latency_ms: 50.0,
+            min_sample: 200,
+            alpha: 0.01,
+            window: 10_000,
+        }
+    }
+}
+
+impl Thresholds {
+    pub fn check(&self) -> Result<(), String> {
+        let fractions = [
+            self.max_decline_rate_diff,
+            self.max_cut_rate_diff,
+            self.max_withdrawal_rate_diff,
+            self.max_error_rate,
+        ];
+        if fractions.iter().any(|f| !(0.0..=1.0).contains(f)) {
+            return Err("rate thresholds must be between 0 and 1".into());
+        }
+        if !(self.max_psi > 0.0 && self.max_p99_latency_ms > 0.0) {
+            return Err("max_psi and max_p99_latency_ms must be positive".into());
+        }
+        if !(self.alpha > 0.0 && self.alpha < 0.5) {
+            return Err("alpha must be between 0 and 0.5".into());
+        }
+        if self.min_sample == 0 || self.window < self.min_sample {
+            return Err("min_sample must be ≥ 1 and window ≥ min_sample".into());
+        }
+        Ok(())
+    }
+}
+
+/// One decision (or failure) seen on an arm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    pub declined: bool,
+    pub cut: bool,
+    pub withdrawn: bool,
+    pub pd: f64,
+    pub latency_us: u32,
+    pub error: bool,
+}
+
+/// An arm's last observations.
+#[derive(Debug, Clone, Default)]
+pub struct ArmWindow {
+    seen: VecDeque<Observation>,
+}
+
+impl ArmWindow {
+    pub fn push(&mut self, o: Observation, cap: usize) {
+        if self.seen.len() >= cap {
+            self.seen.pop_front();
+        }
+        self.seen.push_back(o);
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn decided(&self) -> impl Iterator<Item = &Observation> {
+        self.seen.iter().filter(|o| !o.error)
+    }
+
+    fn count(&self, f: impl Fn(&Observation) -> bool) -> (usize, usize) {
+        let n = self.decided().count();
+        (self.decided().filter(|o| f(o)).count(), n)
+    }
+}
+
+/// One guardrail's value against its threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardrailReading {
+    pub name: String,
+    /// Candidate's figure minus champion's, or the candidate's own (error rate, latency, PSI).
+    pub value: f64,
+    pub threshold: f64,
+    /// One-sided p-value, for rate differences.
+    pub p_value: Option<f64>,
+    pub candidate_n: usize,
+    pub champion_n: usize,
+    pub breached: bool,
+    /// Why it cannot judge yet, when the samples are too small.
+    pub note: String,
+}
+
+/// Reads every guardrail; `candidate` is the candidate or shadow arm.
+pub fn evaluate(
+    t: &Thresholds,
+    champion: &ArmWindow,
+    candidate: &ArmWindow,
+) -> Vec<GuardrailReading> {
+    let enough =
+        candidate.decided().count() >= t.min_sample && champion.decided().count() >= t.min_sample;
+    let note = if enough {
+        String::new()
+    } else {
+        format!("waiting for {} decisions on each arm", t.min_sample)
+    };
+    let rate = |name: &str, threshold: f64, f: &dyn Fn(&Observation) -> bool| {
+        let (xc, nc) = candidate.count(f);
+        let (xh, nh) = champion.count(f);
+        let (pc, ph) = (ratio(xc, nc), ratio(xh, nh));
+        let p = one_sided_p(xc, nc, xh, nh);
+        GuardrailReading {
+            name: name.into(),
+            value: pc - ph,
+            threshold,
+            p_value: Some(p),
+            candidate_n: nc,
+            champion_n: nh,
+            breached: enough && pc - ph > threshold && p < t.alpha,
+            note: note.clone(),
+        }
+    };
+    let mut readings = vec![
+        rate("decline_rate_diff", t.max_decline_rate_diff, &|o| {
+            o.declined
+        }),
+        rate("cut_rate_diff", t.max_cut_rate_diff, &|o| o.cut),
+        rate("withdrawal_rate_diff", t.max_withdrawal_rate_diff, &|o| {
+            o.withdrawn
+        }),
+    ];
+    let psi_value = psi(
+        &champion.decided().map(|o| o.pd).collect::<Vec<_>>(),
+        &candidate.decided().map(|o| o.pd).collect::<Vec<_>>(),
+    );
+    readings.push(GuardrailReading {
+        name: "psi".into(),
+        value: psi_value,
+        threshold: t.max_psi,
+        p_value: None,
+        candidate_n: candidate.decided().count(),
+        champion_n: champion.decided().count(),
+        breached: enough && psi_value > t.max_psi,
+        note: note.clone(),
+    });
+    let errors = candidate.seen.iter().filter(|o| o.error).count();
+    let error_rate = ratio(errors, candidate.len());
+    readings.push(GuardrailReading {
+        name: "error_rate".into(),
+        value: error_rate,
+        threshold: t.max_error_rate,
+        p_value: None,
+        candidate_n: candidate.len(),
+        champion_n: champion.len(),
+        breached: candidate.len() >= t.min_sample && error_rate > t.max_error_rate,
+        note: if candidate.len() >= t.min_sample {
+            String::new()
+        } else {
+            note.clone()
+        },
+    });
+    let p99_ms = p99(candidate.decided().map(|o| o.latency_us)) / 1000.0;
+    readings.push(GuardrailReading {
+        name: "p99_latency_ms".into(),
+        value: p99_ms,
+        threshold: t.max_p99_latency_ms,
+        p_value: None,
+        candidate_n: candidate.decided().count(),
+        champion_n: champion.decided().count(),
+        breached: enough && p99_ms > t.max_p99_latency_ms,
+        note,
+    });
+    readings
+}
+
+fn ratio(x: usize, n: usize) -> f64 {
+    if n == 0 { 0.0 } else { x as f64 / n as f64 }
+}
+
+/// P(candidate's rate is this much above the champion's by chance): pooled two-proportion
+/// z-test, one-sided.
+pub fn one_sided_p(x1: usize, n1: usize, x2: usize, n2: usize) -> f64 {
+    if n1 == 0 || n2 == 0 {
+        return 1.0;
+    }
+    let (p1, p2) = (ratio(x1, n1), ratio(x2, n2));
+    let pooled = (x1 + x2) as f64 / (n1 + n2) as f64;
+    let se = (pooled * (1.0 - pooled) * (1.0 / n1 as f64 + 1.0 / n2 as f64)).sqrt();
+    if se == 0.0 {
+        return if p1 > p2 { 0.0 } else { 1.0 };
+    }
+    let z = (p1 - p2) / se;
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// Complementary error function (Numerical Recipes' Chebyshev fit, |error| < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
+
+/// Population Stability Index of `actual` against `expected`, over ten bins cut at the
+/// deciles of `expected`. Empty bins count as 0.0001 so that the logarithm stays finite.
+pub fn psi(expected: &[f64], actual: &[f64]) -> f64 {
+    if expected.is_empty() || actual.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = expected.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let cuts: Vec<f64> = (1..10).map(|i| sorted[i * sorted.len() / 10]).collect();
+    let shares = |xs: &[f64]| {
+        let mut bins = [0usize; 10];
+        for x in xs {
+            bins[cuts.iter().take_while(|c| x >= c).count()] += 1;
+        }
+        bins.map(|b| (b as f64 / xs.len() as f64).max(1e-4))
+    };
+    let (e, a) = (shares(expected), shares(actual));
+    e.iter().zip(&a).map(|(e, a)| (a - e) * (a / e).ln()).sum()
+}
+
+fn p99(latencies: impl Iterator<Item = u32>) -> f64 {
+    let mut v: Vec<u32> = latencies.collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    f64::from(v[(v.len() * 99 / 100).min(v.len() - 1)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(declined: bool, withdrawn: bool, pd: f64) -> Observation {
+        Observation {
+            declined,
+            cut: withdrawn,
+            withdrawn,
+            pd,
+            latency_us: 100,
+            error: false,
+        }
+    }
+
+    fn window(n: usize, every: usize, pd: impl Fn(usize) -> f64) -> ArmWindow {
+        let mut w = ArmWindow::default();
+        for i in 0..n {
+            let bad = every > 0 && i % every == 0;
+            w.push(obs(bad, bad, pd(i)), 100_000);
+        }
+        w
+    }
+
+    #[test]
+    fn p_values_and_erfc_are_sane() {
+        assert!((erfc(0.0) - 1.0).abs() < 1e-6);
+        assert!((0.5 * erfc(2.326 / std::f64::consts::SQRT_2) - 0.01).abs() < 1e-3);
+        assert!(one_sided_p(30, 100, 10, 100) < 0.001);
+        assert!(one_sided_p(12, 100, 10, 100) > 0.2);
+    }
+
+    #[test]
+    fn psi_is_zero_for_one_distribution_and_large_for_a_shift() {
+        let a: Vec<f64> = (0..1000).map(|i| i as f64 / 1000.0).collect();
+        assert!(psi(&a, &a) < 1e-9);
+        let shifted: Vec<f64> = a.iter().map(|x| (x + 0.3).min(1.0)).collect();
+        assert!(psi(&a, &shifted) > 0.25);
+    }
+
+    #[test]
+    fn a_small_noisy_sample_never_breaches_and_a_real_harm_does() {
+        let t = Thresholds::default();
+        let champion = window(5_000, 10, |i| (i % 100) as f64 / 100.0);
+        // 50 candidate decisions, half withdrawn: alarming, but below the minimum sample.
+        let few = window(50, 2, |i| (i % 100) as f64 / 100.0);
+        assert!(evaluate(&t, &champion, &few).iter().all(|r| !r.breached));
+        // Same rates as the champion on a full sample: no breach.
+        let same = window(2_000, 10, |i| (i % 100) as f64 / 100.0);
+        assert!(evaluate(&t, &champion, &same).iter().all(|r| !r.breached));
+        // Half of 400 withdrawn: breach, named.
+        let harm = window(400, 2, |i| (i % 100) as f64 / 100.0);
+        let breached: Vec<_> = evaluate(&t, &champion, &harm)
+            .into_iter()
+            .filter(|r| r.breached)
+            .map(|r| r.name)
+            .collect();
+        assert!(
+            breached.contains(&"withdrawal_rate_diff".to_string()),
+            "{breached:?}"
+        );
+    }
+}
