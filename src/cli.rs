@@ -47,6 +47,16 @@ enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+    /// Roll a candidate version out in steps, watch its guardrails, promote or roll back.
+    Rollout {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
     /// Ask the decision log: a decision, a customer's history, explain, replay, verify.
     Trace {
         #[command(flatten)]
@@ -110,6 +120,52 @@ struct ServeArgs {
     /// Benchmark baseline: answer decisions without recording them.
     #[arg(long, hide = true)]
     unrecorded_benchmark_only: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutAction {
+    /// Start rolling CANDIDATE out against the serving version.
+    Start {
+        model: String,
+        #[arg(long)]
+        candidate: String,
+        /// A plan (TOML: steps, guardrails, auto_advance); default plan without it.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+    },
+    /// Step, share, per-arm counts and every guardrail against its threshold.
+    Status { model: String },
+    /// Move to the next step now.
+    Advance {
+        model: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Stop advancing (guardrails still watch).
+    Pause {
+        model: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Resume {
+        model: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Candidate share to 0 now.
+    Rollback {
+        model: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Make the candidate the serving version.
+    Promote {
+        model: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Every rollout, newest first.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -255,6 +311,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train_cmd(args),
         Command::Score(args) => runtime.block_on(score(args)),
         Command::Models { server, action } => runtime.block_on(models(server, action)),
+        Command::Rollout {
+            server,
+            json,
+            action,
+        } => runtime.block_on(rollout_cmd(&server.server, json, action)),
         Command::Trace {
             server,
             json,
@@ -708,4 +769,114 @@ fn query_args(q: TraceQuery) -> crate::cli_trace::Query {
             csv: format == "csv",
         },
     }
+}
+
+fn who() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "cli".into())
+}
+
+async fn rollout_cmd(server: &str, json: bool, action: RolloutAction) -> anyhow::Result<ExitCode> {
+    use crate::grpc::pb::rollouts_client::RolloutsClient;
+    let mut client = RolloutsClient::new(connect(server).await?);
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let r = |model: String, reason: String| pb::RolloutRef {
+        model,
+        actor: who(),
+        reason,
+    };
+    let shown = match action {
+        RolloutAction::Start {
+            model,
+            candidate,
+            plan,
+        } => {
+            let plan_toml = match plan {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                None => String::new(),
+            };
+            vec![
+                client
+                    .start(pb::StartRolloutRequest {
+                        model,
+                        candidate,
+                        plan_toml,
+                        actor: who(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::Status { model } => {
+            vec![
+                client
+                    .status(r(model, String::new()))
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::Advance { model, reason } => {
+            vec![
+                client
+                    .advance(r(model, reason))
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::Pause { model, reason } => {
+            vec![
+                client
+                    .pause(r(model, reason))
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::Resume { model, reason } => {
+            vec![
+                client
+                    .resume(r(model, reason))
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::Rollback { model, reason } => {
+            vec![
+                client
+                    .rollback(r(model, reason))
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::Promote { model, reason } => {
+            vec![
+                client
+                    .promote(r(model, reason))
+                    .await
+                    .map_err(status)?
+                    .into_inner(),
+            ]
+        }
+        RolloutAction::List => {
+            client
+                .list(pb::ListRolloutsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .rollouts
+        }
+    };
+    for s in &shown {
+        if json {
+            println!("{}", crate::cli_trace::rollout_json(s));
+        } else {
+            crate::cli_trace::print_rollout(s);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

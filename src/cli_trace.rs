@@ -1,4 +1,4 @@
-//! `riskserve trace …`: the reviewers' commands, as readable tables or JSON lines.
+//! `riskserve trace …` and `riskserve rollout …` output: readable tables or JSON lines.
 
 use std::process::ExitCode;
 
@@ -509,4 +509,98 @@ fn print_explanation(e: &pb::Explanation) {
 
 fn short(digest: &str) -> String {
     digest.chars().take(19).collect()
+}
+
+fn guardrail_json(g: &pb::Guardrail) -> Value {
+    json!({"name": g.name, "value": g.value, "threshold": g.threshold, "p_value": g.p_value,
+        "candidate_n": g.candidate_n, "champion_n": g.champion_n, "breached": g.breached, "note": g.note})
+}
+
+/// A rollout's status as one JSON object.
+pub fn rollout_json(s: &pb::RolloutStatus) -> Value {
+    json!({
+        "id": s.id, "model": s.model, "champion": s.champion, "candidate": s.candidate,
+        "state": s.state, "step": s.step, "steps": s.steps, "share_bp": s.share_bp, "shadow": s.shadow,
+        "step_started_at": s.step_started_at, "step_decisions": s.step_decisions,
+        "champion_decisions": s.champion_decisions, "candidate_decisions": s.candidate_decisions,
+        "shadow_decisions": s.shadow_decisions, "candidate_errors": s.candidate_errors,
+        "shadow_dropped": s.shadow_dropped, "created_at": s.created_at,
+        "guardrails": s.guardrails.iter().map(guardrail_json).collect::<Vec<_>>(),
+        "transitions": s.transitions.iter().map(|t| json!({
+            "at": t.at, "from_state": t.from_state, "to_state": t.to_state, "from_step": t.from_step,
+            "to_step": t.to_step, "actor": t.actor, "reason": t.reason,
+            "figures": t.figures.iter().map(guardrail_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A rollout's status for people.
+pub fn print_rollout(s: &pb::RolloutStatus) {
+    let share = if s.share_bp == 0 && s.shadow {
+        "shadow".to_string()
+    } else {
+        format!("{:.2}%", f64::from(s.share_bp) / 100.0)
+    };
+    println!(
+        "rollout {}  {}: {} → {}",
+        s.id, s.model, s.champion, s.candidate
+    );
+    println!(
+        "  state {}, step {}/{} ({share}), step started {}",
+        s.state,
+        s.step + 1,
+        s.steps,
+        s.step_started_at
+    );
+    println!(
+        "  decisions: champion {}, candidate {}, shadow {} (shadow dropped {}), candidate errors {}; {} at this step",
+        s.champion_decisions,
+        s.candidate_decisions,
+        s.shadow_decisions,
+        s.shadow_dropped,
+        s.candidate_errors,
+        s.step_decisions
+    );
+    if !s.guardrails.is_empty() {
+        println!(
+            "  {:<22} {:>10} {:>10} {:>9} {:>8} {:>8}  status",
+            "guardrail", "value", "threshold", "p", "cand n", "champ n"
+        );
+        for g in &s.guardrails {
+            let verdict = if g.breached {
+                "BREACHED"
+            } else if !g.note.is_empty() {
+                "waiting"
+            } else {
+                "ok"
+            };
+            println!(
+                "  {:<22} {:>10.4} {:>10.4} {:>9} {:>8} {:>8}  {verdict}",
+                g.name,
+                g.value,
+                g.threshold,
+                g.p_value
+                    .map(|p| format!("{p:.1e}"))
+                    .unwrap_or_else(|| "-".into()),
+                g.candidate_n,
+                g.champion_n
+            );
+        }
+    }
+    println!("  transitions:");
+    for t in &s.transitions {
+        let from = if t.from_step < 0 {
+            "-".to_string()
+        } else {
+            format!("{} step {}", t.from_state, t.from_step + 1)
+        };
+        println!(
+            "    {}  {from} → {} step {}  by {}: {}",
+            t.at,
+            t.to_state,
+            t.to_step + 1,
+            t.actor,
+            t.reason
+        );
+    }
 }

@@ -6,11 +6,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
+use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -19,91 +19,6 @@ use riskserve::grpc::pb::scoring_client::ScoringClient;
 use riskserve::grpc::pb::trace_client::TraceClient;
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
-
-/// A riskserve process.
-struct ChildServer {
-    child: Child,
-    channel: Channel,
-    log: PathBuf,
-}
-
-impl ChildServer {
-    /// Starts `riskserve serve` on port 0 and waits until it is ready. Its stderr goes through
-    /// a pipe (as to a log collector) and is appended to `log` by this process, so that a
-    /// file-size limit set on the server does not apply to its logs.
-    async fn start(data: &Path, log: &Path) -> ChildServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_riskserve"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--models"])
-            .arg(repo().join("models"))
-            .arg("--data")
-            .arg(data)
-            .env("RISKSERVE_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let mut sink = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut sink));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect(&line)
-            .to_string();
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let server = ChildServer {
-            child,
-            channel,
-            log: log.to_owned(),
-        };
-        server.wait_health("", true).await;
-        server
-    }
-
-    async fn serving(&self, service: &str) -> bool {
-        HealthClient::new(self.channel.clone())
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .is_ok_and(|r| r.into_inner().status == 1)
-    }
-
-    async fn wait_health(&self, service: &str, want: bool) {
-        let start = Instant::now();
-        while self.serving(service).await != want {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "health {service:?} never became {want}; see {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
 
 /// Sets the soft RLIMIT_FSIZE of a live process (None: unlimited).
 fn limit_file_size(pid: i32, bytes: Option<u64>) {

@@ -597,7 +597,11 @@ fn write_batch(
     batch: &[Job],
 ) -> Result<(Vec<Result<Appended, LogError>>, Head), LogError> {
     let unavailable = |e: rusqlite::Error| LogError::Unavailable(e.to_string());
-    let tx = conn.transaction().map_err(unavailable)?;
+    // IMMEDIATE: take the write lock up front (waiting out the rollout store's short writes
+    // under busy_timeout) rather than failing to upgrade a read snapshot mid-transaction.
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
     let mut head = head.clone();
     let mut answers = Vec::with_capacity(batch.len());
     {

@@ -119,7 +119,13 @@ impl Live {
                 if o.error {
                     w.counts.errors += 1;
                 }
-                self.step_decisions.fetch_add(1, Ordering::Relaxed);
+                // A step counts the arm it is about: shadow decisions at the shadow step,
+                // candidate decisions once the candidate serves. (Shadow work still queued
+                // when the shadow step ends must not count toward the next step.)
+                let shadow_step = self.share_bp.load(Ordering::Acquire) == 0;
+                if (arm == Arm::Shadow) == shadow_step {
+                    self.step_decisions.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }

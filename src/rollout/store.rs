@@ -97,7 +97,9 @@ impl RolloutStore {
     /// Writes the rollout's current row and one transition, atomically.
     pub fn save(&self, r: &RolloutRecord, t: &Transition) -> Result<(), StoreError> {
         let mut conn = self.conn.lock().expect("store lock poisoned");
-        let tx = conn.transaction().map_err(err)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         tx.execute(
             "INSERT INTO rollouts (id, model, champion, candidate, plan, state, step, \
              step_started_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \

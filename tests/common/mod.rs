@@ -3,9 +3,12 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use riskserve::Config;
 use riskserve::grpc::pb;
@@ -18,6 +21,8 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 pub const MODEL: &str = "credit-limit";
 
@@ -281,5 +286,93 @@ impl Offline {
                 .map(|(_, c)| c)
                 .sum::<f64>();
         1.0 / (1.0 + (-logit).exp())
+    }
+}
+
+/// A riskserve process.
+pub struct ChildServer {
+    child: Child,
+    pub channel: Channel,
+    log: PathBuf,
+}
+
+impl ChildServer {
+    /// Starts `riskserve serve` on port 0 and waits until it is ready. Its stderr goes through
+    /// a pipe (as to a log collector) and is appended to `log` by this process, so that a
+    /// file-size limit set on the server does not apply to its logs.
+    pub async fn start(data: &Path, log: &Path) -> ChildServer {
+        ChildServer::start_with(&repo().join("models"), data, log).await
+    }
+
+    /// The same, with another models directory.
+    pub async fn start_with(models: &Path, data: &Path, log: &Path) -> ChildServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_riskserve"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--models"])
+            .arg(models)
+            .arg("--data")
+            .arg(data)
+            .env("RISKSERVE_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let mut sink = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut sink));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect(&line)
+            .to_string();
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let server = ChildServer {
+            child,
+            channel,
+            log: log.to_owned(),
+        };
+        server.wait_health("", true).await;
+        server
+    }
+
+    pub async fn serving(&self, service: &str) -> bool {
+        HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().status == 1)
+    }
+
+    pub async fn wait_health(&self, service: &str, want: bool) {
+        let start = Instant::now();
+        while self.serving(service).await != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "health {service:?} never became {want}; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
     }
 }
