@@ -49,3 +49,8 @@ for c in (8, 32):
 if "fill" in rows:
     print(f"fill: {med('fill', 'decisions'):,.0f} decisions at {med('fill', 'decisions_per_s'):,.0f}/s, "
           f"{med('fill', 'bytes_per_decision'):,.0f} bytes per decision")
+for c in (8, 32):
+    if f"shadow-c{c}" in rows:
+        print(f"c={c}: shadow / no shadow throughput {ratio(f'shadow-c{c}', f'noshadow-c{c}'):.2f}; "
+              f"p99 {med(f'shadow-c{c}', 'p99_us'):.0f} µs vs {med(f'noshadow-c{c}', 'p99_us'):.0f} µs "
+              f"({med(f'shadow-c{c}', 'p99_us') / med(f'noshadow-c{c}', 'p99_us'):.2f}x)")

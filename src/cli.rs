@@ -57,6 +57,26 @@ enum Command {
         #[command(subcommand)]
         action: RolloutAction,
     },
+    /// Preview what a candidate would do to recently decided customers, before any sees it.
+    Backtest {
+        #[command(flatten)]
+        server: ServerArg,
+        model: String,
+        #[arg(long)]
+        candidate: String,
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(long, default_value = "")]
+        until: String,
+        /// At most this many customers (or decisions).
+        #[arg(long)]
+        sample: Option<u64>,
+        /// Every decision in the window, not each customer's latest.
+        #[arg(long)]
+        all_decisions: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the decision log: a decision, a customer's history, explain, replay, verify.
     Trace {
         #[command(flatten)]
@@ -132,6 +152,9 @@ enum RolloutAction {
         /// A plan (TOML: steps, guardrails, auto_advance); default plan without it.
         #[arg(long)]
         plan: Option<PathBuf>,
+        /// Start without the backtest gate (recorded with your name).
+        #[arg(long)]
+        skip_backtest: bool,
     },
     /// Step, share, per-arm counts and every guardrail against its threshold.
     Status { model: String },
@@ -316,6 +339,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             action,
         } => runtime.block_on(rollout_cmd(&server.server, json, action)),
+        Command::Backtest {
+            server,
+            model,
+            candidate,
+            since,
+            until,
+            sample,
+            all_decisions,
+            json,
+        } => runtime.block_on(backtest_cmd(
+            &server.server,
+            pb::BacktestRequest {
+                model,
+                candidate,
+                since,
+                until,
+                sample: sample.unwrap_or(0),
+                all_decisions,
+            },
+            json,
+        )),
         Command::Trace {
             server,
             json,
@@ -789,6 +833,7 @@ async fn rollout_cmd(server: &str, json: bool, action: RolloutAction) -> anyhow:
             model,
             candidate,
             plan,
+            skip_backtest,
         } => {
             let plan_toml = match plan {
                 Some(path) => std::fs::read_to_string(&path)
@@ -802,6 +847,7 @@ async fn rollout_cmd(server: &str, json: bool, action: RolloutAction) -> anyhow:
                         candidate,
                         plan_toml,
                         actor: who(),
+                        skip_backtest,
                     })
                     .await
                     .map_err(status)?
@@ -879,4 +925,48 @@ async fn rollout_cmd(server: &str, json: bool, action: RolloutAction) -> anyhow:
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn backtest_cmd(
+    server: &str,
+    request: pb::BacktestRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::grpc::pb::rollouts_client::RolloutsClient;
+    use tokio_stream::StreamExt;
+    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let mut stream = RolloutsClient::new(connect(server).await?)
+        .backtest(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "re-scoring {bar:30} {pos}/{len} decisions ({elapsed})",
+        )
+        .expect("static template"),
+    );
+    let mut report = None;
+    while let Some(update) = stream.next().await {
+        let update = update.map_err(status)?;
+        bar.set_length(update.total);
+        match update.update {
+            Some(pb::backtest_progress::Update::Done(done)) => bar.set_position(done),
+            Some(pb::backtest_progress::Update::Report(r)) => report = Some(r),
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let report = report.context("the server ended the backtest without a report")?;
+    if json {
+        println!("{}", crate::cli_trace::backtest_json(&report));
+    } else {
+        crate::cli_trace::print_backtest(&report);
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -604,3 +604,108 @@ pub fn print_rollout(s: &pb::RolloutStatus) {
         );
     }
 }
+
+fn moves_json(m: &Option<pb::LimitMoves>) -> Value {
+    let m = *m;
+    let m = m.unwrap_or_default();
+    json!({"raised": m.raised, "held": m.held, "cut": m.cut, "withdrawn": m.withdrawn,
+        "new_customers": m.new_customers, "amount_raised": m.amount_raised, "amount_cut": m.amount_cut})
+}
+
+/// A backtest report as one JSON object.
+pub fn backtest_json(r: &pb::BacktestReport) -> Value {
+    json!({
+        "model": r.model, "candidate": r.candidate, "candidate_digest": r.candidate_digest,
+        "compared": r.compared, "unscorable": r.unscorable, "passed": r.passed,
+        "decision_matrix": r.decision_matrix, "psi": r.psi,
+        "champion_limits": moves_json(&r.champion_limits),
+        "candidate_limits": moves_json(&r.candidate_limits),
+        "segments": r.segments.iter().map(|s| json!({"feature": s.feature, "low": s.low,
+            "high": s.high, "customers": s.customers, "withdrawn_share": s.withdrawn_share,
+            "cut_share": s.cut_share})).collect::<Vec<_>>(),
+        "guardrails": r.guardrails.iter().map(guardrail_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A backtest report for people.
+pub fn print_backtest(r: &pb::BacktestReport) {
+    let n = r.compared.max(1) as f64;
+    let pct = |x: u64| 100.0 * x as f64 / n;
+    println!(
+        "backtest of {} {} ({}) on {} customers' recorded inputs",
+        r.model, r.candidate, r.candidate_digest, r.compared
+    );
+    if r.unscorable > 0 {
+        println!(
+            "  {} records could not be scored (features the candidate needs were not recorded)",
+            r.unscorable
+        );
+    }
+    println!("  decisions (champion → candidate):");
+    for (k, v) in &r.decision_matrix {
+        println!("    {k:<20} {v:>8}  ({:.1}%)", pct(*v));
+    }
+    let c = r.champion_limits.unwrap_or_default();
+    let d = r.candidate_limits.unwrap_or_default();
+    println!(
+        "  limits against the current limit {:>10} {:>10}",
+        "champion", "candidate"
+    );
+    let rows = [
+        ("raised", c.raised, d.raised),
+        ("held", c.held, d.held),
+        ("cut", c.cut, d.cut),
+        ("withdrawn", c.withdrawn, d.withdrawn),
+        ("new customers", c.new_customers, d.new_customers),
+    ];
+    for (name, a, b) in rows {
+        println!(
+            "    {name:<28} {a:>10} {b:>10}   ({:.1}% → {:.1}%)",
+            pct(a),
+            pct(b)
+        );
+    }
+    println!(
+        "    {:<28} {:>10} {:>10}",
+        "amount raised", c.amount_raised, d.amount_raised
+    );
+    println!(
+        "    {:<28} {:>10} {:>10}",
+        "amount cut or withdrawn", c.amount_cut, d.amount_cut
+    );
+    println!("  PD distribution shift (PSI): {:.3}", r.psi);
+    println!("  segments hit hardest:");
+    for s in r.segments.iter().take(5) {
+        println!(
+            "    {} {}–{}: {:.0}% withdrawn, {:.0}% cut ({} customers)",
+            s.feature,
+            s.low,
+            s.high,
+            100.0 * s.withdrawn_share,
+            100.0 * s.cut_share,
+            s.customers
+        );
+    }
+    println!("  guardrails of the default plan:");
+    for g in &r.guardrails {
+        let verdict = if g.breached {
+            "FAIL"
+        } else if !g.note.is_empty() {
+            "too few"
+        } else {
+            "pass"
+        };
+        println!(
+            "    {:<22} {:>9.4} (threshold {:.4})  {verdict}",
+            g.name, g.value, g.threshold
+        );
+    }
+    println!(
+        "  {}",
+        if r.passed {
+            "PASSED: the default plan's guardrails hold"
+        } else {
+            "FAILED: a rollout would be refused"
+        }
+    );
+}

@@ -25,6 +25,7 @@
 //! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`bench`] its
 //!   load generator.
 
+pub mod backtest;
 pub mod bench;
 pub mod bundle;
 pub mod cli;

@@ -71,6 +71,7 @@ async fn start(server: &TestServer, candidate: &str, plan: &str) -> pb::RolloutS
             candidate: candidate.into(),
             plan_toml: plan.into(),
             actor: "test".into(),
+            skip_backtest: false,
         })
         .await
         .unwrap()
@@ -342,6 +343,7 @@ async fn a_killed_server_resumes_the_same_step_with_the_same_customers_in_the_sa
             candidate: "v2".into(),
             plan_toml: plan,
             actor: "test".into(),
+            skip_backtest: false,
         })
         .await
         .unwrap()

@@ -349,6 +349,51 @@ impl From<crate::rollout::controller::RolloutStatus> for pb::RolloutStatus {
                 .collect(),
             plan_toml: toml::to_string_pretty(&r.plan).unwrap_or_default(),
             created_at: r.created_at,
+            backtest: r.backtest.map(Into::into),
+        }
+    }
+}
+
+impl From<crate::backtest::LimitMoves> for pb::LimitMoves {
+    fn from(m: crate::backtest::LimitMoves) -> Self {
+        pb::LimitMoves {
+            raised: m.raised,
+            held: m.held,
+            cut: m.cut,
+            withdrawn: m.withdrawn,
+            new_customers: m.new_customers,
+            amount_raised: m.amount_raised,
+            amount_cut: m.amount_cut,
+        }
+    }
+}
+
+impl From<crate::backtest::BacktestReport> for pb::BacktestReport {
+    fn from(r: crate::backtest::BacktestReport) -> Self {
+        pb::BacktestReport {
+            passed: r.breached().is_empty(),
+            model: r.model,
+            candidate: r.candidate,
+            candidate_digest: r.candidate_digest,
+            compared: r.compared,
+            unscorable: r.unscorable,
+            decision_matrix: r.decision_matrix.into_iter().collect(),
+            champion_limits: Some(r.champion_limits.into()),
+            candidate_limits: Some(r.candidate_limits.into()),
+            psi: r.psi,
+            segments: r
+                .segments
+                .into_iter()
+                .map(|s| pb::Segment {
+                    feature: s.feature,
+                    low: s.low,
+                    high: s.high,
+                    customers: s.customers,
+                    withdrawn_share: s.withdrawn_share,
+                    cut_share: s.cut_share,
+                })
+                .collect(),
+            guardrails: r.guardrails.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::backtest::BacktestSpec;
 use crate::grpc::pb::{self, rollouts_server::Rollouts as RolloutsApi};
-use crate::rollout::{Plan, Rollouts};
+use crate::rollout::{Plan, Rollouts, Thresholds};
+use crate::trace::parse_bound;
 
 /// Rollout control over the server's [`Rollouts`].
 #[derive(Debug, Clone)]
@@ -59,7 +61,13 @@ impl RolloutsApi for RolloutsService {
         };
         let status = self
             .rollouts
-            .start(&r.model, &r.candidate, plan, &actor(&r.actor))
+            .start(
+                &r.model,
+                &r.candidate,
+                plan,
+                &actor(&r.actor),
+                r.skip_backtest,
+            )
             .await?;
         Ok(Response::new(status.into()))
     }
@@ -148,6 +156,57 @@ impl RolloutsApi for RolloutsService {
             )
             .await?;
         self.status(&r.model)
+    }
+
+    type BacktestStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::BacktestProgress, Status>> + Send>,
+    >;
+
+    async fn backtest(
+        &self,
+        request: Request<pb::BacktestRequest>,
+    ) -> Result<Response<Self::BacktestStream>, Status> {
+        let r = request.into_inner();
+        let window = crate::decision_log::Window {
+            since: parse_bound("since", &r.since)?,
+            until: parse_bound("until", &r.until)?,
+        };
+        let spec = BacktestSpec {
+            model: r.model,
+            window,
+            sample: (r.sample > 0).then_some(r.sample as usize),
+            all_decisions: r.all_decisions,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let rollouts = self.rollouts.clone();
+        tokio::spawn(async move {
+            let progress = tx.clone();
+            let report = rollouts
+                .backtest(
+                    &r.candidate,
+                    spec,
+                    Thresholds::default(),
+                    move |done, total| {
+                        // Progress is best effort: a slow client skips updates, never stalls.
+                        let _ = progress.try_send(Ok(pb::BacktestProgress {
+                            update: Some(pb::backtest_progress::Update::Done(done)),
+                            total,
+                        }));
+                    },
+                )
+                .await;
+            let last = match report {
+                Ok(report) => Ok(pb::BacktestProgress {
+                    total: report.compared + report.unscorable,
+                    update: Some(pb::backtest_progress::Update::Report(report.into())),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list(

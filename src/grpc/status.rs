@@ -184,6 +184,11 @@ impl From<&RolloutError> for Refusal {
             }
             RolloutError::LastStep => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::WrongState(_) => Refusal::new(Code::FailedPrecondition, e),
+            RolloutError::BacktestFailed { .. } => Refusal::new(Code::FailedPrecondition, e),
+            RolloutError::Backtest(crate::backtest::BacktestError::Empty(_)) => {
+                Refusal::new(Code::FailedPrecondition, e)
+            }
+            RolloutError::Backtest(crate::backtest::BacktestError::Log(e)) => e.into(),
             RolloutError::Registry(e) => e.into(),
             RolloutError::Store(_) => Refusal::new(Code::Unavailable, e),
         }

@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::guardrails::{ArmWindow, GuardrailReading, Observation, evaluate};
 use super::store::{RolloutRecord, RolloutStore, StoreError, Transition};
-use super::{Plan, State, is_candidate};
+use super::{Plan, State, Thresholds, is_candidate};
+
+/// Customers the start gate backtests at most (the latest decision of each).
+const GATE_SAMPLE: usize = 100_000;
+use crate::backtest::{self, BacktestError, BacktestReport, BacktestSpec};
 use crate::bundle::Bundle;
 use crate::customer::CustomerKeys;
 use crate::decision_log::DecisionLog;
@@ -39,6 +43,12 @@ pub enum RolloutError {
     LastStep,
     #[error("the rollout is {0}")]
     WrongState(&'static str),
+    #[error(
+        "the backtest of {candidate} breaches the plan's guardrails: {why}; not started (--skip-backtest overrides, and is recorded)"
+    )]
+    BacktestFailed { candidate: String, why: String },
+    #[error("backtest: {0}")]
+    Backtest(#[from] BacktestError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -516,13 +526,36 @@ impl Rollouts {
         Ok(after)
     }
 
-    /// Starts rolling `candidate` out against the model's serving version.
+    /// Previews `candidate` on the model's recorded decisions, offline, on a blocking thread.
+    pub async fn backtest(
+        &self,
+        candidate: &str,
+        spec: BacktestSpec,
+        thresholds: Thresholds,
+        mut progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<BacktestReport, RolloutError> {
+        let info = self.registry.load(&spec.model, candidate).await?;
+        let bundle = info
+            .bundle
+            .ok_or(RolloutError::WrongState("candidate not loaded"))?;
+        let log = self.log.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            backtest::run(&log, &bundle, &spec, &thresholds, &mut progress)
+        })
+        .await
+        .map_err(|e| StoreError(e.to_string()))??;
+        Ok(report)
+    }
+
+    /// Starts rolling `candidate` out against the model's serving version, after a backtest
+    /// on recorded traffic passes the plan's guardrails (unless `skip_backtest`).
     pub async fn start(
         &self,
         model: &str,
         candidate: &str,
         plan: Plan,
         actor: &str,
+        skip_backtest: bool,
     ) -> Result<RolloutStatus, RolloutError> {
         let _turn = self.control.lock().await;
         plan.check().map_err(RolloutError::Plan)?;
@@ -540,6 +573,41 @@ impl Rollouts {
         let bundle = info
             .bundle
             .ok_or(RolloutError::WrongState("candidate not loaded"))?;
+        let (preview, reason) = if skip_backtest {
+            (None, format!("started; backtest skipped by {actor}"))
+        } else {
+            let spec = BacktestSpec {
+                model: model.into(),
+                window: Default::default(),
+                sample: Some(GATE_SAMPLE),
+                all_decisions: false,
+            };
+            match self
+                .backtest(candidate, spec, plan.guardrails.clone(), |_, _| {})
+                .await
+            {
+                Ok(report) => {
+                    let breached: Vec<String> = report
+                        .breached()
+                        .iter()
+                        .map(|g| format!("{} {:.4} > {:.4}", g.name, g.value, g.threshold))
+                        .collect();
+                    if !breached.is_empty() {
+                        return Err(RolloutError::BacktestFailed {
+                            candidate: candidate.into(),
+                            why: breached.join(", "),
+                        });
+                    }
+                    let why = format!("started; backtest passed on {} customers", report.compared);
+                    (Some(report), why)
+                }
+                Err(RolloutError::Backtest(BacktestError::Empty(_))) => (
+                    None,
+                    "started; no recorded decisions to backtest on".to_string(),
+                ),
+                Err(e) => return Err(e),
+            }
+        };
         let record = RolloutRecord {
             id: uuid::Uuid::now_v7().to_string(),
             model: model.into(),
@@ -550,6 +618,7 @@ impl Rollouts {
             step: 0,
             step_started_at: now(),
             created_at: now(),
+            backtest: preview,
         };
         let t = Transition {
             at: record.created_at.clone(),
@@ -558,8 +627,12 @@ impl Rollouts {
             from_step: None,
             to_step: 0,
             actor: actor.into(),
-            reason: "started".into(),
-            figures: Vec::new(),
+            reason,
+            figures: record
+                .backtest
+                .as_ref()
+                .map(|b| b.guardrails.clone())
+                .unwrap_or_default(),
         };
         let store = self.store.clone();
         let saved = record.clone();

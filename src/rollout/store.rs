@@ -10,6 +10,7 @@ use rusqlite::{Connection, params};
 
 use super::guardrails::GuardrailReading;
 use super::{Plan, State};
+use crate::backtest::BacktestReport;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -21,7 +22,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     state           TEXT NOT NULL,
     step            INTEGER NOT NULL,
     step_started_at TEXT NOT NULL,
-    created_at      TEXT NOT NULL
+    created_at      TEXT NOT NULL,
+    backtest        TEXT
 );
 CREATE INDEX IF NOT EXISTS rollouts_model ON rollouts(model, created_at);
 CREATE TABLE IF NOT EXISTS rollout_transitions (
@@ -61,6 +63,8 @@ pub struct RolloutRecord {
     /// RFC 3339.
     pub step_started_at: String,
     pub created_at: String,
+    /// The preview run before the start, unless it was skipped.
+    pub backtest: Option<BacktestReport>,
 }
 
 /// One change of a rollout: who, when, why, with the guardrail figures of that moment.
@@ -89,6 +93,15 @@ impl RolloutStore {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // Stores created before the backtest gate lack its column.
+        let has_backtest: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('rollouts') WHERE name = 'backtest'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(err)?;
+        if !has_backtest {
+            conn.execute_batch("ALTER TABLE rollouts ADD COLUMN backtest TEXT")
+                .map_err(err)?;
+        }
         Ok(RolloutStore {
             conn: Mutex::new(conn),
         })
@@ -102,7 +115,8 @@ impl RolloutStore {
             .map_err(err)?;
         tx.execute(
             "INSERT INTO rollouts (id, model, champion, candidate, plan, state, step, \
-             step_started_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             step_started_at, created_at, backtest) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT(id) DO UPDATE SET state = excluded.state, step = excluded.step, \
              step_started_at = excluded.step_started_at",
             params![
@@ -114,7 +128,12 @@ impl RolloutStore {
                 r.state.as_str(),
                 r.step as i64,
                 r.step_started_at,
-                r.created_at
+                r.created_at,
+                r.backtest
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(err)?
             ],
         )
         .map_err(err)?;
@@ -143,7 +162,7 @@ impl RolloutStore {
         let mut stmt = conn
             .prepare(
                 "SELECT id, model, champion, candidate, plan, state, step, step_started_at, \
-                 created_at FROM rollouts ORDER BY created_at DESC",
+                 created_at, backtest FROM rollouts ORDER BY created_at DESC",
             )
             .map_err(err)?;
         let rows = stmt
@@ -158,12 +177,13 @@ impl RolloutStore {
                     r.get::<_, i64>(6)?,
                     r.get::<_, String>(7)?,
                     r.get::<_, String>(8)?,
+                    r.get::<_, Option<String>>(9)?,
                 ))
             })
             .map_err(err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, model, champion, candidate, plan, state, step, started, created) =
+            let (id, model, champion, candidate, plan, state, step, started, created, backtest) =
                 row.map_err(err)?;
             let state = State::parse(&state).ok_or_else(|| err(format!("bad state {state}")))?;
             if open_only && !state.is_open() {
@@ -179,6 +199,10 @@ impl RolloutStore {
                 step: step as usize,
                 step_started_at: started,
                 created_at: created,
+                backtest: backtest
+                    .map(|b| serde_json::from_str(&b))
+                    .transpose()
+                    .map_err(err)?,
             });
         }
         Ok(out)
@@ -260,6 +284,7 @@ mod tests {
             step: 0,
             step_started_at: "2026-11-28T00:00:00Z".into(),
             created_at: "2026-11-28T00:00:00Z".into(),
+            backtest: None,
         };
         let t = Transition {
             at: "2026-11-28T00:00:00Z".into(),

@@ -1,0 +1,233 @@
+//! Impact preview: a candidate re-scored on recorded Taiwan traffic before any customer sees
+//! it, the gate it puts in front of `rollout start`, and its figures against what a real
+//! rollout of the same customers records.
+
+mod common;
+
+use common::*;
+use riskserve::grpc::pb;
+use riskserve::grpc::pb::rollouts_client::RolloutsClient;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+fn config(models: &std::path::Path, data: &std::path::Path) -> riskserve::Config {
+    riskserve::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        models_dir: models.to_owned(),
+        data_dir: data.to_owned(),
+        serving: [(MODEL.to_string(), "v1".to_string())].into(),
+        ..riskserve::Config::default()
+    }
+}
+
+/// Scores customers [0, n) through the serving version, in batches.
+async fn record_traffic(server: &TestServer, tag: &str, n: usize) {
+    let mut client = server.scoring();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let requests = chunk
+            .iter()
+            .map(|i| request(&customers()[*i], &format!("{tag}-{i}")))
+            .collect();
+        let items = client
+            .score_batch(pb::ScoreBatchRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(
+            items
+                .iter()
+                .all(|i| matches!(i.outcome, Some(pb::score_batch_item::Outcome::Response(_))))
+        );
+    }
+}
+
+async fn backtest(
+    server: &TestServer,
+    candidate: &str,
+    sample: u64,
+) -> (pb::BacktestReport, usize) {
+    let mut stream = RolloutsClient::new(server.channel.clone())
+        .backtest(pb::BacktestRequest {
+            model: MODEL.into(),
+            candidate: candidate.into(),
+            sample,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut report, mut updates) = (None, 0);
+    while let Some(u) = stream.next().await {
+        match u.unwrap().update {
+            Some(pb::backtest_progress::Update::Report(r)) => report = Some(r),
+            Some(pb::backtest_progress::Update::Done(_)) => updates += 1,
+            None => {}
+        }
+    }
+    (report.expect("a report"), updates)
+}
+
+fn start_request(candidate: &str, plan: &str) -> pb::StartRolloutRequest {
+    pb::StartRolloutRequest {
+        model: MODEL.into(),
+        candidate: candidate.into(),
+        plan_toml: plan.into(),
+        actor: "test".into(),
+        skip_backtest: false,
+    }
+}
+
+/// v1 with an AGE term that makes young customers look like defaulters.
+fn flawed_candidate(models: &std::path::Path) {
+    let dir = models.join(MODEL).join("v9");
+    copy_dir(&models.join(MODEL).join("v1"), &dir);
+    let manifest = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
+    std::fs::write(
+        dir.join("manifest.toml"),
+        manifest.replace("version = \"v1\"", "version = \"v9\""),
+    )
+    .unwrap();
+    let params = std::fs::read_to_string(dir.join("parameters.toml")).unwrap();
+    let at = params.find("name = \"AGE\"").unwrap();
+    let coef = at + params[at..].find("coefficient = ").unwrap() + "coefficient = ".len();
+    let end = coef + params[coef..].find('\n').unwrap();
+    std::fs::write(
+        dir.join("parameters.toml"),
+        format!("{}-4.0{}", &params[..coef], &params[end..]),
+    )
+    .unwrap();
+    riskserve::bundle::seal(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preview_names_the_harmed_segment_and_the_gate_refuses_the_flawed_candidate() {
+    let models = scratch_models();
+    flawed_candidate(models.path());
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config(models.path(), data.path())).await;
+    record_traffic(&server, "v1", 3_000).await;
+
+    let (flawed, updates) = backtest(&server, "v9", 0).await;
+    assert_eq!(flawed.compared, 3_000);
+    assert!(updates >= 1, "progress was streamed");
+    assert!(!flawed.passed);
+    let withdrawal = flawed
+        .guardrails
+        .iter()
+        .find(|g| g.name == "withdrawal_rate_diff")
+        .unwrap();
+    assert!(withdrawal.breached, "{withdrawal:?}");
+    let worst = &flawed.segments[0];
+    assert_eq!(worst.feature, "AGE", "{:?}", flawed.segments);
+    assert!(
+        worst.high <= 30.0 && worst.withdrawn_share > 0.5,
+        "{worst:?}"
+    );
+    let cand = flawed.candidate_limits.unwrap();
+    let champ = flawed.champion_limits.unwrap();
+    assert!(
+        cand.withdrawn > champ.withdrawn + 300,
+        "{champ:?} → {cand:?}"
+    );
+    assert!(
+        flawed
+            .decision_matrix
+            .keys()
+            .any(|k| k.ends_with("→decline"))
+    );
+
+    let mut control = RolloutsClient::new(server.channel.clone());
+    let refused = control.start(start_request("v9", "")).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::FailedPrecondition,
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("withdrawal_rate_diff"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        control
+            .list(pb::ListRolloutsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .rollouts
+            .len(),
+        0
+    );
+
+    let (sound, _) = backtest(&server, "v2", 0).await;
+    assert!(sound.passed, "{:?}", sound.guardrails);
+    let started = control
+        .start(start_request("v2", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state, "active");
+    let stored = started
+        .backtest
+        .expect("the preview is stored with the rollout");
+    assert_eq!(stored.compared, 3_000);
+    assert!(stored.passed);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preview_equals_what_a_rollout_to_everyone_records_and_is_deterministic() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(config(models_v1_v2(), data.path())).await;
+    record_traffic(&server, "v1", 2_000).await;
+
+    let (a, _) = backtest(&server, "v2", 500).await;
+    let (b, _) = backtest(&server, "v2", 500).await;
+    assert_eq!(a, b, "same window, bundles and sample: same numbers");
+    assert_eq!(a.compared, 500);
+
+    let (preview, _) = backtest(&server, "v2", 0).await;
+    let everyone = "auto_advance = false\n[[steps]]\nshare_bp = 10000\n";
+    RolloutsClient::new(server.channel.clone())
+        .start(start_request("v2", everyone))
+        .await
+        .unwrap();
+    // The same customers, same inputs and current limits, now all decided by v2.
+    record_traffic(&server, "v2", 2_000).await;
+    let recorded = server
+        .trace()
+        .by_version(pb::ByVersionRequest {
+            model: MODEL.into(),
+            version: "v2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cand = preview.candidate_limits.unwrap();
+    assert_eq!(recorded.decisions, preview.compared);
+    assert_eq!(
+        (
+            recorded.raised,
+            recorded.held,
+            recorded.cut,
+            recorded.withdrawn
+        ),
+        (cand.raised, cand.held, cand.cut, cand.withdrawn)
+    );
+    let count = |to: &str| -> u64 {
+        preview
+            .decision_matrix
+            .iter()
+            .filter(|(k, _)| k.ends_with(&format!("→{to}")))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert_eq!(
+        (recorded.approve, recorded.review, recorded.decline),
+        (count("approve"), count("review"), count("decline"))
+    );
+    server.stop().await.unwrap();
+}
