@@ -49,7 +49,6 @@ for round in $(seq "$ROUNDS"); do
     load "async-c$c" 50083 "$c"
   done
 done
-sync_count=$(sqlite3 "$OUT/sync/decisions.db" 'select count(*) from decisions' 2>/dev/null || echo "")
 
 if [ ! -f "$FILL_DIR/decisions.db" ]; then
   "$BIN" bench-fill-log --data "$FILL_DIR" --decisions "$FILL" --customers "$CUSTOMERS" | tee -a "$RESULTS"

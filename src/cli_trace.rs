@@ -606,7 +606,6 @@ pub fn print_rollout(s: &pb::RolloutStatus) {
 }
 
 fn moves_json(m: &Option<pb::LimitMoves>) -> Value {
-    let m = *m;
     let m = m.unwrap_or_default();
     json!({"raised": m.raised, "held": m.held, "cut": m.cut, "withdrawn": m.withdrawn,
         "new_customers": m.new_customers, "amount_raised": m.amount_raised, "amount_cut": m.amount_cut})

@@ -30,7 +30,7 @@ pub enum Durability {
     Sync,
     /// `synchronous=NORMAL`: commits are written but fsynced only at WAL checkpoints. Nothing
     /// acknowledged is lost when the process dies; an OS crash or power loss can lose every
-    /// decision committed since the last checkpoint (up to about 1,000 pages of WAL).
+    /// decision committed since the last checkpoint (up to 16,384 pages, 64 MiB, of WAL).
     Async,
 }
 
