@@ -54,3 +54,11 @@ for c in (8, 32):
         print(f"c={c}: shadow / no shadow throughput {ratio(f'shadow-c{c}', f'noshadow-c{c}'):.2f}; "
               f"p99 {med(f'shadow-c{c}', 'p99_us'):.0f} µs vs {med(f'noshadow-c{c}', 'p99_us'):.0f} µs "
               f"({med(f'shadow-c{c}', 'p99_us') / med(f'noshadow-c{c}', 'p99_us'):.2f}x)")
+if "served-during-backtest" in rows:
+    print(f"served p99 during a backtest / without: "
+          f"{med('served-during-backtest', 'p99_us') / med('served-no-backtest', 'p99_us'):.2f} "
+          f"({med('served-during-backtest', 'p99_us'):.0f} µs vs {med('served-no-backtest', 'p99_us'):.0f} µs); "
+          f"throughput {ratio('served-during-backtest', 'served-no-backtest'):.2f}")
+if "backtest-alone" in rows:
+    print(f"backtest alone: {med('backtest-alone', 'rescored'):,.0f} decisions in "
+          f"{med('backtest-alone', 'duration_s'):.1f} s = {med('backtest-alone', 'decisions_per_s'):,.0f}/s")

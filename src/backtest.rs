@@ -126,33 +126,28 @@ pub fn run(
     thresholds: &Thresholds,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<BacktestReport, BacktestError> {
-    // The champion's served decisions of this model in the window, in chain order.
-    let mut records: Vec<DecisionRecord> = Vec::new();
-    let mut latest: BTreeMap<String, DecisionRecord> = BTreeMap::new();
+    // The champion's served decisions of this model in the window, keyed by (customer ref,
+    // seq): refs are HMACs, so the smallest keys are a uniform and repeatable sample. Only the
+    // sample is held in memory, however long the log.
+    let cap = spec.sample.unwrap_or(usize::MAX);
+    let mut chosen: BTreeMap<(String, i64), DecisionRecord> = BTreeMap::new();
     log.scan(&spec.window, &mut |r| {
-        if r.body.model == spec.model && r.body.arm == "champion" {
-            if spec.all_decisions {
-                records.push(r);
-            } else {
-                latest.insert(r.body.customer_ref.clone(), r);
-            }
+        if r.body.model != spec.model || r.body.arm != "champion" {
+            return true;
+        }
+        // Each customer's latest decision: a later record replaces the earlier one.
+        let seq = if spec.all_decisions { r.seq } else { 0 };
+        let key = (r.body.customer_ref.clone(), seq);
+        if chosen.len() >= cap && chosen.last_key_value().is_some_and(|(last, _)| &key > last) {
+            return true; // outside the sample, now and for the rest of the scan
+        }
+        chosen.insert(key, r);
+        if chosen.len() > cap {
+            chosen.pop_last();
         }
         true
     })?;
-    if !spec.all_decisions {
-        // BTreeMap order: by customer ref, a uniform and repeatable order.
-        records = latest.into_values().collect();
-    } else {
-        records.sort_by(|a, b| {
-            a.body
-                .customer_ref
-                .cmp(&b.body.customer_ref)
-                .then(a.seq.cmp(&b.seq))
-        });
-    }
-    if let Some(n) = spec.sample {
-        records.truncate(n);
-    }
+    let records: Vec<DecisionRecord> = chosen.into_values().collect();
     if records.is_empty() {
         return Err(BacktestError::Empty(spec.model.clone()));
     }
@@ -166,7 +161,7 @@ pub fn run(
     // Per scored record: its candidate features and what the candidate did.
     let mut scored: Vec<(&DecisionRecord, bool, bool)> = Vec::new();
     let mut unscorable = 0;
-    let cap = records.len();
+    let window_cap = records.len();
     for (i, r) in records.iter().enumerate() {
         if i % 1_000 == 0 {
             progress(i as u64, total);
@@ -210,9 +205,9 @@ pub fn run(
                 b.current_limit,
                 b.granted_limit,
             ),
-            cap,
+            window_cap,
         );
-        candidate_window.push(cand, cap);
+        candidate_window.push(cand, window_cap);
         champion_pds.push(b.probability_of_default);
         candidate_pds.push(s.probability_of_default);
         scored.push((r, cand.withdrawn, cand.cut));

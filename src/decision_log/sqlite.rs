@@ -421,12 +421,12 @@ fn open_writer(path: &Path, durability: Durability, create: bool) -> Result<Conn
         Durability::Sync => "FULL",
         Durability::Async => "NORMAL",
     };
-    // A larger checkpoint interval and page cache: each decision dirties a few random index
-    // pages (customer ref, request id), and checkpointing them every 1,000 WAL pages (the
-    // default) doubled the writes and their p99 (measured, BENCHMARKS.md).
+    // A larger checkpoint interval and a 16 MiB page cache: each decision dirties a few
+    // random index pages (customer ref, request id), and checkpointing them every 1,000 WAL
+    // pages (the default) doubled the writes and the served p99 (measured, BENCHMARKS.md).
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 5000; \
-         PRAGMA wal_autocheckpoint = 16384; PRAGMA cache_size = -65536;"
+         PRAGMA wal_autocheckpoint = 16384; PRAGMA cache_size = -16384;"
     ))
     .map_err(|e| LogError::Unavailable(format!("configuring {}: {e}", path.display())))?;
     Ok(conn)

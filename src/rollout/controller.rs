@@ -539,11 +539,29 @@ impl Rollouts {
             .bundle
             .ok_or(RolloutError::WrongState("candidate not loaded"))?;
         let log = self.log.clone();
-        let report = tokio::task::spawn_blocking(move || {
-            backtest::run(&log, &bundle, &spec, &thresholds, &mut progress)
-        })
-        .await
-        .map_err(|e| StoreError(e.to_string()))??;
+        // A thread of its own at the lowest CPU priority, so that a preview yields to the
+        // requests being served (and no pooled thread keeps the lowered priority).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("backtest".into())
+            .spawn(move || {
+                #[cfg(target_os = "linux")]
+                // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                let _ = tx.send(backtest::run(
+                    &log,
+                    &bundle,
+                    &spec,
+                    &thresholds,
+                    &mut progress,
+                ));
+            })
+            .map_err(|e| StoreError(format!("starting the backtest: {e}")))?;
+        let report = rx
+            .await
+            .map_err(|_| StoreError("the backtest thread stopped".into()))??;
         Ok(report)
     }
 
