@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
 ROUNDS=${ROUNDS:-3}
-OUT=bench/out
+OUT=bench/out/scoring
 BIN=target/release/riskserve
 PORT=50071
 EMPTY_PORT=50072

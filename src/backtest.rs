@@ -49,8 +49,13 @@ pub struct Segment {
     pub low: f64,
     pub high: f64,
     pub customers: u64,
+    /// Share of the band whose limit the candidate withdraws.
     pub withdrawn_share: f64,
+    /// Share of the band whose limit the candidate lowers (withdrawals included).
     pub cut_share: f64,
+    /// The same shares for what the champion decided.
+    pub champion_withdrawn_share: f64,
+    pub champion_cut_share: f64,
 }
 
 /// The preview.
@@ -68,7 +73,8 @@ pub struct BacktestReport {
     pub champion_limits: LimitMoves,
     pub candidate_limits: LimitMoves,
     pub psi: f64,
-    /// The bands hit hardest (by withdrawn share, then cut share), at most ten.
+    /// The bands the candidate hits hardest beyond the champion (by the rise in withdrawn
+    /// share, then in cut share), at most ten.
     pub segments: Vec<Segment>,
     pub guardrails: Vec<GuardrailReading>,
 }
@@ -158,8 +164,8 @@ pub fn run(
         (LimitMoves::default(), LimitMoves::default());
     let (mut champion_window, mut candidate_window) = (ArmWindow::default(), ArmWindow::default());
     let (mut champion_pds, mut candidate_pds) = (Vec::new(), Vec::new());
-    // Per scored record: its candidate features and what the candidate did.
-    let mut scored: Vec<(&DecisionRecord, bool, bool)> = Vec::new();
+    // Per scored record: what the candidate and the champion did to its limit.
+    let mut scored: Vec<(&DecisionRecord, Observation, Observation)> = Vec::new();
     let mut unscorable = 0;
     let window_cap = records.len();
     for (i, r) in records.iter().enumerate() {
@@ -198,19 +204,17 @@ pub fn run(
             b.current_limit,
             applied.granted_limit,
         );
-        champion_window.push(
-            observation(
-                champion_outcome,
-                b.probability_of_default,
-                b.current_limit,
-                b.granted_limit,
-            ),
-            window_cap,
+        let champ = observation(
+            champion_outcome,
+            b.probability_of_default,
+            b.current_limit,
+            b.granted_limit,
         );
+        champion_window.push(champ, window_cap);
         candidate_window.push(cand, window_cap);
         champion_pds.push(b.probability_of_default);
         candidate_pds.push(s.probability_of_default);
-        scored.push((r, cand.withdrawn, cand.cut));
+        scored.push((r, cand, champ));
     }
     progress(total, total);
 
@@ -225,13 +229,31 @@ pub fn run(
         candidate_limits,
         psi: psi(&champion_pds, &candidate_pds),
         segments: segments(candidate, &scored),
-        guardrails: evaluate(thresholds, &champion_window, &candidate_window),
+        // Latency is not measured offline: that guardrail has nothing to say here.
+        guardrails: evaluate(thresholds, &champion_window, &candidate_window)
+            .into_iter()
+            .filter(|g| g.name != "p99_latency_ms")
+            .collect(),
     })
 }
 
 /// Each feature cut into quintile bands of the backtest population; the ten bands where the
-/// candidate withdraws (then cuts) the largest share, among bands of at least 1% of customers.
-fn segments(candidate: &Bundle, scored: &[(&DecisionRecord, bool, bool)]) -> Vec<Segment> {
+/// candidate withdraws (then cuts) the most beyond what the champion did, among bands of at
+/// least 1% of customers.
+fn segments(
+    candidate: &Bundle,
+    scored: &[(&DecisionRecord, Observation, Observation)],
+) -> Vec<Segment> {
+    #[derive(Default, Clone)]
+    struct Band {
+        low: f64,
+        high: f64,
+        n: u64,
+        withdrawn: u64,
+        cut: u64,
+        champion_withdrawn: u64,
+        champion_cut: u64,
+    }
     let n = scored.len();
     let mut out = Vec::new();
     for f in candidate.schema.features() {
@@ -242,36 +264,50 @@ fn segments(candidate: &Bundle, scored: &[(&DecisionRecord, bool, bool)]) -> Vec
         values.sort_by(f64::total_cmp);
         let mut cuts: Vec<f64> = (1..5).map(|q| values[q * n / 5]).collect();
         cuts.dedup();
-        let mut bands: Vec<(f64, f64, u64, u64, u64)> = (0..=cuts.len())
-            .map(|_| (f64::INFINITY, f64::NEG_INFINITY, 0, 0, 0))
-            .collect();
-        for (r, withdrawn, cut) in scored {
+        let empty = Band {
+            low: f64::INFINITY,
+            high: f64::NEG_INFINITY,
+            ..Band::default()
+        };
+        let mut bands = vec![empty; cuts.len() + 1];
+        for (r, cand, champ) in scored {
             let v = r.body.features[&f.name];
-            let band = &mut bands[cuts.iter().take_while(|c| v >= **c).count()];
-            band.0 = band.0.min(v);
-            band.1 = band.1.max(v);
-            band.2 += 1;
-            band.3 += u64::from(*withdrawn);
-            band.4 += u64::from(*cut);
+            let b = &mut bands[cuts.iter().take_while(|c| v >= **c).count()];
+            b.low = b.low.min(v);
+            b.high = b.high.max(v);
+            b.n += 1;
+            b.withdrawn += u64::from(cand.withdrawn);
+            b.cut += u64::from(cand.cut);
+            b.champion_withdrawn += u64::from(champ.withdrawn);
+            b.champion_cut += u64::from(champ.cut);
         }
-        for (low, high, customers, withdrawn, cut) in bands {
-            if customers == 0 || (customers as usize) * 100 < n {
+        for b in bands {
+            if b.n == 0 || (b.n as usize) * 100 < n {
                 continue;
             }
+            let share = |x: u64| x as f64 / b.n as f64;
             out.push(Segment {
                 feature: f.name.clone(),
-                low,
-                high,
-                customers,
-                withdrawn_share: withdrawn as f64 / customers as f64,
-                cut_share: cut as f64 / customers as f64,
+                low: b.low,
+                high: b.high,
+                customers: b.n,
+                withdrawn_share: share(b.withdrawn),
+                cut_share: share(b.cut),
+                champion_withdrawn_share: share(b.champion_withdrawn),
+                champion_cut_share: share(b.champion_cut),
             });
         }
     }
+    let rise = |s: &Segment| {
+        (
+            s.withdrawn_share - s.champion_withdrawn_share,
+            s.cut_share - s.champion_cut_share,
+        )
+    };
     out.sort_by(|a, b| {
-        b.withdrawn_share
-            .total_cmp(&a.withdrawn_share)
-            .then(b.cut_share.total_cmp(&a.cut_share))
+        let (ra, rb) = (rise(a), rise(b));
+        rb.0.total_cmp(&ra.0)
+            .then(rb.1.total_cmp(&ra.1))
             .then(a.feature.cmp(&b.feature))
             .then(a.low.total_cmp(&b.low))
     });

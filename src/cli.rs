@@ -170,6 +170,7 @@ enum RolloutAction {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Advance on its own again after a pause.
     Resume {
         model: String,
         #[arg(long, default_value = "")]

@@ -621,7 +621,8 @@ pub fn backtest_json(r: &pb::BacktestReport) -> Value {
         "candidate_limits": moves_json(&r.candidate_limits),
         "segments": r.segments.iter().map(|s| json!({"feature": s.feature, "low": s.low,
             "high": s.high, "customers": s.customers, "withdrawn_share": s.withdrawn_share,
-            "cut_share": s.cut_share})).collect::<Vec<_>>(),
+            "cut_share": s.cut_share, "champion_withdrawn_share": s.champion_withdrawn_share,
+            "champion_cut_share": s.champion_cut_share})).collect::<Vec<_>>(),
         "guardrails": r.guardrails.iter().map(guardrail_json).collect::<Vec<_>>(),
     })
 }
@@ -673,15 +674,17 @@ pub fn print_backtest(r: &pb::BacktestReport) {
         "amount cut or withdrawn", c.amount_cut, d.amount_cut
     );
     println!("  PD distribution shift (PSI): {:.3}", r.psi);
-    println!("  segments hit hardest:");
+    println!("  segments the candidate hits hardest beyond the champion:");
     for s in r.segments.iter().take(5) {
         println!(
-            "    {} {}–{}: {:.0}% withdrawn, {:.0}% cut ({} customers)",
+            "    {} {}–{}: {:.0}% withdrawn (champion {:.0}%), {:.0}% lowered (champion {:.0}%), {} customers",
             s.feature,
             s.low,
             s.high,
             100.0 * s.withdrawn_share,
+            100.0 * s.champion_withdrawn_share,
             100.0 * s.cut_share,
+            100.0 * s.champion_cut_share,
             s.customers
         );
     }

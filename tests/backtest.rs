@@ -78,28 +78,6 @@ fn start_request(candidate: &str, plan: &str) -> pb::StartRolloutRequest {
     }
 }
 
-/// v1 with an AGE term that makes young customers look like defaulters.
-fn flawed_candidate(models: &std::path::Path) {
-    let dir = models.join(MODEL).join("v9");
-    copy_dir(&models.join(MODEL).join("v1"), &dir);
-    let manifest = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
-    std::fs::write(
-        dir.join("manifest.toml"),
-        manifest.replace("version = \"v1\"", "version = \"v9\""),
-    )
-    .unwrap();
-    let params = std::fs::read_to_string(dir.join("parameters.toml")).unwrap();
-    let at = params.find("name = \"AGE\"").unwrap();
-    let coef = at + params[at..].find("coefficient = ").unwrap() + "coefficient = ".len();
-    let end = coef + params[coef..].find('\n').unwrap();
-    std::fs::write(
-        dir.join("parameters.toml"),
-        format!("{}-4.0{}", &params[..coef], &params[end..]),
-    )
-    .unwrap();
-    riskserve::bundle::seal(&dir).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preview_names_the_harmed_segment_and_the_gate_refuses_the_flawed_candidate() {
     let models = scratch_models();

@@ -145,29 +145,6 @@ fn assignment_is_sticky_monotone_and_proportional_over_the_taiwan_customers() {
     }
 }
 
-/// A copy of v1 whose AGE coefficient makes young customers look like defaulters: a
-/// candidate that would withdraw the limits of a large segment.
-fn flawed_candidate(models: &Path) {
-    let dir = models.join(MODEL).join("v9");
-    copy_dir(&models.join(MODEL).join("v1"), &dir);
-    let manifest = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
-    std::fs::write(
-        dir.join("manifest.toml"),
-        manifest.replace("version = \"v1\"", "version = \"v9\""),
-    )
-    .unwrap();
-    let params = std::fs::read_to_string(dir.join("parameters.toml")).unwrap();
-    let at = params.find("name = \"AGE\"").unwrap();
-    let coef = at + params[at..].find("coefficient = ").unwrap() + "coefficient = ".len();
-    let end = coef + params[coef..].find('\n').unwrap();
-    std::fs::write(
-        dir.join("parameters.toml"),
-        format!("{}-4.0{}", &params[..coef], &params[end..]),
-    )
-    .unwrap();
-    riskserve::bundle::seal(&dir).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flawed_candidate_is_rolled_back_before_it_reaches_one_percent_of_customers() {
     let models = scratch_models();

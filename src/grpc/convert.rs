@@ -391,6 +391,8 @@ impl From<crate::backtest::BacktestReport> for pb::BacktestReport {
                     customers: s.customers,
                     withdrawn_share: s.withdrawn_share,
                     cut_share: s.cut_share,
+                    champion_withdrawn_share: s.champion_withdrawn_share,
+                    champion_cut_share: s.champion_cut_share,
                 })
                 .collect(),
             guardrails: r.guardrails.into_iter().map(Into::into).collect(),
