@@ -115,13 +115,6 @@ pub async fn serve(
         log.healthy(),
         stop.clone(),
     ));
-    let watcher_task = tokio::spawn(watcher::run(
-        registry.clone(),
-        config.watch_interval(),
-        config.auto_serve,
-        stop.clone(),
-    ));
-
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -136,6 +129,13 @@ pub async fn serve(
     .await?;
     let rollout_task = tokio::spawn(rollouts.clone().run(
         std::time::Duration::from_millis(config.rollout_eval_interval_ms),
+        stop.clone(),
+    ));
+    let watcher_task = tokio::spawn(watcher::run(
+        registry.clone(),
+        rollouts.clone(),
+        config.watch_interval(),
+        config.auto_serve,
         stop.clone(),
     ));
     let scoring = ScoringService::new(

@@ -5,7 +5,8 @@
 //! needs no platform code. Each directory is tried once per state of its contents: one that
 //! fails is tried again only when it changes (how a bundle caught half-written loads once
 //! complete), and one an operator unloaded is not loaded back behind their back.
-//! The watcher never makes a version serve unless `auto_serve` is configured.
+//! The watcher never makes a version serve unless `auto_serve` is configured, and not even then
+//! while a rollout of that model is open.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Registry, VersionState, check_name};
+use crate::rollout::Rollouts;
 
 /// The names, sizes and modification times of a directory's files.
 type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
@@ -23,6 +25,7 @@ type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
 /// Watches `registry.models_dir()` until `shutdown` is cancelled.
 pub async fn run(
     registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
     interval: Duration,
     auto_serve: bool,
     shutdown: CancellationToken,
@@ -51,10 +54,13 @@ pub async fn run(
                 continue;
             }
             // A refusal is logged by the registry and listed as failed.
-            if registry.load(&model, &version).await.is_ok()
-                && auto_serve
-                && let Err(e) = registry.serve(&model, &version).await
-            {
+            if registry.load(&model, &version).await.is_err() || !auto_serve {
+                continue;
+            }
+            // An open rollout decides what serves its model; auto-serve must not cut across it.
+            if rollouts.is_open(&model) {
+                tracing::info!(%model, %version, "loaded; not auto-served during a rollout");
+            } else if let Err(e) = registry.serve(&model, &version).await {
                 tracing::warn!(%model, %version, error = %e, "auto-serve failed");
             }
         }

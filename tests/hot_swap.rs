@@ -352,3 +352,68 @@ async fn serve_and_unload_follow_the_version_lifecycle() {
     assert!(version_status(&server, "v1").await.is_none());
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn auto_serve_serves_new_bundles_but_never_during_a_rollout() {
+    let models = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("models"), models.path());
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(riskserve::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        models_dir: models.path().to_owned(),
+        data_dir: data.path().to_owned(),
+        watch_interval_ms: 100,
+        auto_serve: true,
+        ..riskserve::Config::default()
+    })
+    .await;
+    let wait_for = |version: &'static str, state: pb::VersionState| {
+        let server = &server;
+        async move {
+            let start = Instant::now();
+            loop {
+                if version_status(server, version)
+                    .await
+                    .is_some_and(|v| v.state == state as i32)
+                {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(2),
+                    "{version} never {state:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    copy_dir(
+        &models_v1_v2().join(MODEL).join("v2"),
+        &models.path().join(MODEL).join("v2"),
+    );
+    wait_for("v2", pb::VersionState::Serving).await;
+
+    // With a rollout open, a new bundle is loaded but the rollout keeps deciding what serves.
+    riskserve::grpc::pb::rollouts_client::RolloutsClient::new(server.channel.clone())
+        .start(pb::StartRolloutRequest {
+            model: MODEL.into(),
+            candidate: "v1".into(),
+            plan_toml: String::new(),
+            actor: "test".into(),
+            skip_backtest: true,
+        })
+        .await
+        .unwrap();
+    let v3 = models.path().join(MODEL).join("v3");
+    copy_dir(&models_v1_v2().join(MODEL).join("v2"), &v3);
+    let manifest = std::fs::read_to_string(v3.join("manifest.toml")).unwrap();
+    std::fs::write(
+        v3.join("manifest.toml"),
+        manifest.replace("version = \"v2\"", "version = \"v3\""),
+    )
+    .unwrap();
+    riskserve::bundle::seal(&v3).unwrap();
+    wait_for("v3", pb::VersionState::Ready).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(serving_version(&server).await, "v2");
+    server.stop().await.unwrap();
+}
