@@ -27,7 +27,9 @@ pub struct Thresholds {
     pub max_p99_latency_ms: f64,
     /// Observations each arm needs before any guardrail may breach.
     pub min_sample: usize,
-    /// Significance of the rate tests.
+    /// Significance of the rate tests. Guardrails are re-evaluated every second on a sliding
+    /// window, so one rollout looks many times: 0.001 keeps the chance of a false rollback
+    /// over a whole rollout small, and real harm still shows at p far below it.
     pub alpha: f64,
     /// Observations kept per arm.
     pub window: usize,
@@ -43,7 +45,7 @@ impl Default for Thresholds {
             max_error_rate: 0.01,
             max_p99_latency_ms: 50.0,
             min_sample: 200,
-            alpha: 0.01,
+            alpha: 0.001,
             window: 10_000,
         }
     }
