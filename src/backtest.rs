@@ -90,6 +90,10 @@ impl BacktestReport {
 pub enum BacktestError {
     #[error("no recorded decisions of model {0} in the window")]
     Empty(String),
+    #[error(
+        "none of the {1} recorded decisions of model {0} carry the features the candidate needs"
+    )]
+    Unscorable(String, u64),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -217,6 +221,10 @@ pub fn run(
         scored.push((r, cand, champ));
     }
     progress(total, total);
+    if scored.is_empty() {
+        // Nothing the candidate could score is no evidence at all: not a pass.
+        return Err(BacktestError::Unscorable(spec.model.clone(), unscorable));
+    }
 
     Ok(BacktestReport {
         model: spec.model.clone(),

@@ -325,57 +325,66 @@ impl DecisionLog for SqliteLog {
 
     fn verify(&self) -> Result<VerifyReport, LogError> {
         self.read(|c| {
-            let head = read_head(c)?;
-            // Only consulted once, at a broken link: a full scan there is fine.
-            let mut lookup = c
-                .prepare("SELECT seq FROM decisions WHERE hash = ?1 LIMIT 1")
-                .map_err(query_err)?;
-            let mut find = |hash: &str| {
-                lookup
-                    .query_row([hash], |r| r.get::<_, i64>(0))
-                    .optional()
-                    .ok()
-                    .flatten()
-            };
-            let anchor = c
-                .query_row("SELECT seq, hash FROM chain_anchor WHERE id = 1", [], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                })
-                .optional()
-                .map_err(query_err)?;
-            let mut verifier = Verifier::new(&mut find, anchor);
-            let mut stmt = c
-                .prepare(&format!("SELECT {COLUMNS} FROM decisions ORDER BY seq"))
-                .map_err(query_err)?;
-            let mut rows = stmt.query([]).map_err(query_err)?;
-            while let Some(row) = rows.next().map_err(query_err)? {
-                let record = match row_to_record(row) {
-                    Ok(r) => r,
-                    // A field edited into something unreadable is an edit too.
-                    Err(e) => {
-                        let seq: i64 = row.get(0).unwrap_or_default();
-                        return Ok(VerifyReport {
-                            records: 0,
-                            head_hash: String::new(),
-                            first_break: Some(super::Break {
-                                seq,
-                                decision_id: row.get(1).unwrap_or_default(),
-                                kind: super::BreakKind::Edited,
-                                detail: format!(
-                                    "record seq {seq} was edited into an unreadable form: {e}"
-                                ),
-                            }),
-                        });
-                    }
-                };
-                if !verifier.push(record) {
-                    break;
-                }
-            }
-            let head = (head.seq > 0).then_some((head.seq, head.hash));
-            Ok(verifier.finish(head))
+            // One read transaction: the head, the anchor and the records from one snapshot,
+            // so a commit landing mid-walk is not mistaken for a cut-short log.
+            c.execute_batch("BEGIN").map_err(query_err)?;
+            let report = verify_snapshot(c);
+            let _ = c.execute_batch("COMMIT");
+            report
         })
     }
+}
+
+/// Walks the chain inside the caller's read transaction.
+fn verify_snapshot(c: &Connection) -> Result<VerifyReport, LogError> {
+    let head = read_head(c)?;
+
+    // Only consulted once, at a broken link: a full scan there is fine.
+    let mut lookup = c
+        .prepare("SELECT seq FROM decisions WHERE hash = ?1 LIMIT 1")
+        .map_err(query_err)?;
+    let mut find = |hash: &str| {
+        lookup
+            .query_row([hash], |r| r.get::<_, i64>(0))
+            .optional()
+            .ok()
+            .flatten()
+    };
+    let anchor = c
+        .query_row("SELECT seq, hash FROM chain_anchor WHERE id = 1", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()
+        .map_err(query_err)?;
+    let mut verifier = Verifier::new(&mut find, anchor);
+    let mut stmt = c
+        .prepare(&format!("SELECT {COLUMNS} FROM decisions ORDER BY seq"))
+        .map_err(query_err)?;
+    let mut rows = stmt.query([]).map_err(query_err)?;
+    while let Some(row) = rows.next().map_err(query_err)? {
+        let record = match row_to_record(row) {
+            Ok(r) => r,
+            // A field edited into something unreadable is an edit too.
+            Err(e) => {
+                let seq: i64 = row.get(0).unwrap_or_default();
+                return Ok(VerifyReport {
+                    records: 0,
+                    head_hash: String::new(),
+                    first_break: Some(super::Break {
+                        seq,
+                        decision_id: row.get(1).unwrap_or_default(),
+                        kind: super::BreakKind::Edited,
+                        detail: format!("record seq {seq} was edited into an unreadable form: {e}"),
+                    }),
+                });
+            }
+        };
+        if !verifier.push(record) {
+            break;
+        }
+    }
+    let head = (head.seq > 0).then_some((head.seq, head.hash));
+    Ok(verifier.finish(head))
 }
 
 fn since(w: &Window) -> String {

@@ -88,6 +88,7 @@ impl RolloutsApi for RolloutsService {
         self.rollouts
             .advance(
                 &r.model,
+                None,
                 &actor(&r.actor),
                 &reason(&r.reason, "advanced by hand"),
                 figures,

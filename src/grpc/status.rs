@@ -188,6 +188,9 @@ impl From<&RolloutError> for Refusal {
             RolloutError::Backtest(crate::backtest::BacktestError::Empty(_)) => {
                 Refusal::new(Code::FailedPrecondition, e)
             }
+            RolloutError::Backtest(crate::backtest::BacktestError::Unscorable(..)) => {
+                Refusal::new(Code::FailedPrecondition, e)
+            }
             RolloutError::Backtest(crate::backtest::BacktestError::Log(e)) => e.into(),
             RolloutError::Registry(e) => e.into(),
             RolloutError::Store(_) => Refusal::new(Code::Unavailable, e),

@@ -466,6 +466,7 @@ impl Rollouts {
                 && let Err(e) = self
                     .advance(
                         &record.model,
+                        Some(record.step),
                         "auto-advance",
                         "guardrails held through the bake time",
                         readings,
@@ -663,9 +664,12 @@ impl Rollouts {
         self.status(model)
     }
 
+    /// Moves to the next step. `from_step`, when given, must still be the current step (the
+    /// evaluator passes the step it judged, so a concurrent manual advance is not doubled).
     pub async fn advance(
         &self,
         model: &str,
+        from_step: Option<usize>,
         actor: &str,
         reason: &str,
         figures: Vec<GuardrailReading>,
@@ -675,6 +679,11 @@ impl Rollouts {
         let r = live.record.lock().expect("rollout lock").clone();
         if r.state != State::Active {
             return Err(RolloutError::WrongState(r.state.as_str()));
+        }
+        if from_step.is_some_and(|s| s != r.step) {
+            return Err(RolloutError::WrongState(
+                "at another step than the one judged",
+            ));
         }
         if r.step + 1 >= r.plan.steps.len() {
             return Err(RolloutError::LastStep);
@@ -730,14 +739,23 @@ impl Rollouts {
         reason: &str,
         figures: Vec<GuardrailReading>,
     ) -> Result<RolloutRecord, RolloutError> {
-        let _turn = self.control.lock().await;
+        // Stop routing to the candidate before anything else, even before waiting for another
+        // control operation (a long start-up backtest of another model): harm stops first.
         let live = self.get_live(model)?;
-        // Stop routing to the candidate before the write: harm stops first.
         live.share_bp.store(0, Ordering::Release);
         live.shadow.store(false, Ordering::Release);
+        let _turn = self.control.lock().await;
+        let live = self.get_live(model)?;
         let step = live.record.lock().expect("rollout lock").step;
-        self.transition(&live, State::RolledBack, step, actor, reason, figures)
-            .await
+        let result = self
+            .transition(&live, State::RolledBack, step, actor, reason, figures)
+            .await;
+        if result.is_err() {
+            // Not recorded: keep the candidate at 0 and stop auto-advance from undoing it
+            // until an operator (or the next breach) records the rollback.
+            live.record.lock().expect("rollout lock").state = State::Paused;
+        }
+        result
     }
 
     /// Makes the candidate the serving version and closes the rollout.
@@ -750,10 +768,14 @@ impl Rollouts {
         let _turn = self.control.lock().await;
         let live = self.get_live(model)?;
         let r = live.record.lock().expect("rollout lock").clone();
-        self.registry.serve(model, &r.candidate).await?;
         let figures = live.readings.lock().expect("readings lock").clone();
-        self.transition(&live, State::Promoted, r.step, actor, reason, figures)
-            .await
+        // Record first, then switch: a failed write leaves the rollout as it was, never a
+        // candidate serving everyone under a rollout that still looks open.
+        let promoted = self
+            .transition(&live, State::Promoted, r.step, actor, reason, figures)
+            .await?;
+        self.registry.serve(model, &r.candidate).await?;
+        Ok(promoted)
     }
 
     /// The model's open rollout, or else its latest one.
