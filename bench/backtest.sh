@@ -7,6 +7,7 @@
 # Usage: bench/backtest.sh   (env: FILL_DIR=... DURATION=5 WARMUP=1 ROUNDS=3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
@@ -20,10 +21,7 @@ cargo build --release --quiet
 [ -f "$FILL_DIR/decisions.db" ] || { echo "no filled log in $FILL_DIR (run bench/decision_log.sh)" >&2; exit 1; }
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp -r models "$OUT/models"
-"$BIN" train --data data/taiwan_credit_default.csv --label DID_DEFAULT_PAYMENT \
-  --model credit-limit --version v2 --seed 11 --schema data/taiwan_schema.toml \
-  --exclude USER_ID SEX MARITALSTATUS --created-at 2026-11-28T00:00:00Z \
-  --models "$OUT/models" > /dev/null
+train_version "$OUT/models" v2 11
 printf '[serving]\ncredit-limit = "v1"\n' > "$OUT/config.toml"
 RESULTS="$OUT/results.jsonl"
 

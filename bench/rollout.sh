@@ -5,6 +5,7 @@
 # Usage: bench/rollout.sh   (env: DURATION=5 WARMUP=1 ROUNDS=3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
@@ -15,10 +16,7 @@ BIN=target/release/riskserve
 cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp -r models "$OUT/models"
-"$BIN" train --data data/taiwan_credit_default.csv --label DID_DEFAULT_PAYMENT \
-  --model credit-limit --version v2 --seed 11 --schema data/taiwan_schema.toml \
-  --exclude USER_ID SEX MARITALSTATUS --created-at 2026-11-28T00:00:00Z \
-  --models "$OUT/models" > /dev/null
+train_version "$OUT/models" v2 11
 printf '[serving]\ncredit-limit = "v1"\n' > "$OUT/config.toml"
 cat > "$OUT/shadow-plan.toml" <<'PLAN'
 auto_advance = false

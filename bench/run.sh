@@ -4,6 +4,7 @@
 # reports medians and ratios. Usage: bench/run.sh   (env: DURATION=5 WARMUP=1 ROUNDS=3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
@@ -16,14 +17,8 @@ EMPTY_PORT=50072
 cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp -r models "$OUT/models"
-train() { # version seed
-  "$BIN" train --data data/taiwan_credit_default.csv --label DID_DEFAULT_PAYMENT \
-    --model credit-limit --version "$1" --seed "$2" --schema data/taiwan_schema.toml \
-    --exclude USER_ID SEX MARITALSTATUS --created-at 2026-11-28T00:00:00Z \
-    --models "$OUT/models" > /dev/null
-}
-train v2 11
-train v3 13
+train_version "$OUT/models" v2 11
+train_version "$OUT/models" v3 13
 printf '[serving]\ncredit-limit = "v1"\n' > "$OUT/config.toml"
 
 taskset -c 0 "$BIN" serve --listen 127.0.0.1:$PORT --models "$OUT/models" --data "$OUT/data" \

@@ -538,6 +538,11 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A refusal from the server as a CLI error: the gRPC code and the server's message.
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
 /// Connects to `--server`, accepting a bare `host:port`.
 pub async fn connect(server: &str) -> anyhow::Result<Channel> {
     let uri = if server.contains("://") {
@@ -645,7 +650,7 @@ async fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let response = ScoringClient::new(channel)
         .score(request)
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(status_error)?
         .into_inner();
     if args.json {
         println!("{}", response_json(&response));
@@ -712,7 +717,7 @@ fn response_json(r: &pb::ScoreResponse) -> serde_json::Value {
 
 async fn models(server: ServerArg, action: ModelsAction) -> anyhow::Result<ExitCode> {
     let mut client = ModelsClient::new(connect(&server.server).await?);
-    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let status = status_error;
     let print_version = |v: &pb::VersionStatus| {
         let state = pb::VersionState::try_from(v.state)
             .map(|s| {
@@ -823,7 +828,7 @@ fn who() -> String {
 async fn rollout_cmd(server: &str, json: bool, action: RolloutAction) -> anyhow::Result<ExitCode> {
     use crate::grpc::pb::rollouts_client::RolloutsClient;
     let mut client = RolloutsClient::new(connect(server).await?);
-    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let status = status_error;
     let r = |model: String, reason: String| pb::RolloutRef {
         model,
         actor: who(),
@@ -935,7 +940,7 @@ async fn backtest_cmd(
 ) -> anyhow::Result<ExitCode> {
     use crate::grpc::pb::rollouts_client::RolloutsClient;
     use tokio_stream::StreamExt;
-    let status = |s: tonic::Status| anyhow::anyhow!("{:?}: {}", s.code(), s.message());
+    let status = status_error;
     let mut stream = RolloutsClient::new(connect(server).await?)
         .backtest(request)
         .await

@@ -30,9 +30,7 @@ pub enum Query {
     },
 }
 
-fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
-}
+use crate::cli::status_error as status;
 
 fn decision_name(d: i32) -> String {
     pb::Decision::try_from(d)
