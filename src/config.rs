@@ -60,6 +60,8 @@ pub struct Config {
     pub customer_key_files: Vec<PathBuf>,
     /// How often rollout guardrails are evaluated.
     pub rollout_eval_interval_ms: u64,
+    /// How often the guardrail readings are kept for a rollout's history (its report charts).
+    pub rollout_snapshot_interval_ms: u64,
     /// Shadow scorings waiting for the shadow worker; more are dropped and counted.
     pub shadow_queue: usize,
     /// Benchmark baseline only: answer without recording. Not settable from a file.
@@ -83,6 +85,7 @@ impl Default for Config {
             log_queue: 16_384,
             customer_key_files: Vec::new(),
             rollout_eval_interval_ms: 1_000,
+            rollout_snapshot_interval_ms: 10_000,
             shadow_queue: 1_024,
             unrecorded_benchmark_only: false,
         }
@@ -118,6 +121,11 @@ impl Config {
         if !(10..=60_000).contains(&self.rollout_eval_interval_ms) || self.shadow_queue == 0 {
             return Err(ConfigError::Invalid(
                 "rollout_eval_interval_ms must be 10–60000 and shadow_queue at least 1".into(),
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.rollout_snapshot_interval_ms) {
+            return Err(ConfigError::Invalid(
+                "rollout_snapshot_interval_ms must be 100–3600000".into(),
             ));
         }
         if self.log_batch == 0 || self.log_queue == 0 {

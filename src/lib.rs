@@ -37,6 +37,7 @@ pub mod grpc;
 pub mod model;
 pub mod policy;
 pub mod registry;
+pub mod report;
 pub mod rollout;
 pub mod schema;
 pub mod scoring;

@@ -125,6 +125,7 @@ pub async fn serve(
         log.clone(),
         keys.clone(),
         config.shadow_queue,
+        std::time::Duration::from_millis(config.rollout_snapshot_interval_ms),
     )
     .await?;
     let rollout_task = tokio::spawn(rollouts.clone().run(

@@ -129,6 +129,41 @@ pub struct VersionStats {
     pub new_customers: u64,
 }
 
+/// Bins of the PD histograms: equal widths over [0, 1].
+pub const PD_BINS: usize = 20;
+
+/// What one arm of a rollout decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArmSummary {
+    /// champion, candidate or shadow.
+    pub arm: String,
+    pub stats: VersionStats,
+    /// Decisions by probability of default, in [`PD_BINS`] equal bins.
+    pub pd_histogram: Vec<u64>,
+}
+
+/// Decisions per arm in one stretch of time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ArmTraffic {
+    /// Start of the stretch, RFC 3339.
+    pub start: String,
+    pub champion: u64,
+    pub candidate: u64,
+    pub shadow: u64,
+}
+
+/// A rollout's decisions in aggregate, for its report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RolloutDecisions {
+    /// Arms in the order champion, candidate, shadow; an arm without decisions is absent.
+    pub arms: Vec<ArmSummary>,
+    /// Decisions per arm over time, oldest first, at the finest of second, minute, hour or
+    /// day that keeps the series within a few hundred points.
+    pub traffic: Vec<ArmTraffic>,
+    /// The length of one stretch in seconds.
+    pub stretch_secs: u64,
+}
+
 /// An inclusive-exclusive time window over `recorded_at` (RFC 3339 text).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Window {
@@ -164,6 +199,13 @@ pub trait DecisionLog: Send + Sync + 'static {
         version: &str,
         window: &Window,
     ) -> Result<VersionStats, LogError>;
+
+    /// The decisions a rollout made, in aggregate, from `since` (its start) on.
+    fn rollout_decisions(
+        &self,
+        rollout_id: &str,
+        since: &str,
+    ) -> Result<RolloutDecisions, LogError>;
 
     /// Visits the records in the window in chain order until `visit` returns false.
     fn scan(
@@ -224,6 +266,10 @@ impl DecisionLog for Unrecorded {
 
     fn version_stats(&self, _: &str, _: &str, _: &Window) -> Result<VersionStats, LogError> {
         Ok(VersionStats::default())
+    }
+
+    fn rollout_decisions(&self, _: &str, _: &str) -> Result<RolloutDecisions, LogError> {
+        Ok(RolloutDecisions::default())
     }
 
     fn scan(&self, _: &Window, _: &mut dyn FnMut(DecisionRecord) -> bool) -> Result<(), LogError> {

@@ -18,8 +18,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, GENESIS, Verifier};
 use super::{
-    AppendFuture, Appended, DecisionLog, DecisionRecord, Durability, LogError, RecordBody,
-    VerifyReport, VersionStats, Window,
+    AppendFuture, Appended, ArmSummary, ArmTraffic, DecisionLog, DecisionRecord, Durability,
+    LogError, PD_BINS, RecordBody, RolloutDecisions, VerifyReport, VersionStats, Window,
 };
 
 /// How long an unhealthy writer waits between recovery attempts when no decision arrives.
@@ -268,34 +268,30 @@ impl DecisionLog for SqliteLog {
     ) -> Result<VersionStats, LogError> {
         self.read(|c| {
             c.query_row(
-                "SELECT COUNT(*),
-                    COALESCE(SUM(decision = 'approve'), 0),
-                    COALESCE(SUM(decision = 'review'), 0),
-                    COALESCE(SUM(decision = 'decline'), 0),
-                    COALESCE(SUM(current_limit IS NOT NULL AND granted_limit > current_limit), 0),
-                    COALESCE(SUM(current_limit IS NOT NULL AND granted_limit = current_limit), 0),
-                    COALESCE(SUM(granted_limit < current_limit AND granted_limit > 0), 0),
-                    COALESCE(SUM(granted_limit = 0 AND current_limit > 0), 0),
-                    COALESCE(SUM(current_limit IS NULL), 0)
-                 FROM decisions
-                 WHERE model = ?1 AND version = ?2 AND arm != 'shadow'
-                   AND recorded_at >= ?3 AND recorded_at < ?4",
+                &format!(
+                    "SELECT {STATS} FROM decisions
+                     WHERE model = ?1 AND version = ?2 AND arm != 'shadow'
+                       AND recorded_at >= ?3 AND recorded_at < ?4"
+                ),
                 params![model, version, since(window), until(window)],
-                |r| {
-                    Ok(VersionStats {
-                        decisions: r.get::<_, i64>(0)? as u64,
-                        approve: r.get::<_, i64>(1)? as u64,
-                        review: r.get::<_, i64>(2)? as u64,
-                        decline: r.get::<_, i64>(3)? as u64,
-                        raised: r.get::<_, i64>(4)? as u64,
-                        held: r.get::<_, i64>(5)? as u64,
-                        cut: r.get::<_, i64>(6)? as u64,
-                        withdrawn: r.get::<_, i64>(7)? as u64,
-                        new_customers: r.get::<_, i64>(8)? as u64,
-                    })
-                },
+                |r| stats_from_row(r, 0),
             )
             .map_err(query_err)
+        })
+    }
+
+    fn rollout_decisions(
+        &self,
+        rollout_id: &str,
+        since: &str,
+    ) -> Result<RolloutDecisions, LogError> {
+        // Every query reads the time index from the rollout's start, then filters by id.
+        const SCOPE: &str = "recorded_at >= ?1 AND rollout_id = ?2";
+        self.read(|c| {
+            c.execute_batch("BEGIN").map_err(query_err)?;
+            let result = rollout_snapshot(c, SCOPE, rollout_id, since);
+            let _ = c.execute_batch("COMMIT");
+            result
         })
     }
 
@@ -385,6 +381,156 @@ fn verify_snapshot(c: &Connection) -> Result<VerifyReport, LogError> {
     }
     let head = (head.seq > 0).then_some((head.seq, head.hash));
     Ok(verifier.finish(head))
+}
+
+/// The aggregate columns of [`VersionStats`], in its field order.
+const STATS: &str = "COUNT(*),
+    COALESCE(SUM(decision = 'approve'), 0),
+    COALESCE(SUM(decision = 'review'), 0),
+    COALESCE(SUM(decision = 'decline'), 0),
+    COALESCE(SUM(current_limit IS NOT NULL AND granted_limit > current_limit), 0),
+    COALESCE(SUM(current_limit IS NOT NULL AND granted_limit = current_limit), 0),
+    COALESCE(SUM(granted_limit < current_limit AND granted_limit > 0), 0),
+    COALESCE(SUM(granted_limit = 0 AND current_limit > 0), 0),
+    COALESCE(SUM(current_limit IS NULL), 0)";
+
+fn stats_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<VersionStats> {
+    let n = |i: usize| r.get::<_, i64>(at + i).map(|v| v as u64);
+    Ok(VersionStats {
+        decisions: n(0)?,
+        approve: n(1)?,
+        review: n(2)?,
+        decline: n(3)?,
+        raised: n(4)?,
+        held: n(5)?,
+        cut: n(6)?,
+        withdrawn: n(7)?,
+        new_customers: n(8)?,
+    })
+}
+
+/// A rollout's aggregates from one read transaction, so that the arms, histograms and
+/// series agree with each other.
+fn rollout_snapshot(
+    c: &Connection,
+    scope: &str,
+    rollout_id: &str,
+    since: &str,
+) -> Result<RolloutDecisions, LogError> {
+    let mut out = RolloutDecisions::default();
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT arm, {STATS} FROM decisions WHERE {scope} GROUP BY arm"
+        ))
+        .map_err(query_err)?;
+    let rows = stmt
+        .query_map(params![since, rollout_id], |r| {
+            Ok((r.get::<_, String>(0)?, stats_from_row(r, 1)?))
+        })
+        .map_err(query_err)?;
+    for row in rows {
+        let (arm, stats) = row.map_err(query_err)?;
+        out.arms.push(ArmSummary {
+            arm,
+            stats,
+            pd_histogram: vec![0; PD_BINS],
+        });
+    }
+    let order = |a: &str| {
+        ["champion", "candidate", "shadow"]
+            .iter()
+            .position(|x| *x == a)
+    };
+    out.arms.sort_by_key(|a| order(&a.arm));
+
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT arm, MIN(MAX(CAST(pd * {PD_BINS} AS INTEGER), 0), {last}), COUNT(*)
+             FROM decisions WHERE {scope} GROUP BY 1, 2",
+            last = PD_BINS - 1
+        ))
+        .map_err(query_err)?;
+    let rows = stmt
+        .query_map(params![since, rollout_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(query_err)?;
+    for row in rows {
+        let (arm, bin, n) = row.map_err(query_err)?;
+        if let Some(a) = out.arms.iter_mut().find(|a| a.arm == arm) {
+            a.pd_histogram[bin as usize] += n as u64;
+        }
+    }
+
+    let span: Option<(String, String)> = c
+        .query_row(
+            &format!("SELECT MIN(recorded_at), MAX(recorded_at) FROM decisions WHERE {scope}"),
+            params![since, rollout_id],
+            |r| {
+                Ok(r.get::<_, Option<String>>(0)?
+                    .zip(r.get::<_, Option<String>>(1)?))
+            },
+        )
+        .map_err(query_err)?;
+    let Some((first, last)) = span else {
+        return Ok(out);
+    };
+    let secs = match (
+        humantime::parse_rfc3339(&first),
+        humantime::parse_rfc3339(&last),
+    ) {
+        (Ok(a), Ok(b)) => b.duration_since(a).map_or(0, |d| d.as_secs()),
+        _ => 0,
+    };
+    // recorded_at is fixed-width RFC 3339, so a prefix is a stretch of time: up to the
+    // seconds (19 characters), minutes (16), hours (13) or the day (10).
+    const MOST: u64 = 600;
+    let (prefix, pad, stretch) = if secs <= MOST {
+        (19, "Z", 1)
+    } else if secs <= MOST * 60 {
+        (16, ":00Z", 60)
+    } else if secs <= MOST * 3_600 {
+        (13, ":00:00Z", 3_600)
+    } else {
+        (10, "T00:00:00Z", 86_400)
+    };
+    out.stretch_secs = stretch;
+    let mut stmt = c
+        .prepare(&format!(
+            "SELECT substr(recorded_at, 1, {prefix}), arm, COUNT(*)
+             FROM decisions WHERE {scope} GROUP BY 1, 2 ORDER BY 1"
+        ))
+        .map_err(query_err)?;
+    let rows = stmt
+        .query_map(params![since, rollout_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(query_err)?;
+    for row in rows {
+        let (start, arm, n) = row.map_err(query_err)?;
+        let start = format!("{start}{pad}");
+        if out.traffic.last().is_none_or(|t| t.start != start) {
+            out.traffic.push(ArmTraffic {
+                start,
+                ..ArmTraffic::default()
+            });
+        }
+        let t = out.traffic.last_mut().expect("pushed above");
+        match arm.as_str() {
+            "champion" => t.champion += n as u64,
+            "candidate" => t.candidate += n as u64,
+            _ => t.shadow += n as u64,
+        }
+    }
+    Ok(out)
 }
 
 fn since(w: &Window) -> String {

@@ -399,3 +399,56 @@ impl From<crate::backtest::BacktestReport> for pb::BacktestReport {
         }
     }
 }
+
+impl From<crate::rollout::controller::RolloutHistory> for pb::RolloutHistory {
+    fn from(h: crate::rollout::controller::RolloutHistory) -> Self {
+        let record = &h.status.record;
+        let version_of = |arm: Option<Arm>| match arm {
+            Some(Arm::Champion) => record.champion.clone(),
+            _ => record.candidate.clone(),
+        };
+        let arms = h
+            .decisions
+            .arms
+            .into_iter()
+            .map(|a| {
+                let arm = Arm::parse(&a.arm);
+                pb::ArmSummary {
+                    arm: arm.map_or(pb::Arm::Unspecified, pb::Arm::from) as i32,
+                    summary: Some(version_summary(
+                        record.model.clone(),
+                        version_of(arm),
+                        a.stats,
+                    )),
+                    pd_histogram: a.pd_histogram,
+                }
+            })
+            .collect();
+        pb::RolloutHistory {
+            snapshots: h
+                .snapshots
+                .into_iter()
+                .map(|s| pb::GuardrailSnapshot {
+                    at: s.at,
+                    step: s.step as u32,
+                    share_bp: s.share_bp,
+                    figures: s.figures.into_iter().map(Into::into).collect(),
+                })
+                .collect(),
+            arms,
+            traffic: h
+                .decisions
+                .traffic
+                .into_iter()
+                .map(|t| pb::ArmTraffic {
+                    start: t.start,
+                    champion: t.champion,
+                    candidate: t.candidate,
+                    shadow: t.shadow,
+                })
+                .collect(),
+            stretch_secs: h.decisions.stretch_secs,
+            status: Some(h.status.into()),
+        }
+    }
+}

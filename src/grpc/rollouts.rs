@@ -210,6 +210,21 @@ impl RolloutsApi for RolloutsService {
         )))
     }
 
+    async fn history(
+        &self,
+        request: Request<pb::RolloutHistoryRequest>,
+    ) -> Result<Response<pb::RolloutHistory>, Status> {
+        let r = request.into_inner();
+        if r.id.is_empty() && r.model.is_empty() {
+            return Err(crate::grpc::status::invalid_field(
+                "id",
+                "id: give a rollout id, or a model for its latest rollout",
+            ));
+        }
+        let history = self.rollouts.history(&r.id, &r.model).await?;
+        Ok(Response::new(history.into()))
+    }
+
     async fn list(
         &self,
         _: Request<pb::ListRolloutsRequest>,

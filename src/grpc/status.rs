@@ -175,6 +175,8 @@ impl From<&RolloutError> for Refusal {
     fn from(e: &RolloutError) -> Self {
         match e {
             RolloutError::NoRollout(_) => Refusal::new(Code::NotFound, e),
+            RolloutError::UnknownId(_) => Refusal::new(Code::NotFound, e).on_field("id".into()),
+            RolloutError::Log(e) => e.into(),
             RolloutError::AlreadyOpen { .. } => Refusal::new(Code::AlreadyExists, e),
             RolloutError::Plan(_) => {
                 Refusal::new(Code::InvalidArgument, e).on_field("plan_toml".into())

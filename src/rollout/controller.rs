@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::guardrails::{ArmWindow, GuardrailReading, Observation, evaluate};
-use super::store::{RolloutRecord, RolloutStore, StoreError, Transition};
+use super::store::{RolloutRecord, RolloutStore, Snapshot, StoreError, Transition};
 use super::{Plan, State, Thresholds, is_candidate};
 
 /// Customers the start gate backtests at most (the latest decision of each).
@@ -23,7 +23,7 @@ const GATE_SAMPLE: usize = 100_000;
 use crate::backtest::{self, BacktestError, BacktestReport, BacktestSpec};
 use crate::bundle::Bundle;
 use crate::customer::CustomerKeys;
-use crate::decision_log::DecisionLog;
+use crate::decision_log::{DecisionLog, LogError, RolloutDecisions};
 use crate::policy::Outcome;
 use crate::registry::{Registry, RegistryError};
 use crate::scoring::{Arm, Decision, ScoreRequest, decide, record_body};
@@ -33,6 +33,8 @@ use crate::scoring::{Arm, Decision, ScoreRequest, decide, record_body};
 pub enum RolloutError {
     #[error("model {0} has no open rollout")]
     NoRollout(String),
+    #[error("no rollout has the id {0}")]
+    UnknownId(String),
     #[error("model {model} already has an open rollout ({id}); roll it back or promote it first")]
     AlreadyOpen { model: String, id: String },
     #[error("plan: {0}")]
@@ -53,6 +55,8 @@ pub enum RolloutError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 /// Counters per arm since the rollout started (this process).
@@ -81,6 +85,8 @@ pub struct Live {
     step_decisions: AtomicU64,
     step_started: Mutex<Instant>,
     readings: Mutex<Vec<GuardrailReading>>,
+    /// When the guardrails were last kept for the history.
+    snapshot_at: Mutex<Option<Instant>>,
 }
 
 impl Live {
@@ -101,6 +107,7 @@ impl Live {
             // The bake restarts with the process: a restart never shortens a step.
             step_started: Mutex::new(Instant::now()),
             readings: Mutex::new(Vec::new()),
+            snapshot_at: Mutex::new(None),
             record: Mutex::new(record),
         }
     }
@@ -185,6 +192,14 @@ struct ShadowJob {
     request: ScoreRequest,
 }
 
+/// A rollout's whole history, for its report.
+#[derive(Debug, Clone)]
+pub struct RolloutHistory {
+    pub status: RolloutStatus,
+    pub snapshots: Vec<Snapshot>,
+    pub decisions: RolloutDecisions,
+}
+
 /// All rollouts of a server.
 pub struct Rollouts {
     store: Arc<RolloutStore>,
@@ -196,6 +211,7 @@ pub struct Rollouts {
     shadow_tx: mpsc::Sender<ShadowJob>,
     shadow_rx: Mutex<Option<mpsc::Receiver<ShadowJob>>>,
     shadow_dropped: AtomicU64,
+    snapshot_every: Duration,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -239,6 +255,7 @@ impl Rollouts {
         log: Arc<dyn DecisionLog>,
         keys: CustomerKeys,
         shadow_queue: usize,
+        snapshot_every: Duration,
     ) -> Result<Arc<Rollouts>, RolloutError> {
         let (shadow_tx, shadow_rx) = mpsc::channel(shadow_queue.max(1));
         let rollouts = Arc::new(Rollouts {
@@ -251,6 +268,7 @@ impl Rollouts {
             shadow_tx,
             shadow_rx: Mutex::new(Some(shadow_rx)),
             shadow_dropped: AtomicU64::new(0),
+            snapshot_every,
         });
         for record in rollouts.store.list(true)? {
             match rollouts
@@ -433,6 +451,7 @@ impl Rollouts {
                 evaluate(&record.plan.guardrails, &w.champion, &w.candidate)
             };
             *live.readings.lock().expect("readings lock") = readings.clone();
+            self.keep_snapshot(&live, &record, &readings).await;
             if let Some(b) = readings.iter().find(|r| r.breached) {
                 let reason = format!(
                     "guardrail {} breached: {:.4} > {:.4} (candidate n={}, champion n={}{})",
@@ -475,6 +494,36 @@ impl Rollouts {
             {
                 tracing::error!(error = %e, "automatic advance failed");
             }
+        }
+    }
+
+    /// Keeps the guardrails for the rollout's history, at most once per `snapshot_every`.
+    /// A failed write is logged and skipped: the history is for charts, not for decisions.
+    async fn keep_snapshot(
+        &self,
+        live: &Live,
+        record: &RolloutRecord,
+        readings: &[GuardrailReading],
+    ) {
+        {
+            let mut at = live.snapshot_at.lock().expect("snapshot lock");
+            if at.is_some_and(|t| t.elapsed() < self.snapshot_every) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let snapshot = Snapshot {
+            at: now(),
+            step: record.step,
+            share_bp: live.share_bp.load(Ordering::Acquire),
+            figures: readings.to_vec(),
+        };
+        let store = self.store.clone();
+        let id = record.id.clone();
+        match tokio::task::spawn_blocking(move || store.save_snapshot(&id, &snapshot)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "guardrail snapshot not kept"),
+            Err(e) => tracing::warn!(error = %e, "guardrail snapshot not kept"),
         }
     }
 
@@ -832,6 +881,35 @@ impl Rollouts {
                 transitions,
                 record,
             },
+        })
+    }
+
+    /// The rollout `id`, or the model's open or latest one when `id` is empty: its status,
+    /// guardrail snapshots and the decisions of each arm. Reads on a blocking thread.
+    pub async fn history(&self, id: &str, model: &str) -> Result<RolloutHistory, RolloutError> {
+        let status = if id.is_empty() {
+            self.status(model)?
+        } else {
+            let record = self
+                .store
+                .get(id)?
+                .ok_or_else(|| RolloutError::UnknownId(id.to_string()))?;
+            self.status_of(record)?
+        };
+        let store = self.store.clone();
+        let log = self.log.clone();
+        let (rid, since) = (status.record.id.clone(), status.record.created_at.clone());
+        let (snapshots, decisions) = tokio::task::spawn_blocking(move || {
+            let snapshots = store.snapshots(&rid)?;
+            let decisions = log.rollout_decisions(&rid, &since)?;
+            Ok::<_, RolloutError>((snapshots, decisions))
+        })
+        .await
+        .map_err(|e| StoreError(e.to_string()))??;
+        Ok(RolloutHistory {
+            status,
+            snapshots,
+            decisions,
         })
     }
 

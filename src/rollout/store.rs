@@ -39,6 +39,17 @@ CREATE TABLE IF NOT EXISTS rollout_transitions (
     figures     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rollout_transitions_rollout ON rollout_transitions(rollout_id, id);
+-- What the guardrails read while a rollout ran, sampled, for charts of each against its
+-- threshold over time (transitions keep the figures of each decision point besides).
+CREATE TABLE IF NOT EXISTS rollout_readings (
+    id          INTEGER PRIMARY KEY,
+    rollout_id  TEXT NOT NULL REFERENCES rollouts(id),
+    at          TEXT NOT NULL,
+    step        INTEGER NOT NULL,
+    share_bp    INTEGER NOT NULL,
+    figures     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_readings_rollout ON rollout_readings(rollout_id, id);
 ";
 
 /// Why the store failed.
@@ -77,6 +88,15 @@ pub struct Transition {
     pub to_step: usize,
     pub actor: String,
     pub reason: String,
+    pub figures: Vec<GuardrailReading>,
+}
+
+/// The guardrails of a rollout at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub at: String,
+    pub step: usize,
+    pub share_bp: u32,
     pub figures: Vec<GuardrailReading>,
 }
 
@@ -252,6 +272,56 @@ impl RolloutStore {
         Ok(out)
     }
 
+    /// Keeps one guardrail snapshot.
+    pub fn save_snapshot(&self, rollout_id: &str, s: &Snapshot) -> Result<(), StoreError> {
+        let conn = self.conn.lock().expect("store lock poisoned");
+        conn.execute(
+            "INSERT INTO rollout_readings (rollout_id, at, step, share_bp, figures) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                rollout_id,
+                s.at,
+                s.step as i64,
+                s.share_bp,
+                serde_json::to_string(&s.figures).map_err(err)?
+            ],
+        )
+        .map_err(err)?;
+        Ok(())
+    }
+
+    /// A rollout's guardrail snapshots, oldest first.
+    pub fn snapshots(&self, rollout_id: &str) -> Result<Vec<Snapshot>, StoreError> {
+        let conn = self.conn.lock().expect("store lock poisoned");
+        let mut stmt = conn
+            .prepare(
+                "SELECT at, step, share_bp, figures FROM rollout_readings \
+                 WHERE rollout_id = ?1 ORDER BY id",
+            )
+            .map_err(err)?;
+        let rows = stmt
+            .query_map([rollout_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (at, step, share_bp, figures) = row.map_err(err)?;
+            out.push(Snapshot {
+                at,
+                step: step as usize,
+                share_bp,
+                figures: serde_json::from_str(&figures).map_err(err)?,
+            });
+        }
+        Ok(out)
+    }
+
     /// The open rollout of a model, if any.
     pub fn open_for(&self, model: &str) -> Result<Option<RolloutRecord>, StoreError> {
         Ok(self.list(true)?.into_iter().find(|r| r.model == model))
@@ -312,5 +382,14 @@ mod tests {
         assert_eq!(store.get("r1").unwrap().unwrap(), r);
         assert!(store.open_for("m").unwrap().is_none());
         assert_eq!(store.transitions("r1").unwrap().len(), 2);
+        let snap = Snapshot {
+            at: "2026-11-28T00:00:01Z".into(),
+            step: 0,
+            share_bp: 100,
+            figures: vec![],
+        };
+        store.save_snapshot("r1", &snap).unwrap();
+        assert_eq!(store.snapshots("r1").unwrap(), vec![snap]);
+        assert!(store.snapshots("r2").unwrap().is_empty());
     }
 }
