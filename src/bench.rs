@@ -185,7 +185,7 @@ fn args_stride() -> usize {
 }
 
 /// One request per CSV row, with the features the bundle's schema names.
-fn requests(
+pub(crate) fn requests(
     bundle_dir: &std::path::Path,
     data: &std::path::Path,
     model: &str,

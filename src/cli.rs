@@ -1,4 +1,5 @@
-//! The `riskserve` command line: `serve`, `train`, `score`, `models` and `bench`.
+//! The `riskserve` command line: `serve`, `train`, `score`, `models`, `rollout`, `backtest`,
+//! `trace`, `report`, `demo` and `bench`.
 //!
 //! Arguments are parsed by clap into typed structs before any work starts; every command
 //! returns `anyhow::Result`, and `main` prints errors with their whole cause chain. Client
@@ -87,6 +88,16 @@ enum Command {
         #[command(subcommand)]
         query: TraceQuery,
     },
+    /// Write a rollout's or a customer's history as one self-contained HTML page.
+    Report {
+        #[command(flatten)]
+        server: ServerArg,
+        #[command(subcommand)]
+        what: ReportKind,
+    },
+    /// The incident end to end on a private server: a flawed version caught and rolled back,
+    /// the affected customer traced, a sound version rolled out to everyone.
+    Demo(crate::demo::DemoArgs),
     /// Closed-loop load generator against a running server; prints one JSON line.
     Bench(BenchArgs),
     /// Fill a data directory's decision log with scored decisions, for lookup benchmarks.
@@ -221,6 +232,25 @@ enum TraceQuery {
         until: String,
         #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
         format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReportKind {
+    /// A rollout: step timeline, arm shares, guardrails against thresholds, PD distributions.
+    Rollout {
+        /// The rollout's id (see `rollout list`); without it, `--model`'s open or latest one.
+        id: Option<String>,
+        #[arg(long, required_unless_present = "id")]
+        model: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A customer's limit over time, each change marked with the version and arm that made it.
+    Customer {
+        customer_id: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -370,6 +400,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             query_args(query),
         )),
+        Command::Report { server, what } => runtime.block_on(report_cmd(&server.server, what)),
+        Command::Demo(args) => runtime
+            .block_on(crate::demo::run(args))
+            .map(|_| ExitCode::SUCCESS),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::BenchEmptyServer { listen } => runtime.block_on(bench::empty_server(listen)),
         Command::BenchFillLog {
@@ -938,6 +972,24 @@ async fn backtest_cmd(
     request: pb::BacktestRequest,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let report = fetch_backtest(server, request).await?;
+    if json {
+        println!("{}", crate::cli_trace::backtest_json(&report));
+    } else {
+        crate::cli_trace::print_backtest(&report);
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Runs a backtest on the server with a progress bar and returns its report.
+pub(crate) async fn fetch_backtest(
+    server: &str,
+    request: pb::BacktestRequest,
+) -> anyhow::Result<pb::BacktestReport> {
     use crate::grpc::pb::rollouts_client::RolloutsClient;
     use tokio_stream::StreamExt;
     let status = status_error;
@@ -964,15 +1016,37 @@ async fn backtest_cmd(
         }
     }
     bar.finish_and_clear();
-    let report = report.context("the server ended the backtest without a report")?;
-    if json {
-        println!("{}", crate::cli_trace::backtest_json(&report));
-    } else {
-        crate::cli_trace::print_backtest(&report);
+    report.context("the server ended the backtest without a report")
+}
+
+async fn report_cmd(server: &str, what: ReportKind) -> anyhow::Result<ExitCode> {
+    match what {
+        ReportKind::Rollout { id, model, out } => {
+            let h = crate::cli_report::rollout(
+                server,
+                id.as_deref().unwrap_or(""),
+                model.as_deref().unwrap_or(""),
+                &out,
+            )
+            .await?;
+            let s = h.status.unwrap_or_default();
+            println!(
+                "wrote {} (rollout {} of {} {}: {})",
+                out.display(),
+                s.id,
+                s.model,
+                s.candidate,
+                s.state
+            );
+        }
+        ReportKind::Customer { customer_id, out } => {
+            let records = crate::cli_report::customer(server, &customer_id, &out).await?;
+            println!(
+                "wrote {} ({} decisions of customer {customer_id})",
+                out.display(),
+                records.len()
+            );
+        }
     }
-    Ok(if report.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(ExitCode::SUCCESS)
 }

@@ -22,17 +22,22 @@
 //! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify.
 //! - [`train`]: fits a version with linfa and writes its bundle.
 //! - [`config`]: defaults, file, environment and flags, checked before anything starts.
-//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`bench`] its
-//!   load generator.
+//! - [`rollout`]: plans, sticky assignment, guardrails, the controller and its store;
+//!   [`backtest`] previews a candidate on recorded traffic.
+//! - [`report`]: self-contained HTML pages of a rollout or a customer, from API messages.
+//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`demo`] the
+//!   incident end to end, [`bench`] the load generator.
 
 pub mod backtest;
 pub mod bench;
 pub mod bundle;
 pub mod cli;
+mod cli_report;
 mod cli_trace;
 pub mod config;
 pub mod customer;
 pub mod decision_log;
+pub mod demo;
 pub mod grpc;
 pub mod model;
 pub mod policy;

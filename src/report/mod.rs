@@ -321,11 +321,21 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
     }
     if order.is_empty() {
         body.push_str("<p class=\"meta\">No guardrail readings were kept for this rollout.</p>");
+    } else {
+        body.push_str(
+            "<p class=\"meta\">Values are drawn once both arms have the plan's minimum sample; \
+             before that a guardrail is not judged.</p>",
+        );
     }
     for name in &order {
         let mut points = readings.remove(name).unwrap_or_default();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let value: Vec<(f64, f64)> = points.iter().map(|(x, g)| (*x, g.value)).collect();
+        // A reading on too small a sample is not judged, and would mislead drawn as a value.
+        let value: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|(_, g)| g.note.is_empty())
+            .map(|(x, g)| (*x, g.value))
+            .collect();
         let threshold: Vec<(f64, f64)> = points.iter().map(|(x, g)| (*x, g.threshold)).collect();
         let breached: Vec<(f64, f64)> = points
             .iter()

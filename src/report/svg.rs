@@ -175,6 +175,23 @@ impl Frame {
     fn y(&self, v: f64) -> f64 {
         self.height - BOTTOM - (v - self.y0) / (self.y1 - self.y0) * (self.height - TOP - BOTTOM)
     }
+
+    /// Horizontal grid lines with their values, every `step` from `y0` to `y1`.
+    fn y_grid(&self, out: &mut String, step: f64) {
+        let mut v = self.y0;
+        while v <= self.y1 + step * 1e-6 {
+            let y = self.y(v);
+            let _ = write!(
+                out,
+                r#"<line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" class="grid"/><text x="{}" y="{:.1}" class="tick" text-anchor="end">{}</text>"#,
+                WIDTH - RIGHT,
+                LEFT - 6.0,
+                y + 4.0,
+                number(v, step)
+            );
+            v += step;
+        }
+    }
 }
 
 fn open_svg(out: &mut String, title: &str, height: f64) {
@@ -264,19 +281,7 @@ impl TimeChart {
             height,
         };
         // Grid and axes.
-        let mut v = y0;
-        while v <= y1 + step * 1e-6 {
-            let y = f.y(v);
-            let _ = write!(
-                out,
-                r#"<line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" class="grid"/><text x="{}" y="{:.1}" class="tick" text-anchor="end">{}</text>"#,
-                WIDTH - RIGHT,
-                LEFT - 6.0,
-                y + 4.0,
-                number(v, step)
-            );
-            v += step;
-        }
+        f.y_grid(&mut out, step);
         for (t, label) in time_ticks(x0, x1) {
             let x = f.x(t);
             let _ = write!(
@@ -298,11 +303,16 @@ impl TimeChart {
         );
         for m in &self.marks {
             let x = f.x(m.at);
+            // Near the right edge the label goes left of its line, clear of the legend.
+            let (label_x, anchor) = if x > WIDTH - RIGHT - 80.0 {
+                (x - 3.0, "end")
+            } else {
+                (x + 3.0, "start")
+            };
             let _ = write!(
                 out,
-                r#"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{}" stroke="{c}" stroke-dasharray="3 3"/><text x="{:.1}" y="{}" class="mark" fill="{c}">{}</text>"#,
+                r#"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{}" stroke="{c}" stroke-dasharray="3 3"/><text x="{label_x:.1}" y="{}" class="mark" fill="{c}" text-anchor="{anchor}">{}</text>"#,
                 height - BOTTOM,
-                x + 3.0,
                 TOP + 10.0,
                 escape(&m.label),
                 c = m.color
@@ -471,19 +481,7 @@ impl Histogram {
             y1,
             height,
         };
-        let mut v = 0.0;
-        while v <= y1 + step * 1e-6 {
-            let y = f.y(v);
-            let _ = write!(
-                out,
-                r#"<line x1="{LEFT}" y1="{y:.1}" x2="{}" y2="{y:.1}" class="grid"/><text x="{}" y="{:.1}" class="tick" text-anchor="end">{}</text>"#,
-                WIDTH - RIGHT,
-                LEFT - 6.0,
-                y + 4.0,
-                number(v, step)
-            );
-            v += step;
-        }
+        f.y_grid(&mut out, step);
         let slot = f.x(1.0) - f.x(0.0);
         let width = (slot * 0.8) / self.groups.len().max(1) as f64;
         for (g, (_, color, values)) in self.groups.iter().enumerate() {

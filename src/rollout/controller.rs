@@ -87,6 +87,8 @@ pub struct Live {
     readings: Mutex<Vec<GuardrailReading>>,
     /// When the guardrails were last kept for the history.
     snapshot_at: Mutex<Option<Instant>>,
+    /// A snapshot write is under way; the next waits for it rather than queueing behind it.
+    snapshot_writing: Arc<AtomicBool>,
 }
 
 impl Live {
@@ -108,6 +110,7 @@ impl Live {
             step_started: Mutex::new(Instant::now()),
             readings: Mutex::new(Vec::new()),
             snapshot_at: Mutex::new(None),
+            snapshot_writing: Arc::default(),
             record: Mutex::new(record),
         }
     }
@@ -451,7 +454,7 @@ impl Rollouts {
                 evaluate(&record.plan.guardrails, &w.champion, &w.candidate)
             };
             *live.readings.lock().expect("readings lock") = readings.clone();
-            self.keep_snapshot(&live, &record, &readings).await;
+            self.keep_snapshot(&live, &record, &readings);
             if let Some(b) = readings.iter().find(|r| r.breached) {
                 let reason = format!(
                     "guardrail {} breached: {:.4} > {:.4} (candidate n={}, champion n={}{})",
@@ -498,16 +501,16 @@ impl Rollouts {
     }
 
     /// Keeps the guardrails for the rollout's history, at most once per `snapshot_every`.
-    /// A failed write is logged and skipped: the history is for charts, not for decisions.
-    async fn keep_snapshot(
-        &self,
-        live: &Live,
-        record: &RolloutRecord,
-        readings: &[GuardrailReading],
-    ) {
+    /// The write runs on its own: the store shares the log's file, and under a busy log
+    /// writer it can wait on SQLite's lock for a second or more, which must not hold up the
+    /// guardrails. A failed write is logged and skipped: the history is for charts, not for
+    /// decisions.
+    fn keep_snapshot(&self, live: &Live, record: &RolloutRecord, readings: &[GuardrailReading]) {
         {
             let mut at = live.snapshot_at.lock().expect("snapshot lock");
-            if at.is_some_and(|t| t.elapsed() < self.snapshot_every) {
+            if at.is_some_and(|t| t.elapsed() < self.snapshot_every)
+                || live.snapshot_writing.swap(true, Ordering::AcqRel)
+            {
                 return;
             }
             *at = Some(Instant::now());
@@ -520,11 +523,13 @@ impl Rollouts {
         };
         let store = self.store.clone();
         let id = record.id.clone();
-        match tokio::task::spawn_blocking(move || store.save_snapshot(&id, &snapshot)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "guardrail snapshot not kept"),
-            Err(e) => tracing::warn!(error = %e, "guardrail snapshot not kept"),
-        }
+        let writing = live.snapshot_writing.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save_snapshot(&id, &snapshot) {
+                tracing::warn!(error = %e, "guardrail snapshot not kept");
+            }
+            writing.store(false, Ordering::Release);
+        });
     }
 
     /// Records a transition, then applies it in memory.

@@ -9,6 +9,9 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+/// Decisions each arm needs before PSI is judged, whatever the plan's `min_sample`.
+pub const PSI_MIN_SAMPLE: usize = 200;
+
 /// Guardrail thresholds; part of a plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -176,6 +179,12 @@ pub fn evaluate(
         &champion.decided().map(|o| o.pd).collect::<Vec<_>>(),
         &candidate.decided().map(|o| o.pd).collect::<Vec<_>>(),
     );
+    // PSI has no significance test: on a small sample, chance alone leaves a decile nearly
+    // empty and inflates it. It is judged only on samples where that noise stays well under
+    // any sensible threshold.
+    let psi_min = t.min_sample.max(PSI_MIN_SAMPLE);
+    let psi_enough =
+        candidate.decided().count() >= psi_min && champion.decided().count() >= psi_min;
     readings.push(GuardrailReading {
         name: "psi".into(),
         value: psi_value,
@@ -183,8 +192,12 @@ pub fn evaluate(
         p_value: None,
         candidate_n: candidate.decided().count(),
         champion_n: champion.decided().count(),
-        breached: enough && psi_value > t.max_psi,
-        note: note.clone(),
+        breached: psi_enough && psi_value > t.max_psi,
+        note: if psi_enough {
+            String::new()
+        } else {
+            format!("waiting for {psi_min} decisions on each arm")
+        },
     });
     let errors = candidate.seen.iter().filter(|o| o.error).count();
     let error_rate = ratio(errors, candidate.len());
@@ -268,7 +281,9 @@ pub fn psi(expected: &[f64], actual: &[f64]) -> f64 {
         for x in xs {
             bins[cuts.iter().take_while(|c| x >= c).count()] += 1;
         }
-        bins.map(|b| (b as f64 / xs.len() as f64).max(1e-4))
+        // Half a count added to every bin (Jeffreys): an empty bin stays finite without a
+        // floor so small that one empty decile alone would read as a large shift.
+        bins.map(|b| (b as f64 + 0.5) / (xs.len() as f64 + 5.0))
     };
     let (e, a) = (shares(expected), shares(actual));
     e.iter().zip(&a).map(|(e, a)| (a - e) * (a / e).ln()).sum()
@@ -321,6 +336,16 @@ mod tests {
         assert!(psi(&a, &a) < 1e-9);
         let shifted: Vec<f64> = a.iter().map(|x| (x + 0.3).min(1.0)).collect();
         assert!(psi(&a, &shifted) > 0.25);
+    }
+
+    #[test]
+    fn psi_of_a_small_sample_from_the_same_distribution_stays_under_the_threshold() {
+        // 200 draws from the champion's own distribution, in a fixed pseudo-random order.
+        let champion: Vec<f64> = (0..5000).map(|i| i as f64 / 5000.0).collect();
+        let sample: Vec<f64> = (0..PSI_MIN_SAMPLE)
+            .map(|i| ((i * 7919) % 5000) as f64 / 5000.0)
+            .collect();
+        assert!(psi(&champion, &sample) < 0.1, "{}", psi(&champion, &sample));
     }
 
     #[test]
