@@ -534,7 +534,15 @@ pub fn rollout_json(s: &pb::RolloutStatus) -> Value {
 
 /// A rollout's status for people.
 pub fn print_rollout(s: &pb::RolloutStatus) {
-    let share = if s.share_bp == 0 && s.shadow {
+    // Live counts exist only while a rollout is open; a closed one's are in the log.
+    let open = matches!(s.state.as_str(), "active" | "paused");
+    let share = if !open {
+        if s.state == "promoted" {
+            format!("{} now serves", s.candidate)
+        } else {
+            "no customers".to_string()
+        }
+    } else if s.share_bp == 0 && s.shadow {
         "shadow".to_string()
     } else {
         format!("{:.2}%", f64::from(s.share_bp) / 100.0)
@@ -550,15 +558,22 @@ pub fn print_rollout(s: &pb::RolloutStatus) {
         s.steps,
         s.step_started_at
     );
-    println!(
-        "  decisions: champion {}, candidate {}, shadow {} (shadow dropped {}), candidate errors {}; {} at this step",
-        s.champion_decisions,
-        s.candidate_decisions,
-        s.shadow_decisions,
-        s.shadow_dropped,
-        s.candidate_errors,
-        s.step_decisions
-    );
+    if !open {
+        println!(
+            "  decisions of each arm: `riskserve report rollout {}` or `trace by-version`",
+            s.id
+        );
+    } else {
+        println!(
+            "  decisions: champion {}, candidate {}, shadow {} (shadow dropped {}), candidate errors {}; {} at this step",
+            s.champion_decisions,
+            s.candidate_decisions,
+            s.shadow_decisions,
+            s.shadow_dropped,
+            s.candidate_errors,
+            s.step_decisions
+        );
+    }
     if !s.guardrails.is_empty() {
         println!(
             "  {:<22} {:>10} {:>10} {:>9} {:>8} {:>8}  status",
