@@ -106,6 +106,7 @@ async fn rollout_and_customer_reports_are_self_contained_charts_a_browser_draws(
         for (i, item) in (round * 500..).zip(items) {
             if let Some(pb::score_batch_item::Outcome::Response(r)) = item.outcome
                 && r.arm == pb::Arm::Candidate as i32
+                && r.current_limit != Some(r.granted_limit)
             {
                 candidate_customer.get_or_insert(all[i % all.len()].id.clone());
             }
@@ -124,7 +125,7 @@ async fn rollout_and_customer_reports_are_self_contained_charts_a_browser_draws(
         }
         assert!(Instant::now() < deadline, "v9 was never rolled back");
     }
-    let customer = &candidate_customer.expect("the candidate decided for someone");
+    let customer = &candidate_customer.expect("the candidate changed someone's limit");
 
     // The reports, through the command line a reviewer uses.
     let dir = tempfile::tempdir().unwrap();

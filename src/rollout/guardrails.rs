@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 /// Decisions each arm needs before PSI is judged, whatever the plan's `min_sample`.
 pub const PSI_MIN_SAMPLE: usize = 200;
 
+/// Candidate decisions needed before the p99 latency is judged: on fewer, the p99 is one of
+/// the few slowest, and one scoring descheduled for a moment would roll a sound version back.
+pub const P99_MIN_SAMPLE: usize = 1_000;
+
 /// Guardrail thresholds; part of a plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -216,6 +220,8 @@ pub fn evaluate(
         },
     });
     let p99_ms = p99(candidate.decided().map(|o| o.latency_us)) / 1000.0;
+    let p99_min = t.min_sample.max(P99_MIN_SAMPLE);
+    let p99_enough = candidate.decided().count() >= p99_min;
     readings.push(GuardrailReading {
         name: "p99_latency_ms".into(),
         value: p99_ms,
@@ -223,8 +229,12 @@ pub fn evaluate(
         p_value: None,
         candidate_n: candidate.decided().count(),
         champion_n: champion.decided().count(),
-        breached: enough && p99_ms > t.max_p99_latency_ms,
-        note,
+        breached: p99_enough && p99_ms > t.max_p99_latency_ms,
+        note: if p99_enough {
+            String::new()
+        } else {
+            format!("waiting for {p99_min} candidate decisions")
+        },
     });
     readings
 }
@@ -346,6 +356,44 @@ mod tests {
             .map(|i| ((i * 7919) % 5000) as f64 / 5000.0)
             .collect();
         assert!(psi(&champion, &sample) < 0.1, "{}", psi(&champion, &sample));
+    }
+
+    #[test]
+    fn one_slow_scoring_in_a_small_sample_is_no_latency_breach_and_a_slow_version_is() {
+        let t = Thresholds {
+            min_sample: 100,
+            ..Thresholds::default()
+        };
+        let champion = window(5_000, 0, |i| (i % 100) as f64 / 100.0);
+        let p99 = |w: &ArmWindow| {
+            evaluate(&t, &champion, w)
+                .into_iter()
+                .find(|r| r.name == "p99_latency_ms")
+                .unwrap()
+        };
+        // 100 decisions, one of them descheduled for 80 ms: its p99 is that one.
+        let mut few = window(99, 0, |i| (i % 100) as f64 / 100.0);
+        few.push(
+            Observation {
+                latency_us: 80_000,
+                ..obs(false, false, 0.5)
+            },
+            100_000,
+        );
+        let r = p99(&few);
+        assert!(r.value > t.max_p99_latency_ms && !r.breached, "{r:?}");
+        // A version slow on 2% of 1,000 decisions is.
+        let mut slow = window(980, 0, |i| (i % 100) as f64 / 100.0);
+        for _ in 0..20 {
+            slow.push(
+                Observation {
+                    latency_us: 80_000,
+                    ..obs(false, false, 0.5)
+                },
+                100_000,
+            );
+        }
+        assert!(p99(&slow).breached);
     }
 
     #[test]
