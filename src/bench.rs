@@ -105,12 +105,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         );
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            // Requests the server shed (RESOURCE_EXHAUSTED): how fast the refusal came.
+            let mut shed = hist.clone();
             let mut i = t;
             // Request ids unique across runs against the same log.
             let run = uuid::Uuid::now_v7();
             while !stop.load(Ordering::Relaxed) {
                 i += args_stride();
                 let start = Instant::now();
+                let mut refused = false;
                 let ok = match history {
                     Some(n) => {
                         let customer_id = format!("fill-{}", (i as u64 * 2_654_435_761) % n);
@@ -122,18 +125,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                     None => {
                         let mut req = requests[i % requests.len()].clone();
                         req.request_id = format!("bench-{run}-{t}-{i}");
-                        client.score(req).await.is_ok()
+                        match client.score(req).await {
+                            Ok(_) => true,
+                            Err(s) => {
+                                refused = s.code() == tonic::Code::ResourceExhausted;
+                                false
+                            }
+                        }
                     }
                 };
                 if measuring.load(Ordering::Relaxed) {
                     if ok {
                         hist.saturating_record(start.elapsed().as_micros() as u64);
+                    } else if refused {
+                        shed.saturating_record(start.elapsed().as_micros() as u64);
                     } else {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            hist
+            (hist, shed)
         }));
     }
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
@@ -148,8 +159,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut shed = hist.clone();
     for t in tasks {
-        hist.add(t.await?)?;
+        let (h, s) = t.await?;
+        hist.add(h)?;
+        shed.add(s)?;
     }
     let swaps = match swapper {
         Some(s) => s.await??,
@@ -174,6 +188,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "p999_us": hist.value_at_quantile(0.999),
         "max_us": hist.max(),
         "swaps": swaps,
+        "shed": shed.len(),
+        "shed_p50_us": shed.value_at_quantile(0.50),
+        "shed_p99_us": shed.value_at_quantile(0.99),
     });
     println!("{line}");
     Ok(std::process::ExitCode::SUCCESS)
@@ -227,7 +244,7 @@ pub(crate) fn requests(
 }
 
 async fn swap_storm(
-    channel: tonic::transport::Channel,
+    channel: crate::cli::Conn,
     args: &BenchArgs,
     stop: &AtomicBool,
 ) -> anyhow::Result<u64> {
@@ -357,6 +374,8 @@ pub async fn fill_log(
                 .map(|(f, v)| (f.name.clone(), RawValue::Number(*v)))
                 .collect(),
             current_limit: *limit,
+            caller: Some("bench-fill-log".into()),
+            deadline: None,
         };
         let decision = decide(&bundle, &req, x, Arm::Champion);
         inflight.push_back(log.append(record_body(&keys, &req, &bundle, x, &decision, None)));

@@ -12,7 +12,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::bench::{self, BenchArgs};
 use crate::bundle::Manifest;
@@ -98,6 +101,16 @@ enum Command {
     /// The incident end to end on a private server: a flawed version caught and rolled back,
     /// the affected customer traced, a sound version rolled out to everyone.
     Demo(crate::demo::DemoArgs),
+    /// Make a bearer token for a caller: prints the token once, and the config entry that
+    /// holds only its hash.
+    Token {
+        /// The caller's name, recorded with every decision and transition they make.
+        #[arg(long)]
+        name: String,
+        /// Roles: scorer (Scoring), operator (Models, Rollouts), reviewer (Trace).
+        #[arg(long = "role", required = true, value_parser = ["scorer", "operator", "reviewer"])]
+        roles: Vec<String>,
+    },
     /// Closed-loop load generator against a running server; prints one JSON line.
     Bench(BenchArgs),
     /// Fill a data directory's decision log with scored decisions, for lookup benchmarks.
@@ -148,6 +161,9 @@ struct ServeArgs {
     /// Customer HMAC key files, current first, comma-separated.
     #[arg(long, env = "RISKSERVE_CUSTOMER_KEY_FILES", value_delimiter = ',')]
     customer_key_files: Vec<PathBuf>,
+    /// Serve plaintext beyond loopback (only behind something that encrypts).
+    #[arg(long, env = "RISKSERVE_ALLOW_PLAINTEXT")]
+    allow_plaintext: bool,
     /// Benchmark baseline: answer decisions without recording them.
     #[arg(long, hide = true)]
     unrecorded_benchmark_only: bool,
@@ -404,6 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => runtime
             .block_on(crate::demo::run(args))
             .map(|_| ExitCode::SUCCESS),
+        Command::Token { name, roles } => token_cmd(&name, &roles),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::BenchEmptyServer { listen } => runtime.block_on(bench::empty_server(listen)),
         Command::BenchFillLog {
@@ -453,6 +470,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
     }
     config.unrecorded_benchmark_only = args.unrecorded_benchmark_only;
+    config.allow_plaintext |= args.allow_plaintext;
     if !args.customer_key_files.is_empty() {
         config.customer_key_files = args.customer_key_files.clone();
     }
@@ -572,27 +590,108 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn token_cmd(name: &str, roles: &[String]) -> anyhow::Result<ExitCode> {
+    use rand::RngCore;
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let token = format!("rs_{}", hex::encode(secret));
+    let entry = crate::auth::TokenEntry {
+        name: name.into(),
+        roles: roles
+            .iter()
+            .map(|r| toml::Value::String(r.clone()).try_into())
+            .collect::<Result<_, _>>()
+            .context("unknown role")?,
+        sha256: crate::auth::token_sha256(&token),
+    };
+    eprintln!("give this token to {name} (it is shown only now; callers set RISKSERVE_TOKEN):");
+    println!("{token}");
+    eprintln!("\nand add this to the server's config file:\n");
+    eprintln!(
+        "[[auth.tokens]]\n{}",
+        toml::to_string(&entry).context("writing the entry")?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A refusal from the server as a CLI error: the gRPC code and the server's message.
 pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
-/// Connects to `--server`, accepting a bare `host:port`.
-pub async fn connect(server: &str) -> anyhow::Result<Channel> {
+/// A connection to the server that sends the caller's credentials with every request.
+pub type Conn = InterceptedService<Channel, Credentials>;
+
+/// The bearer token from `RISKSERVE_TOKEN`, if set (kept off the command line, where any
+/// user of the machine could read it).
+#[derive(Debug, Clone)]
+pub struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(bearer) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects to `--server`, accepting a bare `host:port`. `https://` uses TLS, trusting
+/// `RISKSERVE_CA_CERT` (PEM) if set, and presents `RISKSERVE_CLIENT_CERT` and
+/// `RISKSERVE_CLIENT_KEY` for mutual TLS; `RISKSERVE_TOKEN` is sent as a bearer token.
+pub async fn connect(server: &str) -> anyhow::Result<Conn> {
     let uri = if server.contains("://") {
         server.to_string()
     } else {
         format!("http://{server}")
     };
-    Channel::from_shared(uri.clone())
+    let mut endpoint = Channel::from_shared(uri.clone())
         .with_context(|| format!("bad server address {server}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    if uri.starts_with("https://") {
+        let read = |var: &str| -> anyhow::Result<Option<Vec<u8>>> {
+            match std::env::var_os(var) {
+                Some(path) => std::fs::read(&path)
+                    .map(Some)
+                    .with_context(|| format!("reading {var}={}", Path::new(&path).display())),
+                None => Ok(None),
+            }
+        };
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = read("RISKSERVE_CA_CERT")? {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        match (
+            read("RISKSERVE_CLIENT_CERT")?,
+            read("RISKSERVE_CLIENT_KEY")?,
+        ) {
+            (Some(cert), Some(key)) => tls = tls.identity(Identity::from_pem(cert, key)),
+            (None, None) => {}
+            _ => bail!("RISKSERVE_CLIENT_CERT and RISKSERVE_CLIENT_KEY go together"),
+        }
+        endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
+    }
+    let channel = endpoint
         .connect()
         .await
-        .with_context(|| format!("connecting to {uri}"))
+        .with_context(|| format!("connecting to {uri}"))?;
+    let token = match std::env::var("RISKSERVE_TOKEN") {
+        Ok(t) if !t.is_empty() => Some(
+            format!("Bearer {t}")
+                .parse()
+                .context("RISKSERVE_TOKEN holds characters a header cannot carry")?,
+        ),
+        _ => None,
+    };
+    Ok(InterceptedService::new(channel, Credentials(token)))
 }
 
-async fn serving_manifest(channel: Channel, model: &str) -> anyhow::Result<Manifest> {
+async fn serving_manifest(channel: Conn, model: &str) -> anyhow::Result<Manifest> {
     let mut client = ModelsClient::new(channel);
     let models = client
         .list_models(pb::ListModelsRequest {})

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthConfig;
 use crate::decision_log::Durability;
 
 /// Why the configuration was refused.
@@ -64,6 +65,19 @@ pub struct Config {
     pub rollout_snapshot_interval_ms: u64,
     /// Shadow scorings waiting for the shadow worker; more are dropped and counted.
     pub shadow_queue: usize,
+    /// Requests in flight at once (health aside); more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive: a ping after this many idle seconds; a peer silent for as long again
+    /// is dropped.
+    pub http2_keepalive_secs: u64,
+    /// Who may call, and with which roles (`[auth]`).
+    pub auth: AuthConfig,
+    /// TLS on the gRPC port (`[tls]`); required beyond loopback unless `allow_plaintext`.
+    pub tls: TlsConfig,
+    /// Serve plaintext on an address beyond loopback (only behind something that encrypts).
+    pub allow_plaintext: bool,
     /// Benchmark baseline only: answer without recording. Not settable from a file.
     #[serde(skip)]
     pub unrecorded_benchmark_only: bool,
@@ -87,9 +101,31 @@ impl Default for Config {
             rollout_eval_interval_ms: 1_000,
             rollout_snapshot_interval_ms: 10_000,
             shadow_queue: 1_024,
+            max_concurrent_requests: 256,
+            max_message_bytes: 4 * 1024 * 1024,
+            http2_keepalive_secs: 30,
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
+            allow_plaintext: false,
             unrecorded_benchmark_only: false,
         }
     }
+}
+
+/// The `[tls]` section: PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain.
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    pub key: Option<PathBuf>,
+    /// A CA whose client certificates are accepted (mutual TLS); their common names map to
+    /// roles in `[[auth.clients]]`.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse a connection without a client certificate (otherwise a
+    /// bearer token may stand in for it).
+    pub client_cert_required: bool,
 }
 
 impl Config {
@@ -133,6 +169,39 @@ impl Config {
                 "log_batch and log_queue must be at least 1".into(),
             ));
         }
+        if !(1..=100_000).contains(&self.max_concurrent_requests)
+            || !(1_024..=256 * 1024 * 1024).contains(&self.max_message_bytes)
+            || !(1..=3_600).contains(&self.http2_keepalive_secs)
+        {
+            return Err(ConfigError::Invalid(
+                "max_concurrent_requests must be 1–100000, max_message_bytes 1 KiB–256 MiB \
+                 and http2_keepalive_secs 1–3600"
+                    .into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key go together".into(),
+            ));
+        }
+        if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls.client_ca needs tls.cert and tls.key".into(),
+            ));
+        }
+        if !self.auth.clients.is_empty() && self.tls.client_ca.is_none() {
+            return Err(ConfigError::Invalid(
+                "auth.clients are client certificates: they need tls.client_ca".into(),
+            ));
+        }
+        if !self.listen.ip().is_loopback() && self.tls.cert.is_none() && !self.allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "listening on {} beyond loopback needs [tls] cert and key, or allow_plaintext = \
+                 true (--allow-plaintext) behind something that encrypts",
+                self.listen
+            )));
+        }
+        self.auth.check(self.listen).map_err(ConfigError::Invalid)?;
         if self.grace_period_secs > 3_600 {
             return Err(ConfigError::Invalid(
                 "grace_period_secs must be at most 3600".into(),

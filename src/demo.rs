@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
-use crate::cli::{connect, status_error};
+use crate::cli::{Conn, connect, status_error};
 use crate::cli_trace::{self, Query};
 use crate::config::Config;
 use crate::grpc::pb;
@@ -423,7 +422,7 @@ struct Affected {
 /// Customers sending requests from a few concurrent tasks, each with the limit it was last
 /// granted as its current limit.
 struct Traffic {
-    channel: Channel,
+    channel: Conn,
     /// One share of the customers per task, handed to the task while it runs.
     shares: Vec<Vec<pb::ScoreRequest>>,
     sent: Arc<AtomicU64>,
@@ -431,7 +430,7 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn new(channel: Channel, customers: Vec<pb::ScoreRequest>) -> Traffic {
+    fn new(channel: Conn, customers: Vec<pb::ScoreRequest>) -> Traffic {
         let mut shares = vec![Vec::new(); TASKS];
         for (i, c) in customers.into_iter().enumerate() {
             shares[i % TASKS].push(c);
@@ -582,7 +581,7 @@ fn bar(label: &str, len: Option<u64>) -> indicatif::ProgressBar {
 
 /// One traffic task.
 struct Sender {
-    client: ScoringClient<Channel>,
+    client: ScoringClient<Conn>,
     /// Set to stop every task; a task that fails sets it too.
     halt: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,

@@ -31,6 +31,10 @@ pub struct ScoreRequest {
     pub model: String,
     pub features: BTreeMap<String, RawValue>,
     pub current_limit: Option<i64>,
+    /// Who asked (the authenticated identity), recorded with the decision.
+    pub caller: Option<String>,
+    /// When the caller stops waiting (its grpc-timeout); past it, nothing is decided.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Which side of a rollout served a decision.
@@ -113,6 +117,8 @@ pub enum ScoreError {
     Feature(#[from] FeatureError),
     #[error(transparent)]
     Record(#[from] LogError),
+    #[error("the caller's deadline passed before scoring; nothing was decided or recorded")]
+    DeadlinePassed,
 }
 
 /// Scores requests with the serving versions of a registry and records every decision.
@@ -178,6 +184,11 @@ impl Scorer {
             None => self.registry.serving(&req.model)?,
         };
         let started = std::time::Instant::now();
+        // A caller that has stopped waiting gets no decision: one recorded but never seen
+        // would be a limit change nobody was told of.
+        if req.deadline.is_some_and(|d| started >= d) {
+            return Err(ScoreError::DeadlinePassed);
+        }
         // Validate the features against the schema of the version that will decide.
         let x = match bundle.schema.vector(&req.features) {
             Ok(x) => x,
@@ -246,7 +257,7 @@ pub fn record_body(
                 value: r.value,
             })
             .collect(),
-        caller: None,
+        caller: req.caller.clone(),
         trace_id: None,
     }
 }

@@ -16,12 +16,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::{Config, ConfigError};
+use crate::admission::Admission;
+use crate::auth::Authorizer;
+use crate::config::{Config, ConfigError, TlsConfig};
 use crate::customer::{CustomerKeys, KeyError};
 use crate::decision_log::{DecisionLog, LogError, SqliteLog, Unrecorded};
+use crate::gate::GateLayer;
 use crate::grpc::pb::models_server::ModelsServer;
 use crate::grpc::pb::rollouts_server::RolloutsServer;
 use crate::grpc::pb::scoring_server::ScoringServer;
@@ -64,6 +68,11 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("reading TLS file {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs riskserve on `listener` until `shutdown` resolves, then drains and returns.
@@ -149,16 +158,33 @@ pub async fn serve(
         config.max_batch,
     );
     let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys));
-    let router = Server::builder()
+    let max_message = config.max_message_bytes;
+    let authorizer = Arc::new(Authorizer::new(&config.auth, config.listen));
+    let keepalive = std::time::Duration::from_secs(config.http2_keepalive_secs);
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive));
+    if let Some(tls) = tls_config(&config.tls)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(GateLayer(authorizer))
+                .layer(GateLayer(Admission::new(config.max_concurrent_requests))),
+        )
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ScoringServer::new(scoring))
-        .add_service(ModelsServer::new(ModelsService::new(
-            registry.clone(),
-            rollouts.clone(),
-        )))
-        .add_service(RolloutsServer::new(RolloutsService::new(rollouts)))
-        .add_service(TraceServer::new(trace));
+        .add_service(ScoringServer::new(scoring).max_decoding_message_size(max_message))
+        .add_service(
+            ModelsServer::new(ModelsService::new(registry.clone(), rollouts.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            RolloutsServer::new(RolloutsService::new(rollouts))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(TraceServer::new(trace).max_decoding_message_size(max_message));
 
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, models = %config.models_dir.display(), "riskserve listening");
@@ -194,6 +220,26 @@ pub async fn serve(
     let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("riskserve stopped");
     result
+}
+
+/// The rustls configuration from the `[tls]` files; `None` for plaintext.
+fn tls_config(tls: &TlsConfig) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| ServeError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
+        return Ok(None);
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(!tls.client_cert_required);
+    }
+    Ok(Some(config))
 }
 
 /// The customer keys: configured files, or on loopback only, a development key kept in the

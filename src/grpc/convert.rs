@@ -1,5 +1,7 @@
 //! Conversions between wire messages and domain types, checked where they enter.
 
+use std::time::{Duration, Instant};
+
 use crate::decision_log::{DecisionRecord, VerifyReport, VersionStats};
 use crate::grpc::pb;
 use crate::model::Contribution;
@@ -66,6 +68,9 @@ impl TryFrom<pb::ScoreRequest> for ScoreRequest {
                 .map(|(name, value)| (name, raw_value(value)))
                 .collect(),
             current_limit,
+            // Set by the service from the request's credentials and metadata.
+            caller: None,
+            deadline: None,
         })
     }
 }
@@ -451,4 +456,22 @@ impl From<crate::rollout::controller::RolloutHistory> for pb::RolloutHistory {
             status: Some(h.status.into()),
         }
     }
+}
+
+/// The deadline a `grpc-timeout` header sets, counted from `received`. A malformed header is
+/// ignored, as gRPC servers do.
+pub fn deadline(metadata: &tonic::metadata::MetadataMap, received: Instant) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3_600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    received.checked_add(timeout)
 }

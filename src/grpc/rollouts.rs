@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::backtest::BacktestSpec;
 use crate::grpc::pb::{self, rollouts_server::Rollouts as RolloutsApi};
 use crate::rollout::{Plan, Rollouts, Thresholds};
@@ -25,12 +26,13 @@ impl RolloutsService {
     }
 }
 
-/// Who asked, until authentication names the caller.
-fn actor(given: &str) -> String {
-    if given.is_empty() {
-        "anonymous".into()
-    } else {
-        given.chars().take(128).collect()
+/// Who asked: the authenticated caller, or on an open development server (no credentials
+/// configured, loopback only) the actor the client named.
+fn actor<T>(request: &Request<T>, given: &str) -> String {
+    match request.extensions().get::<Caller>() {
+        Some(c) if c.name != "anonymous" => c.name.clone(),
+        _ if given.is_empty() => "anonymous".into(),
+        _ => given.chars().take(128).collect(),
     }
 }
 
@@ -48,6 +50,7 @@ impl RolloutsApi for RolloutsService {
         &self,
         request: Request<pb::StartRolloutRequest>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         let plan: Plan = if r.plan_toml.trim().is_empty() {
             Plan::default()
@@ -61,13 +64,7 @@ impl RolloutsApi for RolloutsService {
         };
         let status = self
             .rollouts
-            .start(
-                &r.model,
-                &r.candidate,
-                plan,
-                &actor(&r.actor),
-                r.skip_backtest,
-            )
+            .start(&r.model, &r.candidate, plan, &who, r.skip_backtest)
             .await?;
         Ok(Response::new(status.into()))
     }
@@ -83,13 +80,14 @@ impl RolloutsApi for RolloutsService {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         let figures = self.rollouts.status(&r.model)?.readings;
         self.rollouts
             .advance(
                 &r.model,
                 None,
-                &actor(&r.actor),
+                &who,
                 &reason(&r.reason, "advanced by hand"),
                 figures,
             )
@@ -101,13 +99,10 @@ impl RolloutsApi for RolloutsService {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         self.rollouts
-            .pause(
-                &r.model,
-                &actor(&r.actor),
-                &reason(&r.reason, "paused by hand"),
-            )
+            .pause(&r.model, &who, &reason(&r.reason, "paused by hand"))
             .await?;
         self.status(&r.model)
     }
@@ -116,13 +111,10 @@ impl RolloutsApi for RolloutsService {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         self.rollouts
-            .resume(
-                &r.model,
-                &actor(&r.actor),
-                &reason(&r.reason, "resumed by hand"),
-            )
+            .resume(&r.model, &who, &reason(&r.reason, "resumed by hand"))
             .await?;
         self.status(&r.model)
     }
@@ -131,12 +123,13 @@ impl RolloutsApi for RolloutsService {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         let figures = self.rollouts.status(&r.model)?.readings;
         self.rollouts
             .rollback(
                 &r.model,
-                &actor(&r.actor),
+                &who,
                 &reason(&r.reason, "rolled back by hand"),
                 figures,
             )
@@ -148,13 +141,10 @@ impl RolloutsApi for RolloutsService {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         self.rollouts
-            .promote(
-                &r.model,
-                &actor(&r.actor),
-                &reason(&r.reason, "promoted by hand"),
-            )
+            .promote(&r.model, &who, &reason(&r.reason, "promoted by hand"))
             .await?;
         self.status(&r.model)
     }

@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::grpc::pb::{self, scoring_server::Scoring};
 use crate::grpc::status::Refusal;
 use crate::scoring::{Decision, ScoreError, ScoreRequest, Scorer};
@@ -17,6 +18,16 @@ impl ScoringService {
     pub fn new(scorer: Scorer, max_batch: usize) -> Self {
         ScoringService { scorer, max_batch }
     }
+}
+
+/// The authenticated caller's name, recorded with each decision.
+fn caller<T>(request: &Request<T>) -> Option<String> {
+    request.extensions().get::<Caller>().map(|c| c.name.clone())
+}
+
+/// When the caller stops waiting, from its grpc-timeout.
+fn deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
+    crate::grpc::convert::deadline(request.metadata(), std::time::Instant::now())
 }
 
 fn item(result: Result<Decision, Refusal>) -> pb::ScoreBatchItem {
@@ -39,7 +50,12 @@ impl Scoring for ScoringService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let req = ScoreRequest::try_from(request.into_inner())?;
+        let (caller, deadline) = (caller(&request), deadline(&request));
+        let req = ScoreRequest {
+            caller,
+            deadline,
+            ..ScoreRequest::try_from(request.into_inner())?
+        };
         let decision = self.scorer.score(&req).await?;
         Ok(Response::new(decision.into()))
     }
@@ -48,6 +64,7 @@ impl Scoring for ScoringService {
         &self,
         request: Request<pb::ScoreBatchRequest>,
     ) -> Result<Response<pb::ScoreBatchResponse>, Status> {
+        let (caller, deadline) = (caller(&request), deadline(&request));
         let requests = request.into_inner().requests;
         if requests.len() > self.max_batch {
             return Err(Status::invalid_argument(format!(
@@ -56,7 +73,16 @@ impl Scoring for ScoringService {
                 requests.len()
             )));
         }
-        let converted: Vec<_> = requests.into_iter().map(ScoreRequest::try_from).collect();
+        let converted: Vec<_> = requests
+            .into_iter()
+            .map(|r| {
+                ScoreRequest::try_from(r).map(|r| ScoreRequest {
+                    caller: caller.clone(),
+                    deadline,
+                    ..r
+                })
+            })
+            .collect();
         let valid: Vec<ScoreRequest> = converted.iter().filter_map(|r| r.clone().ok()).collect();
         let mut scored = self.scorer.score_many(&valid).await.into_iter();
         let items = converted

@@ -6,6 +6,8 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::admission::AdmissionError;
+use crate::auth::AuthError;
 use crate::bundle::BundleError;
 use crate::decision_log::LogError;
 use crate::grpc::convert::RequestError;
@@ -110,6 +112,7 @@ impl From<&ScoreError> for Refusal {
             ScoreError::Route(e) => e.into(),
             ScoreError::Feature(e) => e.into(),
             ScoreError::Record(e) => e.into(),
+            ScoreError::DeadlinePassed => Refusal::new(Code::DeadlineExceeded, e),
         }
     }
 }
@@ -203,5 +206,25 @@ impl From<&RolloutError> for Refusal {
 impl From<RolloutError> for Status {
     fn from(e: RolloutError) -> Status {
         Refusal::from(&e).into()
+    }
+}
+
+impl From<&AuthError> for Refusal {
+    fn from(e: &AuthError) -> Self {
+        match e {
+            AuthError::Missing
+            | AuthError::Malformed
+            | AuthError::UnknownToken
+            | AuthError::UnknownClient(_) => Refusal::new(Code::Unauthenticated, e),
+            AuthError::Forbidden { .. } => Refusal::new(Code::PermissionDenied, e),
+        }
+    }
+}
+
+impl From<&AdmissionError> for Refusal {
+    fn from(e: &AdmissionError) -> Self {
+        match e {
+            AdmissionError::Overloaded { .. } => Refusal::new(Code::ResourceExhausted, e),
+        }
     }
 }

@@ -34,6 +34,20 @@ pub fn taiwan_csv() -> PathBuf {
     repo().join("data/taiwan_credit_default.csv")
 }
 
+/// The tests' server configuration: 127.0.0.1:0, these models with v1 pinned to serve
+/// (otherwise the highest version would), state in `data`.
+pub fn config(models_dir: &Path, data: &Path) -> Config {
+    Config {
+        serving: [(MODEL.to_string(), "v1".to_string())].into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        models_dir: models_dir.to_owned(),
+        data_dir: data.to_owned(),
+        watch_interval_ms: 100,
+        grace_period_secs: 5,
+        ..Config::default()
+    }
+}
+
 /// A running server and what it was started with.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -47,16 +61,7 @@ impl TestServer {
     /// Starts riskserve on 127.0.0.1:0 with these models, state in `data`, and v1 pinned to
     /// serve (otherwise the highest version would).
     pub async fn start(models_dir: &Path, data: &Path) -> TestServer {
-        let config = Config {
-            serving: [(MODEL.to_string(), "v1".to_string())].into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            models_dir: models_dir.to_owned(),
-            data_dir: data.to_owned(),
-            watch_interval_ms: 100,
-            grace_period_secs: 5,
-            ..Config::default()
-        };
-        TestServer::start_with(config).await
+        TestServer::start_with(config(models_dir, data)).await
     }
 
     pub async fn start_with(config: Config) -> TestServer {
