@@ -8,3 +8,23 @@ train_version() {
     --exclude USER_ID SEX MARITALSTATUS --created-at 2026-11-28T00:00:00Z \
     --models "$1" > /dev/null
 }
+
+# Servers on core 0 (killed on exit), load from core 1; OUT, BIN, DURATION, WARMUP and RESULTS
+# come from the script.
+PIDS=()
+trap 'kill ${PIDS[@]} 2>/dev/null || true' EXIT
+start() { # port data-dir [flags...]
+  local port=$1 dir=$2; shift 2
+  taskset -c 0 "$BIN" serve --listen 127.0.0.1:$port --data "$dir" "$@" > /dev/null 2>> "$OUT/server.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do
+    "$BIN" models list --server 127.0.0.1:$port > /dev/null 2>&1 && return
+    sleep 0.1
+  done
+  echo "server on $port did not start" >&2; exit 1
+}
+load() { # label port concurrency [args...]
+  local label=$1 port=$2 c=$3; shift 3
+  taskset -c 1 "$BIN" bench --server 127.0.0.1:$port --concurrency "$c" \
+    --duration "$DURATION" --warmup "$WARMUP" --label "$label" "$@" | tee -a "$RESULTS"
+}

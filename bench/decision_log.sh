@@ -5,6 +5,7 @@
 # env: DURATION=5 WARMUP=1 ROUNDS=3 FILL_DIR=<dir with a filled log> FILL=10000000 CUSTOMERS=1000000
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
@@ -19,24 +20,6 @@ cargo build --release --quiet
 rm -rf "$OUT/sync" "$OUT/async" "$OUT/off" && mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-
-PIDS=()
-trap 'kill ${PIDS[@]} 2>/dev/null || true' EXIT
-start() { # port data-dir [flags...]
-  local port=$1 dir=$2; shift 2
-  taskset -c 0 "$BIN" serve --listen 127.0.0.1:$port --data "$dir" "$@" > /dev/null 2>> "$OUT/server.log" &
-  PIDS+=($!)
-  for _ in $(seq 100); do
-    "$BIN" models list --server 127.0.0.1:$port > /dev/null 2>&1 && return
-    sleep 0.1
-  done
-  echo "server on $port did not start" >&2; exit 1
-}
-load() { # label port concurrency [args...]
-  local label=$1 port=$2 c=$3; shift 3
-  taskset -c 1 "$BIN" bench --server 127.0.0.1:$port --concurrency "$c" \
-    --duration "$DURATION" --warmup "$WARMUP" --label "$label" "$@" | tee -a "$RESULTS"
-}
 
 start 50081 "$OUT/sync"
 start 50082 "$OUT/off" --unrecorded-benchmark-only

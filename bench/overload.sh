@@ -21,7 +21,7 @@ cp -r models "$OUT/models"
 printf 'max_concurrent_requests = %d\n[serving]\ncredit-limit = "v1"\n' "$LIMIT" > "$OUT/config.toml"
 RESULTS="$OUT/results.jsonl"
 
-start 50095 "$OUT/data"
+start 50095 "$OUT/data" --models "$OUT/models" --config "$OUT/config.toml"
 SERVER=${PIDS[-1]}
 for round in $(seq "$ROUNDS"); do
   load "at-limit-c$LIMIT" 50095 "$LIMIT"

@@ -28,25 +28,9 @@ share_bp = 10000
 PLAN
 RESULTS="$OUT/results.jsonl"
 
-PIDS=()
-trap 'kill ${PIDS[@]} 2>/dev/null || true' EXIT
-start() { # port data-dir
-  taskset -c 0 "$BIN" serve --listen 127.0.0.1:$1 --models "$OUT/models" --data "$2" \
-    --config "$OUT/config.toml" > /dev/null 2>> "$OUT/server.log" &
-  PIDS+=($!)
-  for _ in $(seq 100); do
-    "$BIN" models list --server 127.0.0.1:$1 > /dev/null 2>&1 && return
-    sleep 0.1
-  done
-  exit 1
-}
-load() { # label port concurrency
-  taskset -c 1 "$BIN" bench --server 127.0.0.1:$2 --concurrency "$3" \
-    --duration "$DURATION" --warmup "$WARMUP" --label "$1" | tee -a "$RESULTS"
-}
-
-start 50091 "$OUT/plain"
-start 50092 "$OUT/shadow"
+MODELS_AND_CONFIG=(--models "$OUT/models" --config "$OUT/config.toml")
+start 50091 "$OUT/plain" "${MODELS_AND_CONFIG[@]}"
+start 50092 "$OUT/shadow" "${MODELS_AND_CONFIG[@]}"
 "$BIN" rollout start credit-limit --candidate v2 --plan "$OUT/shadow-plan.toml" \
   --server 127.0.0.1:50092 > /dev/null
 
