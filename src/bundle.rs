@@ -155,14 +155,29 @@ impl Bundle {
                 message: "not UTF-8".into(),
             })
         };
-        let manifest_text = text(MANIFEST_FILE)?;
+        Bundle::parse(
+            text(MANIFEST_FILE)?,
+            &text(PARAMETERS_FILE)?,
+            digest,
+            expect,
+        )
+    }
+
+    /// Parses and validates a bundle's two texts, its digest already checked. Kept apart
+    /// from the file reading so that it can be fuzzed on its own.
+    pub fn parse(
+        manifest_text: String,
+        parameters_text: &str,
+        digest: BundleDigest,
+        expect: Option<(&str, &str)>,
+    ) -> Result<Bundle, BundleError> {
         let manifest: Manifest =
             toml::from_str(&manifest_text).map_err(|e| BundleError::Parse {
                 file: MANIFEST_FILE,
                 message: e.message().to_string(),
             })?;
         let model: LogisticModel =
-            toml::from_str(&text(PARAMETERS_FILE)?).map_err(|e| BundleError::Parse {
+            toml::from_str(parameters_text).map_err(|e| BundleError::Parse {
                 file: PARAMETERS_FILE,
                 message: e.message().to_string(),
             })?;
