@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// (as written by `bench-fill-log`).
     #[arg(long)]
     history_customers: Option<u64>,
+    /// After a RESOURCE_EXHAUSTED refusal, wait this long before the next request (as a
+    /// well-behaved client backs off); 0 retries at once.
+    #[arg(long, default_value_t = 0)]
+    backoff_ms: u64,
     /// A free-form label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -93,6 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
+    let backoff = Duration::from_millis(args.backoff_ms);
     for t in 0..args.concurrency.max(1) {
         let channel = channels[t % channels.len()].clone();
         let mut client = ScoringClient::new(channel.clone());
@@ -143,6 +148,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                if refused && backoff > Duration::ZERO {
+                    tokio::time::sleep(backoff).await;
+                }
             }
             (hist, shed)
         }));
@@ -188,6 +196,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "p999_us": hist.value_at_quantile(0.999),
         "max_us": hist.max(),
         "swaps": swaps,
+        "backoff_ms": args.backoff_ms,
         "shed": shed.len(),
         "shed_p50_us": shed.value_at_quantile(0.50),
         "shed_p99_us": shed.value_at_quantile(0.99),
