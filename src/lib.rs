@@ -17,7 +17,10 @@
 //!
 //! Around it:
 //!
-//! - [`server`]: assembles services, health and reflection on a bound listener; shutdown.
+//! - [`server`]: assembles services, health and reflection on a bound listener (TLS when
+//!   configured); shutdown.
+//! - [`gate`]: the layer in front of every service; [`auth`] (callers and roles) and
+//!   [`admission`] (the in-flight limit, excess shed) are its gatekeepers.
 //! - [`watcher`]: loads bundles that appear under `models/`.
 //! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify.
 //! - [`train`]: fits a version with linfa and writes its bundle.
