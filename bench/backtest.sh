@@ -9,15 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
 
-DURATION=${DURATION:-5}
-WARMUP=${WARMUP:-1}
-ROUNDS=${ROUNDS:-3}
 FILL_DIR=${FILL_DIR:-bench/out/decision-log/fill}
 OUT=bench/out/backtest
-BIN=target/release/riskserve
 PORT=50101
 
-cargo build --release --quiet
 [ -f "$FILL_DIR/decisions.db" ] || { echo "no filled log in $FILL_DIR (run bench/decision_log.sh)" >&2; exit 1; }
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp -r models "$OUT/models"

@@ -1,4 +1,11 @@
-# Shared by the bench/ scripts (sourced, not run).
+# Shared by the bench/ scripts (sourced, not run, from the repository root): the release build,
+# the measuring window (env DURATION=5 WARMUP=1 ROUNDS=3) and the helpers below.
+
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-3}
+BIN=target/release/riskserve
+cargo build --release --quiet
 
 # train_version MODELS_DIR VERSION SEED: a credit-limit version trained like the shipped v1
 # but on another seed, into MODELS_DIR.

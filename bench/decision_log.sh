@@ -7,16 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
 
-DURATION=${DURATION:-5}
-WARMUP=${WARMUP:-1}
-ROUNDS=${ROUNDS:-3}
 FILL=${FILL:-10000000}
 CUSTOMERS=${CUSTOMERS:-1000000}
 OUT=bench/out/decision-log
 FILL_DIR=${FILL_DIR:-$OUT/fill}
-BIN=target/release/riskserve
 
-cargo build --release --quiet
 rm -rf "$OUT/sync" "$OUT/async" "$OUT/off" && mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"

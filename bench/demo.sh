@@ -5,12 +5,11 @@
 # Usage: bench/demo.sh   (env: RUNS=3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 
 RUNS=${RUNS:-3}
 OUT=bench/out/demo
-BIN=target/release/riskserve
 
-cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
 for run in $(seq 1 "$RUNS"); do
   start=$(date +%s%N)

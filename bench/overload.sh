@@ -9,14 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
 
-DURATION=${DURATION:-5}
-WARMUP=${WARMUP:-1}
-ROUNDS=${ROUNDS:-3}
 LIMIT=${LIMIT:-8}
 OUT=bench/out/overload
-BIN=target/release/riskserve
 
-cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp -r models "$OUT/models"
 printf 'max_concurrent_requests = %d\n[serving]\ncredit-limit = "v1"\n' "$LIMIT" > "$OUT/config.toml"

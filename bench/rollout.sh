@@ -7,13 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
 
-DURATION=${DURATION:-5}
-WARMUP=${WARMUP:-1}
-ROUNDS=${ROUNDS:-3}
 OUT=bench/out/rollout
-BIN=target/release/riskserve
 
-cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp -r models "$OUT/models"
 train_version "$OUT/models" v2 11
