@@ -385,6 +385,7 @@ pub async fn fill_log(
             current_limit: *limit,
             caller: Some("bench-fill-log".into()),
             deadline: None,
+            trace_id: None,
         };
         let decision = decide(&bundle, &req, x, Arm::Champion);
         inflight.push_back(log.append(record_body(&keys, &req, &bundle, x, &decision, None)));

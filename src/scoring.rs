@@ -35,6 +35,9 @@ pub struct ScoreRequest {
     pub caller: Option<String>,
     /// When the caller stops waiting (its grpc-timeout); past it, nothing is decided.
     pub deadline: Option<std::time::Instant>,
+    /// The caller's W3C trace id (from `traceparent`), recorded so that a reviewer can go
+    /// from a decision to the caller's trace.
+    pub trace_id: Option<String>,
 }
 
 /// Which side of a rollout served a decision.
@@ -258,7 +261,7 @@ pub fn record_body(
             })
             .collect(),
         caller: req.caller.clone(),
-        trace_id: None,
+        trace_id: req.trace_id.clone(),
     }
 }
 

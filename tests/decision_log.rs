@@ -328,3 +328,52 @@ async fn verify_names_an_edited_a_deleted_and_a_swapped_record() {
     assert_eq!(b.kind, "deleted", "{}", b.detail);
     assert!(!cut_short.ok);
 }
+
+#[tokio::test]
+async fn the_callers_trace_id_is_recorded_with_the_decision() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut traced = tonic::Request::new(request(&customers()[3], "traced"));
+    traced.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let with = server.scoring().score(traced).await.unwrap().into_inner();
+    let mut batch = tonic::Request::new(pb::ScoreBatchRequest {
+        requests: vec![request(&customers()[4], "traced-batch")],
+    });
+    batch.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    let batch = server
+        .scoring()
+        .score_batch(batch)
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::score_batch_item::Outcome::Response(in_batch)) = &batch.items[0].outcome else {
+        panic!("{batch:?}");
+    };
+    let without = server
+        .scoring()
+        .score(request(&customers()[5], "untraced"))
+        .await
+        .unwrap()
+        .into_inner();
+    for (id, want) in [
+        (&with.decision_id, trace),
+        (&in_batch.decision_id, trace),
+        (&without.decision_id, ""),
+    ] {
+        let record = server
+            .trace()
+            .get_decision(dref(id))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(record.trace_id, want);
+    }
+    server.stop().await.unwrap();
+}

@@ -51,9 +51,11 @@ impl Scoring for ScoringService {
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
         let (caller, deadline) = (caller(&request), deadline(&request));
+        let trace_id = crate::grpc::convert::trace_id(request.metadata());
         let req = ScoreRequest {
             caller,
             deadline,
+            trace_id,
             ..ScoreRequest::try_from(request.into_inner())?
         };
         let decision = self.scorer.score(&req).await?;
@@ -65,6 +67,7 @@ impl Scoring for ScoringService {
         request: Request<pb::ScoreBatchRequest>,
     ) -> Result<Response<pb::ScoreBatchResponse>, Status> {
         let (caller, deadline) = (caller(&request), deadline(&request));
+        let trace_id = crate::grpc::convert::trace_id(request.metadata());
         let requests = request.into_inner().requests;
         if requests.len() > self.max_batch {
             return Err(Status::invalid_argument(format!(
@@ -79,6 +82,7 @@ impl Scoring for ScoringService {
                 ScoreRequest::try_from(r).map(|r| ScoreRequest {
                     caller: caller.clone(),
                     deadline,
+                    trace_id: trace_id.clone(),
                     ..r
                 })
             })
