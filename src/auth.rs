@@ -272,15 +272,16 @@ impl Gatekeeper for Arc<Authorizer> {
     type Pass = ();
 
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Refusal> {
-        let cn = client_common_name(request);
-        let decided = self.authorize(
-            request.uri().path(),
-            request
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-            cn.as_deref(),
-        );
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        // A token decides when sent, so the certificate is parsed only when there is none.
+        let cn = match authorization {
+            Some(_) => None,
+            None => client_common_name(request),
+        };
+        let decided = self.authorize(request.uri().path(), authorization, cn.as_deref());
         match decided {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
