@@ -347,8 +347,11 @@ fn plan_toml(args: &DemoArgs) -> String {
             args.min_decisions
         ));
     }
+    // Any retrain moves a few customers across the decline boundary, and on the candidate arm
+    // those whose current limit v1 granted show as withdrawals: a sound v3 withdraws about 2%
+    // more, right at the default threshold. The flaw withdraws over 40%; 5% tells them apart.
     plan.push_str(&format!(
-        "[guardrails]\nmin_sample = {}\n",
+        "[guardrails]\nmin_sample = {}\nmax_withdrawal_rate_diff = 0.05\n",
         (args.min_decisions / 3).max(1)
     ));
     plan
