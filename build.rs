@@ -3,7 +3,10 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/riskserve/v1/riskserve.proto"];
+    let protos = [
+        "proto/riskserve/v1/riskserve.proto",
+        "proto/inference/grpc_predict_v2.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
 
     let descriptors = protox::compile(protos, ["proto"])?;

@@ -1,7 +1,8 @@
 //! `riskserve bench`: a closed-loop load generator, and the empty server that gives its ceiling.
 //!
-//! Each of `--concurrency` tasks sends one Score at a time over one of `--connections`
-//! channels, with customers taken round-robin from the Taiwan CSV. Latencies go into an HDR
+//! Each of `--concurrency` tasks sends one Score (or, with `--protocol v2`, one ModelInfer)
+//! at a time over one of `--connections` channels, with customers taken round-robin from the
+//! Taiwan CSV. Latencies go into an HDR
 //! histogram after a warm-up; the result is one JSON line. Optional side loads run during the
 //! measured window: a swap storm (`--swap A,B`) or load/unload churn (`--churn-cycles`).
 
@@ -22,6 +23,17 @@ use crate::grpc::pb;
 use crate::grpc::pb::models_client::ModelsClient;
 use crate::grpc::pb::scoring_client::ScoringClient;
 use crate::grpc::pb::trace_client::TraceClient;
+use crate::grpc::v2;
+use crate::grpc::v2::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+/// How the load asks for a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// riskserve.v1.Scoring/Score.
+    Score,
+    /// inference.GRPCInferenceService/ModelInfer (KServe v2).
+    V2,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -70,6 +82,10 @@ pub struct BenchArgs {
     /// well-behaved client backs off); 0 retries at once.
     #[arg(long, default_value_t = 0)]
     backoff_ms: u64,
+    /// The protocol the load speaks: riskserve's Score, or the inference protocol's
+    /// ModelInfer (one row per call, as Score).
+    #[arg(long, value_enum, default_value_t = Protocol::Score)]
+    protocol: Protocol,
     /// A free-form label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -88,7 +104,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(_) => Vec::new(),
         None => requests(&args.bundle, &args.data, &args.model)?,
     });
-    let history = args.history_customers;
+    let inference = Arc::new(match args.protocol {
+        Protocol::V2 => {
+            let columns = schema_columns(&args.bundle)?;
+            requests
+                .iter()
+                .map(|r| infer_request(r, &columns))
+                .collect()
+        }
+        Protocol::Score => Vec::new(),
+    });
+    let (history, protocol) = (args.history_customers, args.protocol);
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
         channels.push(connect(&args.server).await?);
@@ -101,9 +127,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     for t in 0..args.concurrency.max(1) {
         let channel = channels[t % channels.len()].clone();
         let mut client = ScoringClient::new(channel.clone());
+        let mut v2client = GrpcInferenceServiceClient::new(channel.clone());
         let mut trace = TraceClient::new(channel);
-        let (requests, measuring, stop, errors) = (
+        let (requests, inference, measuring, stop, errors) = (
             requests.clone(),
+            inference.clone(),
             measuring.clone(),
             stop.clone(),
             errors.clone(),
@@ -128,10 +156,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                             .is_ok_and(|r| !r.into_inner().records.is_empty())
                     }
                     None => {
-                        let mut req = requests[i % requests.len()].clone();
-                        req.request_id = format!("bench-{run}-{t}-{i}");
-                        match client.score(req).await {
-                            Ok(_) => true,
+                        let id = format!("bench-{run}-{t}-{i}");
+                        let answer = match protocol {
+                            Protocol::Score => {
+                                let mut req = requests[i % requests.len()].clone();
+                                req.request_id = id;
+                                client.score(req).await.map(drop)
+                            }
+                            Protocol::V2 => {
+                                let mut req = inference[i % inference.len()].clone();
+                                req.id = id;
+                                v2client.model_infer(req).await.map(drop)
+                            }
+                        };
+                        match answer {
+                            Ok(()) => true,
                             Err(s) => {
                                 refused = s.code() == tonic::Code::ResourceExhausted;
                                 false
@@ -184,6 +223,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             (None, 0) => "score",
             (None, _) => "score+swaps",
         },
+        "protocol": match protocol {
+            Protocol::Score => "score",
+            Protocol::V2 => "v2",
+        },
         "concurrency": args.concurrency,
         "connections": args.connections,
         "duration_s": elapsed,
@@ -208,6 +251,53 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 /// Tasks step through the customers with a prime stride so they rarely send the same row.
 fn args_stride() -> usize {
     7919
+}
+
+/// The features a bundle scores, in its schema's order: the inference protocol's columns.
+fn schema_columns(bundle_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let bundle = Bundle::load(bundle_dir, None)
+        .with_context(|| format!("reading the schema from {}", bundle_dir.display()))?;
+    Ok(bundle.schema.names())
+}
+
+/// The same one-customer request as a ModelInfer call: one FP64 row in schema order, the
+/// customer and current limit as single-row parameters.
+fn infer_request(req: &pb::ScoreRequest, columns: &[String]) -> v2::ModelInferRequest {
+    use v2::infer_parameter::ParameterChoice;
+    let value = |name: &String| match req.features.get(name).and_then(|v| v.kind.clone()) {
+        Some(pb::feature_value::Kind::Number(x)) => x,
+        _ => f64::NAN,
+    };
+    let raw = columns
+        .iter()
+        .flat_map(|c| value(c).to_le_bytes())
+        .collect();
+    let mut parameters = BTreeMap::from([(
+        "customer_id".to_string(),
+        v2::InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam(req.customer_id.clone())),
+        },
+    )]);
+    if let Some(limit) = req.current_limit {
+        parameters.insert(
+            "current_limit".to_string(),
+            v2::InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(limit)),
+            },
+        );
+    }
+    v2::ModelInferRequest {
+        model_name: req.model.clone(),
+        parameters,
+        inputs: vec![v2::model_infer_request::InferInputTensor {
+            name: "features".into(),
+            datatype: "FP64".into(),
+            shape: vec![1, columns.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw],
+        ..Default::default()
+    }
 }
 
 /// One request per CSV row, with the features the bundle's schema names.

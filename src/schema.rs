@@ -130,6 +130,11 @@ impl Schema {
         &self.features
     }
 
+    /// The feature names in order: the columns of a tensor of this schema's vectors.
+    pub fn names(&self) -> Vec<String> {
+        self.features.iter().map(|f| f.name.clone()).collect()
+    }
+
     /// Checks that the schema itself is sound: unique names, finite ordered ranges, and
     /// imputed values inside their range. Returns the first problem found.
     pub fn check(&self) -> Result<(), String> {

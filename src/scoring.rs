@@ -20,7 +20,7 @@ use crate::decision_log::{
 use crate::model::Contribution;
 use crate::policy::Outcome;
 use crate::registry::{Registry, RegistryError};
-use crate::rollout::Rollouts;
+use crate::rollout::{Rollouts, Route};
 use crate::schema::{FeatureError, RawValue};
 
 /// A request whose own fields are well formed; its features are not yet judged.
@@ -139,6 +139,16 @@ impl std::fmt::Debug for Scorer {
     }
 }
 
+/// A decision made on one version, not yet observed or queued for the log.
+struct Decided {
+    route: Route,
+    bundle: Arc<Bundle>,
+    x: Vec<f64>,
+    decision: Decision,
+    /// From validation to the decision: what the rollout's latency guardrail judges.
+    latency: std::time::Duration,
+}
+
 /// A decision made and queued for the log, not yet durable.
 struct Pending {
     decision: Decision,
@@ -179,7 +189,43 @@ impl Scorer {
         out
     }
 
+    /// Decides every request or none: when any is refused, nothing is observed or recorded
+    /// and the first refusal comes back with its index. For protocols with no per-item
+    /// errors (the inference protocol's ModelInfer), where a decision recorded for a batch
+    /// the caller was told had failed would be a limit change nobody saw.
+    pub async fn score_all(
+        &self,
+        reqs: &[ScoreRequest],
+    ) -> Result<Vec<Decision>, (usize, ScoreError)> {
+        let decided = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.decide(r).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pending: Vec<_> = reqs
+            .iter()
+            .zip(decided)
+            .map(|(r, d)| self.queue(r, d))
+            .collect();
+        // Await them all before answering, so that a failed commit is reported only once
+        // every row's fate is known.
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(finish(p).await);
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, r)| r.map_err(|e| (i, e)))
+            .collect()
+    }
+
     fn decide_and_queue(&self, req: &ScoreRequest) -> Result<Pending, ScoreError> {
+        let decided = self.decide(req)?;
+        Ok(self.queue(req, decided))
+    }
+
+    /// Route, validate, score and policy: the decision, not yet observed or recorded.
+    fn decide(&self, req: &ScoreRequest) -> Result<Decided, ScoreError> {
         // Route: the customer's arm in the model's rollout, if one is open.
         let route = self.rollouts.route(&req.model, &req.customer_id);
         let bundle = match &route.candidate {
@@ -205,15 +251,33 @@ impl Scorer {
         };
         // Score and policy.
         let decision = decide(&bundle, req, &x, route.arm);
-        self.rollouts
-            .observe(&route, Some(&decision), started.elapsed());
-        self.rollouts.shadow(&route, req);
-        // Record: queued now, answered when durable.
-        let body = record_body(&self.keys, req, &bundle, &x, &decision, route.rollout_id);
-        Ok(Pending {
-            durable: self.log.append(body),
+        Ok(Decided {
+            latency: started.elapsed(),
+            route,
+            bundle,
+            x,
             decision,
         })
+    }
+
+    /// Counts the decision for its rollout, hands it to the shadow, and queues its record.
+    fn queue(&self, req: &ScoreRequest, d: Decided) -> Pending {
+        self.rollouts
+            .observe(&d.route, Some(&d.decision), d.latency);
+        self.rollouts.shadow(&d.route, req);
+        // Record: queued now, answered when durable.
+        let body = record_body(
+            &self.keys,
+            req,
+            &d.bundle,
+            &d.x,
+            &d.decision,
+            d.route.rollout_id,
+        );
+        Pending {
+            durable: self.log.append(body),
+            decision: d.decision,
+        }
     }
 }
 

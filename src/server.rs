@@ -30,7 +30,10 @@ use crate::grpc::pb::models_server::ModelsServer;
 use crate::grpc::pb::rollouts_server::RolloutsServer;
 use crate::grpc::pb::scoring_server::ScoringServer;
 use crate::grpc::pb::trace_server::TraceServer;
-use crate::grpc::{ModelsService, RolloutsService, ScoringService, TraceService, pb};
+use crate::grpc::v2::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::grpc::{
+    InferenceService, ModelsService, RolloutsService, ScoringService, TraceService, pb,
+};
 use crate::registry::{Registry, RegistryError};
 use crate::rollout::Rollouts;
 use crate::rollout::controller::RolloutError;
@@ -148,15 +151,19 @@ pub async fn serve(
         config.auto_serve,
         stop.clone(),
     ));
-    let scoring = ScoringService::new(
-        Scorer::new(
-            registry.clone(),
-            rollouts.clone(),
-            log.clone(),
-            keys.clone(),
-        ),
+    let scorer = Scorer::new(
+        registry.clone(),
+        rollouts.clone(),
+        log.clone(),
+        keys.clone(),
+    );
+    let inference = InferenceService::new(
+        scorer.clone(),
+        registry.clone(),
+        log.healthy(),
         config.max_batch,
     );
+    let scoring = ScoringService::new(scorer, config.max_batch);
     let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys));
     let max_message = config.max_message_bytes;
     let authorizer = Arc::new(Authorizer::new(&config.auth, config.listen));
@@ -176,6 +183,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ScoringServer::new(scoring).max_decoding_message_size(max_message))
+        .add_service(
+            GrpcInferenceServiceServer::new(inference).max_decoding_message_size(max_message),
+        )
         .add_service(
             ModelsServer::new(ModelsService::new(registry.clone(), rollouts.clone()))
                 .max_decoding_message_size(max_message),

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{MODEL, TestServer, config, customers, models_v1_v2, request};
+use common::{
+    MODEL, TestServer, config, customers, infer_outputs, infer_request, models_v1_v2, request,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -16,15 +18,17 @@ use riskserve::grpc::pb::models_client::ModelsClient;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;
 use riskserve::grpc::pb::scoring_client::ScoringClient;
 use riskserve::grpc::pb::trace_client::TraceClient;
+use riskserve::grpc::v2::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The four guarded services and the role each needs.
-const SERVICES: [(&str, Role); 4] = [
+/// The guarded services and the role each needs.
+const SERVICES: [(&str, Role); 5] = [
     ("Scoring", Role::Scorer),
+    ("Inference", Role::Scorer),
     ("Models", Role::Operator),
     ("Rollouts", Role::Operator),
     ("Trace", Role::Reviewer),
@@ -50,6 +54,18 @@ async fn call(channel: &Channel, service: &str, token: Option<&str>, n: usize) -
             code(
                 ScoringClient::new(channel.clone())
                     .score(with(req, token))
+                    .await
+                    .map(|_| ()),
+            )
+        }
+        "Inference" => {
+            let req = infer_request(
+                &customers()[n..n + 1],
+                &format!("auth-v2-{n}-{}", token.unwrap_or("")),
+            );
+            code(
+                GrpcInferenceServiceClient::new(channel.clone())
+                    .model_infer(with(req, token))
                     .await
                     .map(|_| ()),
             )
@@ -163,6 +179,25 @@ async fn each_token_role_reaches_its_services_only_and_is_recorded_as_the_caller
         .into_inner();
     let mut req = tonic::Request::new(pb::DecisionRef {
         decision_id: decided.decision_id,
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer(&reviewer));
+    let record = TraceClient::new(ch.clone())
+        .get_decision(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.caller, "token:scoring-app");
+    // So does a decision asked for through the inference protocol.
+    let mut req = tonic::Request::new(infer_request(&customers()[501..502], "auth-v2-recorded"));
+    req.metadata_mut().insert("authorization", bearer(&scorer));
+    let inferred = GrpcInferenceServiceClient::new(ch.clone())
+        .model_infer(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut req = tonic::Request::new(pb::DecisionRef {
+        decision_id: infer_outputs(&inferred).strings["decision_id"][0].clone(),
     });
     req.metadata_mut()
         .insert("authorization", bearer(&reviewer));

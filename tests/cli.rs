@@ -184,3 +184,39 @@ async fn score_and_models_commands_talk_to_a_running_server() {
     );
     server.stop().await.unwrap();
 }
+
+/// `riskserve bench` drives the real server through both protocols without an error, and
+/// every request it counts was recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_loads_the_server_through_score_and_through_the_inference_protocol() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let mut counted = 0;
+    for protocol in ["score", "v2"] {
+        let addr = format!("http://{}", server.addr);
+        let run = tokio::task::spawn_blocking(move || {
+            riskserve()
+                .args(["bench", "--server", &addr, "--protocol", protocol])
+                .args(["--duration", "1", "--warmup", "0.2", "--concurrency", "2"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        assert_eq!(line["protocol"], protocol);
+        assert_eq!(line["errors"], 0, "{line}");
+        let requests = line["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{line}");
+        counted += requests;
+    }
+    let records = server.records().await;
+    // Warm-up requests are recorded but not counted.
+    assert!(records >= counted, "{records} records, {counted} counted");
+    server.stop().await.unwrap();
+}

@@ -23,7 +23,7 @@ pub struct RequestError {
     pub rule: String,
 }
 
-fn required_id(field: &str, value: String) -> Result<String, RequestError> {
+pub(crate) fn required_id(field: &str, value: String) -> Result<String, RequestError> {
     let rule = if value.is_empty() {
         "is required"
     } else if value.len() > MAX_ID_LEN {
@@ -43,15 +43,7 @@ impl TryFrom<pb::ScoreRequest> for ScoreRequest {
     type Error = RequestError;
 
     fn try_from(req: pb::ScoreRequest) -> Result<Self, Self::Error> {
-        let current_limit = match req.current_limit {
-            Some(limit) if limit < 0 => {
-                return Err(RequestError {
-                    field: "current_limit".into(),
-                    rule: format!("must be ≥ 0, got {limit}"),
-                });
-            }
-            other => other,
-        };
+        let current_limit = current_limit("current_limit", req.current_limit)?;
         if req.model.is_empty() {
             return Err(RequestError {
                 field: "model".into(),
@@ -73,6 +65,50 @@ impl TryFrom<pb::ScoreRequest> for ScoreRequest {
             deadline: None,
             trace_id: None,
         })
+    }
+}
+
+/// A current credit limit: absent for a new customer, never negative.
+pub(crate) fn current_limit(field: &str, limit: Option<i64>) -> Result<Option<i64>, RequestError> {
+    match limit {
+        Some(limit) if limit < 0 => Err(RequestError {
+            field: field.into(),
+            rule: format!("must be ≥ 0, got {limit}"),
+        }),
+        other => Ok(other),
+    }
+}
+
+/// What the edge adds to each request from the call itself, whatever the protocol.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// The authenticated caller, put in the request's extensions by the auth gate.
+    pub caller: Option<String>,
+    /// When the caller stops waiting, from its grpc-timeout.
+    pub deadline: Option<Instant>,
+    /// The caller's W3C trace id, from its traceparent.
+    pub trace_id: Option<String>,
+}
+
+impl CallContext {
+    pub fn of<T>(request: &tonic::Request<T>) -> CallContext {
+        CallContext {
+            caller: request
+                .extensions()
+                .get::<crate::auth::Caller>()
+                .map(|c| c.name.clone()),
+            deadline: deadline(request.metadata(), Instant::now()),
+            trace_id: trace_id(request.metadata()),
+        }
+    }
+
+    pub fn apply(&self, req: ScoreRequest) -> ScoreRequest {
+        ScoreRequest {
+            caller: self.caller.clone(),
+            deadline: self.deadline,
+            trace_id: self.trace_id.clone(),
+            ..req
+        }
     }
 }
 

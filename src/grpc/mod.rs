@@ -5,12 +5,14 @@
 //! exhaustive mapping. The services themselves only sequence calls into the domain.
 
 pub(crate) mod convert;
+mod inference;
 mod models;
 mod rollouts;
 mod scoring;
 pub(crate) mod status;
 mod trace;
 
+pub use inference::InferenceService;
 pub use models::ModelsService;
 pub use rollouts::RolloutsService;
 pub use scoring::ScoringService;
@@ -22,7 +24,12 @@ pub mod pb {
     #![allow(clippy::large_enum_variant)]
     tonic::include_proto!("riskserve.v1");
 
-    /// The encoded descriptor set, served by gRPC reflection.
+    /// The encoded descriptor set (riskserve.v1 and inference), served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/riskserve_descriptor.bin"));
+}
+
+/// Generated types of the Open Inference Protocol (`inference`, KServe v2).
+pub mod v2 {
+    tonic::include_proto!("inference");
 }

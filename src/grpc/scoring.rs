@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::auth::Caller;
+use crate::grpc::convert::CallContext;
 use crate::grpc::pb::{self, scoring_server::Scoring};
 use crate::grpc::status::Refusal;
 use crate::scoring::{Decision, ScoreError, ScoreRequest, Scorer};
@@ -18,16 +18,6 @@ impl ScoringService {
     pub fn new(scorer: Scorer, max_batch: usize) -> Self {
         ScoringService { scorer, max_batch }
     }
-}
-
-/// The authenticated caller's name, recorded with each decision.
-fn caller<T>(request: &Request<T>) -> Option<String> {
-    request.extensions().get::<Caller>().map(|c| c.name.clone())
-}
-
-/// When the caller stops waiting, from its grpc-timeout.
-fn deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
-    crate::grpc::convert::deadline(request.metadata(), std::time::Instant::now())
 }
 
 fn item(result: Result<Decision, Refusal>) -> pb::ScoreBatchItem {
@@ -50,14 +40,8 @@ impl Scoring for ScoringService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let (caller, deadline) = (caller(&request), deadline(&request));
-        let trace_id = crate::grpc::convert::trace_id(request.metadata());
-        let req = ScoreRequest {
-            caller,
-            deadline,
-            trace_id,
-            ..ScoreRequest::try_from(request.into_inner())?
-        };
+        let context = CallContext::of(&request);
+        let req = context.apply(ScoreRequest::try_from(request.into_inner())?);
         let decision = self.scorer.score(&req).await?;
         Ok(Response::new(decision.into()))
     }
@@ -66,8 +50,7 @@ impl Scoring for ScoringService {
         &self,
         request: Request<pb::ScoreBatchRequest>,
     ) -> Result<Response<pb::ScoreBatchResponse>, Status> {
-        let (caller, deadline) = (caller(&request), deadline(&request));
-        let trace_id = crate::grpc::convert::trace_id(request.metadata());
+        let context = CallContext::of(&request);
         let requests = request.into_inner().requests;
         if requests.len() > self.max_batch {
             return Err(Status::invalid_argument(format!(
@@ -78,14 +61,7 @@ impl Scoring for ScoringService {
         }
         let converted: Vec<_> = requests
             .into_iter()
-            .map(|r| {
-                ScoreRequest::try_from(r).map(|r| ScoreRequest {
-                    caller: caller.clone(),
-                    deadline,
-                    trace_id: trace_id.clone(),
-                    ..r
-                })
-            })
+            .map(|r| ScoreRequest::try_from(r).map(|r| context.apply(r)))
             .collect();
         let valid: Vec<ScoreRequest> = converted.iter().filter_map(|r| r.clone().ok()).collect();
         let mut scored = self.scorer.score_many(&valid).await.into_iter();
