@@ -434,19 +434,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RISKSERVE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+    let telemetry = crate::telemetry::Telemetry::from_env()?;
+    init_logging(&args.log_format, &telemetry);
+    tracing::info!(exporting = %telemetry.describe(), "OpenTelemetry");
+    let served = serve_until_signal(args).await;
+    // Flush the spans and metrics still queued; blocking, so off the runtime's workers.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    served
+}
+
+/// Logs to stderr (filtered by RISKSERVE_LOG, default info) and, when traces are exported,
+/// the request spans to OpenTelemetry.
+fn init_logging(format: &str, telemetry: &crate::telemetry::Telemetry) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RISKSERVE_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        subscriber.json().init();
+    let fmt = if format == "json" {
+        fmt.json().boxed()
     } else {
-        subscriber.init();
-    }
+        fmt.boxed()
+    };
+    let otel = telemetry.tracer().map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.target() == crate::telemetry::SPAN_TARGET
+            }))
+    });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .init();
+}
 
+async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),

@@ -53,6 +53,7 @@ pub mod rollout;
 pub mod schema;
 pub mod scoring;
 pub mod server;
+pub mod telemetry;
 pub mod trace;
 pub mod train;
 pub mod watcher;

@@ -213,12 +213,14 @@ impl Registry {
         match loaded {
             Ok(bundle) => {
                 tracing::info!(model, version, digest = %bundle.digest, "version loaded");
+                crate::telemetry::metrics().version_load(model, true);
                 versions.insert(version.to_string(), Entry::Loaded(Arc::new(bundle)));
                 drop(versions);
                 self.info(model, version)
             }
             Err(source) => {
                 tracing::warn!(model, version, error = %source, "version refused");
+                crate::telemetry::metrics().version_load(model, false);
                 versions.insert(version.to_string(), Entry::Failed(source.to_string()));
                 Err(RegistryError::Load {
                     model: model.into(),

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::bundle::{Bundle, BundleDigest};
@@ -79,6 +80,8 @@ pub struct Decision {
     pub granted_limit: i64,
     pub reasons: Vec<Contribution>,
     pub arm: Arm,
+    /// The rollout that routed the decision, when one was open.
+    pub rollout_id: Option<String>,
 }
 
 impl Decision {
@@ -107,6 +110,7 @@ impl Decision {
                 })
                 .collect(),
             arm: Arm::parse(&b.arm).ok_or_else(|| damaged("arm"))?,
+            rollout_id: b.rollout_id.clone(),
         })
     }
 }
@@ -172,21 +176,17 @@ impl Scorer {
 
     /// Makes one decision and returns it once recorded.
     pub async fn score(&self, req: &ScoreRequest) -> Result<Decision, ScoreError> {
-        let pending = self.decide_and_queue(req)?;
-        finish(pending).await
+        self.score_many(std::slice::from_ref(req))
+            .await
+            .pop()
+            .expect("one result per request")
     }
 
-    /// Makes many decisions; all are queued before any is awaited, so they share commits.
+    /// Makes many decisions, each succeeding or failing on its own; all are queued before
+    /// any is awaited, so they share commits.
     pub async fn score_many(&self, reqs: &[ScoreRequest]) -> Vec<Result<Decision, ScoreError>> {
-        let pending: Vec<_> = reqs.iter().map(|r| self.decide_and_queue(r)).collect();
-        let mut out = Vec::with_capacity(pending.len());
-        for p in pending {
-            out.push(match p {
-                Ok(p) => finish(p).await,
-                Err(e) => Err(e),
-            });
-        }
-        out
+        let decided = self.decide(reqs);
+        self.record(reqs, decided).await
     }
 
     /// Decides every request or none: when any is refused, nothing is observed or recorded
@@ -197,75 +197,112 @@ impl Scorer {
         &self,
         reqs: &[ScoreRequest],
     ) -> Result<Vec<Decision>, (usize, ScoreError)> {
-        let decided = reqs
-            .iter()
-            .enumerate()
-            .map(|(i, r)| self.decide(r).map_err(|e| (i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let pending: Vec<_> = reqs
-            .iter()
-            .zip(decided)
-            .map(|(r, d)| self.queue(r, d))
-            .collect();
-        // Await them all before answering, so that a failed commit is reported only once
-        // every row's fate is known.
-        let mut out = Vec::with_capacity(pending.len());
-        for p in pending {
-            out.push(finish(p).await);
+        let mut decided = Vec::with_capacity(reqs.len());
+        for (i, d) in self.decide(reqs).into_iter().enumerate() {
+            decided.push(Ok(d.map_err(|e| (i, e))?));
         }
-        out.into_iter()
+        self.record(reqs, decided)
+            .await
+            .into_iter()
             .enumerate()
             .map(|(i, r)| r.map_err(|e| (i, e)))
             .collect()
     }
 
-    fn decide_and_queue(&self, req: &ScoreRequest) -> Result<Pending, ScoreError> {
-        let decided = self.decide(req)?;
-        Ok(self.queue(req, decided))
-    }
-
-    /// Route, validate, score and policy: the decision, not yet observed or recorded.
-    fn decide(&self, req: &ScoreRequest) -> Result<Decided, ScoreError> {
-        // Route: the customer's arm in the model's rollout, if one is open.
-        let route = self.rollouts.route(&req.model, &req.customer_id);
-        let bundle = match &route.candidate {
-            Some(candidate) => candidate.clone(),
-            None => self.registry.serving(&req.model)?,
-        };
-        let started = std::time::Instant::now();
-        // A caller that has stopped waiting gets no decision: one recorded but never seen
-        // would be a limit change nobody was told of.
-        if req.deadline.is_some_and(|d| started >= d) {
-            return Err(ScoreError::DeadlinePassed);
-        }
-        // Validate the features against the schema of the version that will decide.
-        let x = match bundle.schema.vector(&req.features) {
-            Ok(x) => x,
-            Err(e) => {
-                // Refusals by the candidate's schema count against the candidate.
-                if route.arm == Arm::Candidate {
-                    self.rollouts.observe(&route, None, started.elapsed());
-                }
-                return Err(e.into());
-            }
-        };
-        // Score and policy.
-        let decision = decide(&bundle, req, &x, route.arm);
-        Ok(Decided {
-            latency: started.elapsed(),
-            route,
-            bundle,
-            x,
-            decision,
+    /// Route, validate, score and policy, each phase over every request, so that a call has
+    /// one span per phase whatever its size. Nothing is observed or recorded yet.
+    fn decide(&self, reqs: &[ScoreRequest]) -> Vec<Result<Decided, ScoreError>> {
+        let routed: Vec<Result<(Route, Arc<Bundle>), ScoreError>> = phase("route").in_scope(|| {
+            reqs.iter()
+                .map(|req| {
+                    // The customer's arm in the model's rollout, if one is open.
+                    let route = self.rollouts.route(&req.model, &req.customer_id);
+                    let bundle = match &route.candidate {
+                        Some(candidate) => candidate.clone(),
+                        None => self.registry.serving(&req.model)?,
+                    };
+                    Ok((route, bundle))
+                })
+                .collect()
+        });
+        let validated: Vec<_> = phase("validate").in_scope(|| {
+            reqs.iter()
+                .zip(routed)
+                .map(|(req, routed)| {
+                    let (route, bundle) = routed?;
+                    let started = std::time::Instant::now();
+                    // A caller that has stopped waiting gets no decision: one recorded but
+                    // never seen would be a limit change nobody was told of.
+                    if req.deadline.is_some_and(|d| started >= d) {
+                        return Err(ScoreError::DeadlinePassed);
+                    }
+                    // The schema of the version that will decide judges the features.
+                    match bundle.schema.vector(&req.features) {
+                        Ok(x) => Ok((route, bundle, x, started.elapsed())),
+                        Err(e) => {
+                            // Refusals by the candidate's schema count against the candidate.
+                            if route.arm == Arm::Candidate {
+                                self.rollouts.observe(&route, None, started.elapsed());
+                            }
+                            Err(e.into())
+                        }
+                    }
+                })
+                .collect()
+        });
+        phase("score").in_scope(|| {
+            reqs.iter()
+                .zip(validated)
+                .map(|(req, validated)| {
+                    let (route, bundle, x, validating) = validated?;
+                    let started = std::time::Instant::now();
+                    let decision = Decision {
+                        rollout_id: route.rollout_id.clone(),
+                        ..decide(&bundle, req, &x, route.arm)
+                    };
+                    Ok(Decided {
+                        latency: validating + started.elapsed(),
+                        route,
+                        bundle,
+                        x,
+                        decision,
+                    })
+                })
+                .collect()
         })
     }
 
-    /// Counts the decision for its rollout, hands it to the shadow, and queues its record.
+    /// Counts each decision for its rollout, hands it to the shadow, queues its record, and
+    /// answers it once durable.
+    async fn record(
+        &self,
+        reqs: &[ScoreRequest],
+        decided: Vec<Result<Decided, ScoreError>>,
+    ) -> Vec<Result<Decision, ScoreError>> {
+        let record = async {
+            let pending: Vec<_> = reqs
+                .iter()
+                .zip(decided)
+                .map(|(req, d)| d.map(|d| self.queue(req, d)))
+                .collect();
+            // Await them all before answering, so that a failed commit is reported only
+            // once every request's fate is known.
+            let mut out = Vec::with_capacity(pending.len());
+            for p in pending {
+                out.push(match p {
+                    Ok(p) => finish(p).await,
+                    Err(e) => Err(e),
+                });
+            }
+            out
+        };
+        record.instrument(phase("record")).await
+    }
+
     fn queue(&self, req: &ScoreRequest, d: Decided) -> Pending {
         self.rollouts
             .observe(&d.route, Some(&d.decision), d.latency);
         self.rollouts.shadow(&d.route, req);
-        // Record: queued now, answered when durable.
         let body = record_body(
             &self.keys,
             req,
@@ -279,6 +316,11 @@ impl Scorer {
             decision: d.decision,
         }
     }
+}
+
+/// The span of one phase of the request path, a child of the RPC's.
+fn phase(name: &'static str) -> tracing::Span {
+    tracing::debug_span!(target: crate::telemetry::SPAN_TARGET, "phase", otel.name = name)
 }
 
 /// The record of a decision: what the log stores, hashes and chains.
@@ -382,5 +424,6 @@ pub fn decide(bundle: &Bundle, req: &ScoreRequest, x: &[f64], arm: Arm) -> Decis
         granted_limit: applied.granted_limit,
         reasons: scored.reasons,
         arm,
+        rollout_id: None,
     }
 }

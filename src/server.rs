@@ -157,6 +157,8 @@ pub async fn serve(
         log.clone(),
         keys.clone(),
     );
+    // Kept until the server stops: the gauges report while their handles live.
+    let _gauges = crate::telemetry::observe_state(registry.clone(), rollouts.clone());
     let inference = InferenceService::new(
         scorer.clone(),
         registry.clone(),

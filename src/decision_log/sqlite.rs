@@ -695,6 +695,7 @@ impl Writer {
         match outcome {
             Ok((answers, head)) => {
                 tracing::trace!(batch = answers.len(), elapsed = ?started.elapsed(), "group commit");
+                crate::telemetry::metrics().log_commit(answers.len(), started.elapsed());
                 self.head = head;
                 for (job, answer) in batch.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);

@@ -86,19 +86,21 @@ pub struct CallContext {
     pub caller: Option<String>,
     /// When the caller stops waiting, from its grpc-timeout.
     pub deadline: Option<Instant>,
-    /// The caller's W3C trace id, from its traceparent.
+    /// The trace the call belongs to: its span's when traces are exported (the caller's,
+    /// continued, or a new one), else the caller's from its traceparent.
     pub trace_id: Option<String>,
 }
 
 impl CallContext {
-    pub fn of<T>(request: &tonic::Request<T>) -> CallContext {
+    pub fn of<T>(request: &tonic::Request<T>, span: &tracing::Span) -> CallContext {
         CallContext {
             caller: request
                 .extensions()
                 .get::<crate::auth::Caller>()
                 .map(|c| c.name.clone()),
             deadline: deadline(request.metadata(), Instant::now()),
-            trace_id: trace_id(request.metadata()),
+            trace_id: crate::grpc::telemetry::span_trace_id(span)
+                .or_else(|| trace_id(request.metadata())),
         }
     }
 

@@ -13,11 +13,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use tracing::{Instrument as _, Span};
 
 use crate::grpc::convert::{CallContext, RequestError, current_limit, required_id};
 use crate::grpc::status::Refusal;
+use crate::grpc::telemetry::{Outcome, answered, rpc_span};
 use crate::grpc::v2::{
     self, InferParameter, grpc_inference_service_server::GrpcInferenceService,
     infer_parameter::ParameterChoice, model_infer_response::InferOutputTensor,
@@ -239,21 +243,56 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<v2::ModelInferRequest>,
     ) -> Result<Response<v2::ModelInferResponse>, Status> {
-        let context = CallContext::of(&request);
+        let span = rpc_span(
+            request.metadata(),
+            "inference.GRPCInferenceService/ModelInfer",
+        );
+        self.infer(request, &span).instrument(span.clone()).await
+    }
+}
+
+impl InferenceService {
+    async fn infer(
+        &self,
+        request: Request<v2::ModelInferRequest>,
+        span: &Span,
+    ) -> Result<Response<v2::ModelInferResponse>, Status> {
+        let started = Instant::now();
+        let context = CallContext::of(&request, span);
         let request = request.into_inner();
-        if request.model_name.is_empty() {
-            return Err(RequestError::required("model_name").into());
-        }
-        let columns = self.columns(&request.model_name)?;
-        let infer = InferRequest::parse(request, &columns, self.max_batch)?;
+        let model = request.model_name.clone();
+        let parsed = if model.is_empty() {
+            Err(RequestError::required("model_name").into())
+        } else {
+            self.columns(&model)
+                .and_then(|columns| Ok(InferRequest::parse(request, &columns, self.max_batch)?))
+        };
+        let infer = match parsed {
+            Ok(infer) => infer,
+            Err(status) => {
+                answered(span, &[(&model, Err(status.code()))], started.elapsed());
+                return Err(status);
+            }
+        };
         let rows: Vec<ScoreRequest> = infer.rows.into_iter().map(|r| context.apply(r)).collect();
-        let decisions = self.scorer.score_all(&rows).await.map_err(row_refusal)?;
-        Ok(Response::new(respond(
-            infer.model,
-            infer.id,
-            &infer.outputs,
-            &decisions,
-        )))
+        match self.scorer.score_all(&rows).await {
+            Ok(decisions) => {
+                let outcomes: Vec<Outcome<'_>> =
+                    decisions.iter().map(|d| (model.as_str(), Ok(d))).collect();
+                answered(span, &outcomes, started.elapsed());
+                Ok(Response::new(respond(
+                    infer.model,
+                    infer.id,
+                    &infer.outputs,
+                    &decisions,
+                )))
+            }
+            Err(refusal) => {
+                let status = row_refusal(refusal);
+                answered(span, &[(&model, Err(status.code()))], started.elapsed());
+                Err(status)
+            }
+        }
     }
 }
 
@@ -725,6 +764,7 @@ mod tests {
             granted_limit: 7,
             reasons: Vec::new(),
             arm: crate::scoring::Arm::Champion,
+            rollout_id: None,
         };
         let decisions = [d("v1"), d("v10")];
         assert_eq!(

@@ -10,6 +10,7 @@ mod models;
 mod rollouts;
 mod scoring;
 pub(crate) mod status;
+mod telemetry;
 mod trace;
 
 pub use inference::InferenceService;

@@ -1,11 +1,15 @@
 //! The `riskserve.v1.Scoring` service.
 
-use tonic::{Request, Response, Status};
+use std::time::Instant;
+
+use tonic::{Code, Request, Response, Status};
+use tracing::{Instrument as _, Span};
 
 use crate::grpc::convert::CallContext;
 use crate::grpc::pb::{self, scoring_server::Scoring};
 use crate::grpc::status::Refusal;
-use crate::scoring::{Decision, ScoreError, ScoreRequest, Scorer};
+use crate::grpc::telemetry::{Outcome, answered, refused, rpc_span};
+use crate::scoring::{Decision, ScoreRequest, Scorer};
 
 /// Serves Score and ScoreBatch through a [`Scorer`].
 #[derive(Debug, Clone)]
@@ -40,19 +44,54 @@ impl Scoring for ScoringService {
         &self,
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let context = CallContext::of(&request);
-        let req = context.apply(ScoreRequest::try_from(request.into_inner())?);
-        let decision = self.scorer.score(&req).await?;
-        Ok(Response::new(decision.into()))
+        let span = rpc_span(request.metadata(), "riskserve.v1.Scoring/Score");
+        self.score_one(request, &span)
+            .instrument(span.clone())
+            .await
     }
 
     async fn score_batch(
         &self,
         request: Request<pb::ScoreBatchRequest>,
     ) -> Result<Response<pb::ScoreBatchResponse>, Status> {
-        let context = CallContext::of(&request);
+        let span = rpc_span(request.metadata(), "riskserve.v1.Scoring/ScoreBatch");
+        self.score_many(request, &span)
+            .instrument(span.clone())
+            .await
+    }
+}
+
+impl ScoringService {
+    async fn score_one(
+        &self,
+        request: Request<pb::ScoreRequest>,
+        span: &Span,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let started = Instant::now();
+        let context = CallContext::of(&request, span);
+        let req = match ScoreRequest::try_from(request.into_inner()) {
+            Ok(req) => context.apply(req),
+            Err(e) => {
+                answered(span, &[("", Err(Code::InvalidArgument))], started.elapsed());
+                return Err(e.into());
+            }
+        };
+        let result = self.scorer.score(&req).await;
+        let outcome = result.as_ref().map_err(|e| Refusal::from(e).code);
+        answered(span, &[(&req.model, outcome)], started.elapsed());
+        Ok(Response::new(result?.into()))
+    }
+
+    async fn score_many(
+        &self,
+        request: Request<pb::ScoreBatchRequest>,
+        span: &Span,
+    ) -> Result<Response<pb::ScoreBatchResponse>, Status> {
+        let started = Instant::now();
+        let context = CallContext::of(&request, span);
         let requests = request.into_inner().requests;
         if requests.len() > self.max_batch {
+            refused(span, Code::InvalidArgument);
             return Err(Status::invalid_argument(format!(
                 "requests: a batch holds at most {} items, got {}",
                 self.max_batch,
@@ -64,17 +103,24 @@ impl Scoring for ScoringService {
             .map(|r| ScoreRequest::try_from(r).map(|r| context.apply(r)))
             .collect();
         let valid: Vec<ScoreRequest> = converted.iter().filter_map(|r| r.clone().ok()).collect();
-        let mut scored = self.scorer.score_many(&valid).await.into_iter();
-        let items = converted
+        let scored = self.scorer.score_many(&valid).await;
+        let mut scored_iter = scored.iter();
+        let results: Vec<(&str, Result<&Decision, Refusal>)> = converted
             .iter()
             .map(|c| match c {
-                Err(e) => item(Err(Refusal::from(e))),
-                Ok(_) => {
-                    let result = scored.next().expect("one result per valid request");
-                    item(result.map_err(|e: ScoreError| Refusal::from(&e)))
+                Err(e) => ("", Err(Refusal::from(e))),
+                Ok(req) => {
+                    let result = scored_iter.next().expect("one result per valid request");
+                    (req.model.as_str(), result.as_ref().map_err(Refusal::from))
                 }
             })
             .collect();
+        let outcomes: Vec<Outcome<'_>> = results
+            .iter()
+            .map(|(model, r)| (*model, r.as_ref().map(|d| *d).map_err(|r| r.code)))
+            .collect();
+        answered(span, &outcomes, started.elapsed());
+        let items = results.into_iter().map(|(_, r)| item(r.cloned())).collect();
         Ok(Response::new(pb::ScoreBatchResponse { items }))
     }
 }

@@ -195,6 +195,16 @@ struct ShadowJob {
     request: ScoreRequest,
 }
 
+/// An open rollout's share and latest guardrail readings.
+#[derive(Debug, Clone)]
+pub struct OpenRollout {
+    pub model: String,
+    pub id: String,
+    pub candidate: String,
+    pub share_bp: u32,
+    pub readings: Vec<GuardrailReading>,
+}
+
 /// A rollout's whole history, for its report.
 #[derive(Debug, Clone)]
 pub struct RolloutHistory {
@@ -916,6 +926,22 @@ impl Rollouts {
             snapshots,
             decisions,
         })
+    }
+
+    /// The open rollouts as the request path sees them, from memory alone (no store), for
+    /// gauges read on the metrics exporter's thread.
+    pub fn open_now(&self) -> Vec<OpenRollout> {
+        self.live
+            .load()
+            .iter()
+            .map(|(model, l)| OpenRollout {
+                model: model.clone(),
+                id: l.id.clone(),
+                candidate: l.record.lock().expect("rollout lock").candidate.clone(),
+                share_bp: l.share_bp.load(Ordering::Acquire),
+                readings: l.readings.lock().expect("readings lock").clone(),
+            })
+            .collect()
     }
 
     /// Every rollout, newest first.

@@ -415,12 +415,23 @@ impl ChildServer {
 
     /// The same, with another models directory.
     pub async fn start_with(models: &Path, data: &Path, log: &Path) -> ChildServer {
+        ChildServer::start_with_env(models, data, log, &[]).await
+    }
+
+    /// The same, with these environment variables set for the server.
+    pub async fn start_with_env(
+        models: &Path,
+        data: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> ChildServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_riskserve"))
             .args(["serve", "--listen", "127.0.0.1:0", "--models"])
             .arg(models)
             .arg("--data")
             .arg(data)
             .env("RISKSERVE_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
