@@ -240,10 +240,9 @@ impl Scorer {
                     match bundle.schema.vector(&req.features) {
                         Ok(x) => Ok((route, bundle, x, started.elapsed())),
                         Err(e) => {
-                            // Refusals by the candidate's schema count against the candidate.
-                            if route.arm == Arm::Candidate {
-                                self.rollouts.observe(&route, None, started.elapsed());
-                            }
+                            // A refusal counts for the arm whose schema refused: the error
+                            // guardrail compares the candidate's refusals with the champion's.
+                            self.rollouts.observe(&route, None, started.elapsed());
                             Err(e.into())
                         }
                     }

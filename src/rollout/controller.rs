@@ -377,7 +377,7 @@ impl Rollouts {
         }
     }
 
-    /// Feeds a served decision (or a failure on the candidate) to the guardrails.
+    /// Feeds a served decision (or a refusal by the arm's schema) to the guardrails.
     pub fn observe(&self, route: &Route, decision: Option<&Decision>, latency: Duration) {
         if let Some(live) = &route.live {
             let o = decision.map_or(ERROR, |d| observation(d, latency));

@@ -28,15 +28,16 @@ pub struct Thresholds {
     pub max_withdrawal_rate_diff: f64,
     /// PSI of the candidate's PD distribution against the champion's, at most.
     pub max_psi: f64,
-    /// The candidate arm's error rate, at most.
+    /// Share of requests the candidate's schema refused minus the champion's, at most.
     pub max_error_rate: f64,
     /// The candidate arm's p99 scoring latency, at most (milliseconds).
     pub max_p99_latency_ms: f64,
     /// Observations each arm needs before any guardrail may breach.
     pub min_sample: usize,
-    /// Significance of the rate tests. Guardrails are re-evaluated every second on a sliding
-    /// window, so one rollout looks many times: 0.001 keeps the chance of a false rollback
-    /// over a whole rollout small, and real harm still shows at p far below it.
+    /// A rate guardrail breaches when the candidate is worse by more than its threshold with
+    /// confidence 1 − alpha. Guardrails are re-evaluated every second on a sliding window, so
+    /// one rollout looks many times: 0.001 keeps the chance of a false rollback over a whole
+    /// rollout small, and real harm still clears it within a few hundred decisions.
     pub alpha: f64,
     /// Observations kept per arm.
     pub window: usize,
@@ -157,17 +158,9 @@ pub fn evaluate(
     let rate = |name: &str, threshold: f64, f: &dyn Fn(&Observation) -> bool| {
         let (xc, nc) = candidate.count(f);
         let (xh, nh) = champion.count(f);
-        let (pc, ph) = (ratio(xc, nc), ratio(xh, nh));
-        let p = one_sided_p(xc, nc, xh, nh);
         GuardrailReading {
-            name: name.into(),
-            value: pc - ph,
-            threshold,
-            p_value: Some(p),
-            candidate_n: nc,
-            champion_n: nh,
-            breached: enough && pc - ph > threshold && p < t.alpha,
             note: note.clone(),
+            ..rate_reading(name, threshold, t.alpha, enough, (xc, nc), (xh, nh))
         }
     };
     let mut readings = vec![
@@ -203,21 +196,25 @@ pub fn evaluate(
             format!("waiting for {psi_min} decisions on each arm")
         },
     });
-    let errors = candidate.seen.iter().filter(|o| o.error).count();
-    let error_rate = ratio(errors, candidate.len());
+    // Requests each arm refused by its own schema. Against the champion's rate, so that bad
+    // input both arms refuse (a misbehaving client) is not held against the candidate.
+    let refused = |w: &ArmWindow| (w.seen.iter().filter(|o| o.error).count(), w.len());
+    let (on_candidate, on_champion) = (refused(candidate), refused(champion));
+    let errors_enough = on_candidate.1 >= t.min_sample && on_champion.1 >= t.min_sample;
     readings.push(GuardrailReading {
-        name: "error_rate".into(),
-        value: error_rate,
-        threshold: t.max_error_rate,
-        p_value: None,
-        candidate_n: candidate.len(),
-        champion_n: champion.len(),
-        breached: candidate.len() >= t.min_sample && error_rate > t.max_error_rate,
-        note: if candidate.len() >= t.min_sample {
+        note: if errors_enough {
             String::new()
         } else {
-            note.clone()
+            format!("waiting for {} requests on each arm", t.min_sample)
         },
+        ..rate_reading(
+            "error_rate_diff",
+            t.max_error_rate,
+            t.alpha,
+            errors_enough,
+            on_candidate,
+            on_champion,
+        )
     });
     let p99_ms = p99(candidate.decided().map(|o| o.latency_us)) / 1000.0;
     let p99_min = t.min_sample.max(P99_MIN_SAMPLE);
@@ -237,6 +234,104 @@ pub fn evaluate(
         },
     });
     readings
+}
+
+/// A guardrail on a rate, candidate (`x` of `n`) against champion. It breaches only when the
+/// candidate is worse by more than `threshold` with confidence 1 − `alpha`: the lower end of
+/// the difference's confidence interval is above the threshold. (Testing "any difference"
+/// and then comparing the point estimate with the threshold rolled back a sound version
+/// whose true difference sat just under it, as soon as noise pushed the estimate over.)
+fn rate_reading(
+    name: &str,
+    threshold: f64,
+    alpha: f64,
+    enough: bool,
+    (xc, nc): (usize, usize),
+    (xh, nh): (usize, usize),
+) -> GuardrailReading {
+    let lower = diff_lower_bound(xc, nc, xh, nh, alpha);
+    GuardrailReading {
+        name: name.into(),
+        value: ratio(xc, nc) - ratio(xh, nh),
+        threshold,
+        p_value: Some(one_sided_p(xc, nc, xh, nh)),
+        candidate_n: nc,
+        champion_n: nh,
+        breached: enough && lower > threshold,
+        note: String::new(),
+    }
+}
+
+/// The lower end of a one-sided 1 − `alpha` confidence interval for x1/n1 − x2/n2: Newcombe's
+/// hybrid score interval, built from each rate's Wilson interval, which keeps its coverage
+/// for small samples and rates near 0 where the normal approximation does not.
+pub fn diff_lower_bound(x1: usize, n1: usize, x2: usize, n2: usize, alpha: f64) -> f64 {
+    if n1 == 0 || n2 == 0 {
+        return f64::NEG_INFINITY;
+    }
+    let z = normal_quantile(1.0 - alpha);
+    let (p1, p2) = (ratio(x1, n1), ratio(x2, n2));
+    let (l1, _) = wilson(x1, n1, z);
+    let (_, u2) = wilson(x2, n2, z);
+    p1 - p2 - ((p1 - l1).powi(2) + (u2 - p2).powi(2)).sqrt()
+}
+
+/// Wilson's score interval for x/n at `z`.
+fn wilson(x: usize, n: usize, z: f64) -> (f64, f64) {
+    let (p, n) = (x as f64 / n as f64, n as f64);
+    let z2 = z * z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    (centre - half, centre + half)
+}
+
+/// Φ⁻¹(p), the standard normal quantile, for 0 < p < 1 (Acklam's rational approximation,
+/// relative error below 1.2e-9).
+fn normal_quantile(p: f64) -> f64 {
+    const A: [f64; 6] = [
+        -3.969_683_028_665_376e1,
+        2.209_460_984_245_205e2,
+        -2.759_285_104_469_687e2,
+        1.383_577_518_672_69e2,
+        -3.066_479_806_614_716e1,
+        2.506_628_277_459_239,
+    ];
+    const B: [f64; 5] = [
+        -5.447_609_879_822_406e1,
+        1.615_858_368_580_409e2,
+        -1.556_989_798_598_866e2,
+        6.680_131_188_771_972e1,
+        -1.328_068_155_288_572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] = [
+        7.784_695_709_041_462e-3,
+        3.224_671_290_700_398e-1,
+        2.445_134_137_142_996,
+        3.754_408_661_907_416,
+    ];
+    let tail = |q: f64| {
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    };
+    const LOW: f64 = 0.024_25;
+    if p < LOW {
+        tail((-2.0 * p.ln()).sqrt())
+    } else if p <= 1.0 - LOW {
+        let q = p - 0.5;
+        let r = q * q;
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+    } else {
+        -tail((-2.0 * (1.0 - p).ln()).sqrt())
+    }
 }
 
 fn ratio(x: usize, n: usize) -> f64 {
@@ -363,6 +458,52 @@ mod tests {
     }
 
     #[test]
+    fn normal_quantiles_and_the_difference_bound_match_published_values() {
+        for (p, z) in [
+            (0.5, 0.0),
+            (0.975, 1.959_964),
+            (0.999, 3.090_232),
+            (0.01, -2.326_348),
+        ] {
+            assert!((normal_quantile(p) - z).abs() < 1e-5, "Φ⁻¹({p})");
+        }
+        // Newcombe (1998), table II, example (a): 56/70 against 48/80, 95% two-sided, that is
+        // a one-sided 97.5% lower bound of 0.0524.
+        let lower = diff_lower_bound(56, 70, 48, 80, 0.025);
+        assert!((lower - 0.0524).abs() < 5e-4, "{lower}");
+    }
+
+    #[test]
+    fn a_candidate_just_under_a_threshold_is_not_rolled_back_by_noise() {
+        // Like the demo's sound v3, live: 6 points more declines on 346 candidate decisions
+        // than on 2,434 champion ones (11% against 5%). That there is a difference is
+        // significant; that it exceeds the 5-point threshold is not.
+        let t = Thresholds::default();
+        let r = rate_reading(
+            "decline_rate_diff",
+            0.05,
+            t.alpha,
+            true,
+            (38, 346),
+            (122, 2_434),
+        );
+        assert!(
+            r.value > 0.05 && r.p_value.unwrap() < 0.001 && !r.breached,
+            "{r:?}"
+        );
+        // Twenty points more on the same sample is known to exceed it.
+        let r = rate_reading(
+            "decline_rate_diff",
+            0.05,
+            t.alpha,
+            true,
+            (107, 346),
+            (122, 2_434),
+        );
+        assert!(r.breached, "{r:?}");
+    }
+
+    #[test]
     fn p_values_are_fishers_exact_ones() {
         assert!(ln_gamma(1.0).abs() < 1e-12);
         assert!((ln_gamma(5.0) - 24f64.ln()).abs() < 1e-12);
@@ -455,5 +596,38 @@ mod tests {
             breached.contains(&"withdrawal_rate_diff".to_string()),
             "{breached:?}"
         );
+    }
+
+    #[test]
+    fn refusals_count_against_the_candidate_only_beyond_the_champions() {
+        let t = Thresholds::default();
+        let with_errors = |n: usize, every: usize| {
+            let mut w = window(n, 0, |i| (i % 100) as f64 / 100.0);
+            for i in 0..n {
+                if i % every == 0 {
+                    w.push(
+                        Observation {
+                            error: true,
+                            ..obs(false, false, 0.5)
+                        },
+                        100_000,
+                    );
+                }
+            }
+            w
+        };
+        let error_reading = |champion: &ArmWindow, candidate: &ArmWindow| {
+            evaluate(&t, champion, candidate)
+                .into_iter()
+                .find(|r| r.name == "error_rate_diff")
+                .unwrap()
+        };
+        // A client sending bad input to both arms: 5% refused on each. No breach.
+        let noisy = error_reading(&with_errors(4_000, 20), &with_errors(1_000, 20));
+        assert!(!noisy.breached && noisy.value.abs() < 0.01, "{noisy:?}");
+        // The candidate refusing 5% that the champion accepts: breach.
+        let clean = window(4_000, 0, |i| (i % 100) as f64 / 100.0);
+        let strict = error_reading(&clean, &with_errors(1_000, 20));
+        assert!(strict.breached, "{strict:?}");
     }
 }
