@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Registry, VersionState, check_name};
 use crate::rollout::Rollouts;
+use crate::rollout::controller::RolloutError;
 
 /// The names, sizes and modification times of a directory's files.
 type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
@@ -58,10 +59,12 @@ pub async fn run(
                 continue;
             }
             // An open rollout decides what serves its model; auto-serve must not cut across it.
-            if rollouts.is_open(&model) {
-                tracing::info!(%model, %version, "loaded; not auto-served during a rollout");
-            } else if let Err(e) = registry.serve(&model, &version).await {
-                tracing::warn!(%model, %version, error = %e, "auto-serve failed");
+            match rollouts.serve_unless_rolling_out(&model, &version).await {
+                Ok(_) => {}
+                Err(RolloutError::DecidedByRollout(_)) => {
+                    tracing::info!(%model, %version, "loaded; not auto-served during a rollout");
+                }
+                Err(e) => tracing::warn!(%model, %version, error = %e, "auto-serve failed"),
             }
         }
     }

@@ -417,3 +417,43 @@ async fn auto_serve_serves_new_bundles_but_never_during_a_rollout() {
     assert_eq!(serving_version(&server).await, "v2");
     server.stop().await.unwrap();
 }
+
+/// A caller that gives up on LoadVersion (its deadline passes mid-load) stops waiting, not
+/// the load: the version ends READY, never stuck LOADING, and loading it again works.
+#[tokio::test]
+async fn a_load_whose_caller_gives_up_still_finishes() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let mut models = server.models();
+    // Deadlines from before the handler runs to past the end of the load, so that some
+    // expire while the bundle is being read, verified and warmed up.
+    models.unload_version(version_ref("v2")).await.unwrap();
+    let t = Instant::now();
+    models.load_version(version_ref("v2")).await.unwrap();
+    let load_micros = t.elapsed().as_micros() as u64;
+    for micros in (1..=40).map(|i| load_micros * i / 20) {
+        models.unload_version(version_ref("v2")).await.unwrap();
+        let mut req = tonic::Request::new(version_ref("v2"));
+        req.set_timeout(Duration::from_micros(micros));
+        let _ = models.load_version(req).await;
+        let start = Instant::now();
+        loop {
+            let state = version_status(&server, "v2").await.map(|v| v.state);
+            if state != Some(pb::VersionState::Loading as i32) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "v2 stuck LOADING after a {micros} µs deadline"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let again = models.load_version(version_ref("v2")).await;
+        assert_eq!(
+            again.map(|r| r.into_inner().state).ok(),
+            Some(pb::VersionState::Ready as i32),
+            "loading again after a {micros} µs deadline"
+        );
+    }
+    server.stop().await.unwrap();
+}

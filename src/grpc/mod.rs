@@ -19,6 +19,25 @@ pub use rollouts::RolloutsService;
 pub use scoring::ScoringService;
 pub use trace::TraceService;
 
+/// Runs `op` on a task of its own and waits for it: a caller that goes away (cancels, or its
+/// deadline passes) stops waiting, not the operation. Control operations write the disk and
+/// then memory; cut off between the two they would leave them disagreeing (a version stuck
+/// "loading", a rollout stored open that routes nobody).
+pub(crate) async fn to_the_end<T, E>(
+    op: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
+) -> Result<T, tonic::Status>
+where
+    T: Send + 'static,
+    E: Into<tonic::Status> + Send + 'static,
+{
+    match tokio::spawn(op).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(join) => Err(tonic::Status::internal(format!(
+            "the operation failed: {join}"
+        ))),
+    }
+}
+
 /// Generated protobuf and gRPC types of `riskserve.v1`, also used by the CLI's clients.
 pub mod pb {
     // Generated code: a report variant next to a counter is fine for a progress stream.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::grpc::pb::{self, models_server::Models};
+use crate::grpc::to_the_end;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
 
@@ -68,7 +69,8 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
-        let info = self.registry.load(&r.model, &r.version).await?;
+        let registry = self.registry.clone();
+        let info = to_the_end(async move { registry.load(&r.model, &r.version).await }).await?;
         Ok(Response::new(info.into()))
     }
 
@@ -77,13 +79,13 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
-        if self.rollouts.is_open(&r.model) {
-            return Err(Status::failed_precondition(format!(
-                "model {} has an open rollout: promote or roll it back instead of switching by hand",
-                r.model
-            )));
-        }
-        let info = self.registry.serve(&r.model, &r.version).await?;
+        let rollouts = self.rollouts.clone();
+        let info = to_the_end(async move {
+            rollouts
+                .serve_unless_rolling_out(&r.model, &r.version)
+                .await
+        })
+        .await?;
         Ok(Response::new(info.into()))
     }
 

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::Caller;
 use crate::backtest::BacktestSpec;
 use crate::grpc::pb::{self, rollouts_server::Rollouts as RolloutsApi};
+use crate::grpc::to_the_end;
 use crate::rollout::{Plan, Rollouts, Thresholds};
 use crate::trace::parse_bound;
 
@@ -62,10 +63,13 @@ impl RolloutsApi for RolloutsService {
                 )
             })?
         };
-        let status = self
-            .rollouts
-            .start(&r.model, &r.candidate, plan, &who, r.skip_backtest)
-            .await?;
+        let rollouts = self.rollouts.clone();
+        let status = to_the_end(async move {
+            rollouts
+                .start(&r.model, &r.candidate, plan, &who, r.skip_backtest)
+                .await
+        })
+        .await?;
         Ok(Response::new(status.into()))
     }
 
@@ -83,14 +87,9 @@ impl RolloutsApi for RolloutsService {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         let figures = self.rollouts.status(&r.model)?.readings;
-        self.rollouts
-            .advance(
-                &r.model,
-                None,
-                &who,
-                &reason(&r.reason, "advanced by hand"),
-                figures,
-            )
+        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let why = reason(&r.reason, "advanced by hand");
+        to_the_end(async move { rollouts.advance(&model, None, &who, &why, figures).await })
             .await?;
         self.status(&r.model)
     }
@@ -101,9 +100,9 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        self.rollouts
-            .pause(&r.model, &who, &reason(&r.reason, "paused by hand"))
-            .await?;
+        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let why = reason(&r.reason, "paused by hand");
+        to_the_end(async move { rollouts.pause(&model, &who, &why).await }).await?;
         self.status(&r.model)
     }
 
@@ -113,9 +112,9 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        self.rollouts
-            .resume(&r.model, &who, &reason(&r.reason, "resumed by hand"))
-            .await?;
+        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let why = reason(&r.reason, "resumed by hand");
+        to_the_end(async move { rollouts.resume(&model, &who, &why).await }).await?;
         self.status(&r.model)
     }
 
@@ -126,14 +125,9 @@ impl RolloutsApi for RolloutsService {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
         let figures = self.rollouts.status(&r.model)?.readings;
-        self.rollouts
-            .rollback(
-                &r.model,
-                &who,
-                &reason(&r.reason, "rolled back by hand"),
-                figures,
-            )
-            .await?;
+        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let why = reason(&r.reason, "rolled back by hand");
+        to_the_end(async move { rollouts.rollback(&model, &who, &why, figures).await }).await?;
         self.status(&r.model)
     }
 
@@ -143,9 +137,9 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        self.rollouts
-            .promote(&r.model, &who, &reason(&r.reason, "promoted by hand"))
-            .await?;
+        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let why = reason(&r.reason, "promoted by hand");
+        to_the_end(async move { rollouts.promote(&model, &who, &why).await }).await?;
         self.status(&r.model)
     }
 

@@ -188,6 +188,7 @@ impl From<&RolloutError> for Refusal {
                 Refusal::new(Code::InvalidArgument, e).on_field("candidate".into())
             }
             RolloutError::LastStep => Refusal::new(Code::FailedPrecondition, e),
+            RolloutError::DecidedByRollout(_) => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::WrongState(_) => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::BacktestFailed { .. } => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::Backtest(crate::backtest::BacktestError::Empty(_)) => {

@@ -25,7 +25,7 @@ use crate::bundle::Bundle;
 use crate::customer::CustomerKeys;
 use crate::decision_log::{DecisionLog, LogError, RolloutDecisions};
 use crate::policy::Outcome;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Registry, RegistryError, VersionInfo};
 use crate::scoring::{Arm, Decision, ScoreRequest, decide, record_body};
 
 /// Why a rollout operation was refused.
@@ -43,6 +43,8 @@ pub enum RolloutError {
     SameVersion(String),
     #[error("the rollout is at its last step already")]
     LastStep,
+    #[error("model {0} has an open rollout: promote or roll it back instead of switching by hand")]
+    DecidedByRollout(String),
     #[error("the rollout is {0}")]
     WrongState(&'static str),
     #[error(
@@ -341,6 +343,22 @@ impl Rollouts {
             .get(model)
             .cloned()
             .ok_or_else(|| RolloutError::NoRollout(model.to_string()))
+    }
+
+    /// Makes `version` serve `model` (by hand, or by auto-serve) unless a rollout decides
+    /// what serves it. In turn with the control operations: a rollout start captures the
+    /// serving version as its champion and then backtests, and a switch in between would
+    /// leave the rollout naming a champion that no longer serves.
+    pub async fn serve_unless_rolling_out(
+        &self,
+        model: &str,
+        version: &str,
+    ) -> Result<VersionInfo, RolloutError> {
+        let _turn = self.control.lock().await;
+        if self.is_open(model) {
+            return Err(RolloutError::DecidedByRollout(model.into()));
+        }
+        Ok(self.registry.serve(model, version).await?)
     }
 
     /// Whether the model has an open rollout (its serving version must not be switched by hand).
