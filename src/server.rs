@@ -121,10 +121,13 @@ pub async fn serve(
     reporter
         .set_service_status(MODELS, ServingStatus::Serving)
         .await;
+    // Set at shutdown, under its lock, once health turns NOT_SERVING for good.
+    let health_closed = Arc::new(tokio::sync::Mutex::new(false));
     let health_task = tokio::spawn(follow_readiness(
         reporter.clone(),
         registry.clone(),
         log.healthy(),
+        health_closed.clone(),
         stop.clone(),
     ));
     let reflection = tonic_reflection::server::Builder::configure()
@@ -202,15 +205,19 @@ pub async fn serve(
     tracing::info!(addr = ?local, models = %config.models_dir.display(), "riskserve listening");
 
     let signal = {
-        let (stop, reporter) = (stop.clone(), reporter.clone());
+        let (stop, reporter, closed) = (stop.clone(), reporter.clone(), health_closed.clone());
         async move {
             shutdown.await;
             tracing::info!("shutting down: draining in-flight requests");
+            // Under the lock readiness updates take: none can land after these.
+            let mut closed = closed.lock().await;
+            *closed = true;
             for name in ["", SCORING, MODELS, LIVENESS] {
                 reporter
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
+            drop(closed);
             stop.cancel();
         }
     };
@@ -277,6 +284,7 @@ async fn follow_readiness(
     reporter: HealthReporter,
     registry: Arc<Registry>,
     mut log_healthy: watch::Receiver<bool>,
+    closed: Arc<tokio::sync::Mutex<bool>>,
     stop: CancellationToken,
 ) {
     let mut ready = registry.subscribe_ready();
@@ -286,7 +294,12 @@ async fn follow_readiness(
         } else {
             ServingStatus::NotServing
         };
-        if !stop.is_cancelled() {
+        {
+            // Checked and written under one lock, so shutdown's NOT_SERVING is the last word.
+            let closed = closed.lock().await;
+            if *closed {
+                return;
+            }
             reporter.set_service_status("", status).await;
             reporter.set_service_status(SCORING, status).await;
         }
