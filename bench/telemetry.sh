@@ -2,7 +2,8 @@
 # Telemetry and protocol costs, for BENCHMARKS.md, in one run:
 # - Score throughput with traces and metrics exported over OTLP to a local receiver
 #   (examples/otlp_sink.rs) against telemetry off, with the decision log as shipped and
-#   without it (--unrecorded-benchmark-only, where the spans' share of the work is largest);
+#   without it (--unrecorded-benchmark-only, where the spans' share of the work is largest),
+#   and there also with 10% of traces sampled (OTEL_TRACES_SAMPLER=traceidratio);
 # - the inference protocol's ModelInfer (bench --protocol v2) against Score, telemetry off.
 # Each round starts fresh servers; the paired ratios are taken per round and their median
 # reported. Server on core 0; load generator and receiver on core 1.
@@ -41,6 +42,11 @@ for round in $(seq "$ROUNDS"); do
   with_otel 50104 "$OUT/unrec-on-$round" --unrecorded-benchmark-only
   load unrecorded-otel 50104 "$C"
   stop_last
+  export OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.1
+  with_otel 50105 "$OUT/unrec-sampled-$round" --unrecorded-benchmark-only
+  unset OTEL_TRACES_SAMPLER OTEL_TRACES_SAMPLER_ARG
+  load unrecorded-otel-10pct 50105 "$C"
+  stop_last
 done
 kill -TERM "$SINK"; wait "$SINK" || true
 cat "$OUT/sink.json"
@@ -54,7 +60,8 @@ for r in rows:
 med = lambda label, key: statistics.median(r[key] for r in by[label])
 print("| label | runs | median req/s | p50 µs | p99 µs | errors |")
 print("| --- | --- | --- | --- | --- | --- |")
-for label in ("score-off", "score-otel", "v2-off", "unrecorded-off", "unrecorded-otel"):
+for label in ("score-off", "score-otel", "v2-off", "unrecorded-off", "unrecorded-otel",
+              "unrecorded-otel-10pct"):
     print(f"| {label} | {len(by[label])} | {med(label, 'throughput_rps'):,.0f} | {med(label, 'p50_us'):,.0f} "
           f"| {med(label, 'p99_us'):,.0f} | {sum(r['errors'] for r in by[label])} |")
 def ratio(a, b):
@@ -62,6 +69,8 @@ def ratio(a, b):
     return statistics.median(per_round), per_round
 for a, b, what in (("score-otel", "score-off", "telemetry exporting / off (decision log on)"),
                    ("unrecorded-otel", "unrecorded-off", "telemetry exporting / off (no decision log)"),
+                   ("unrecorded-otel-10pct", "unrecorded-off",
+                    "telemetry exporting, 10% of traces sampled / off (no decision log)"),
                    ("v2-off", "score-off", "ModelInfer / Score")):
     m, rounds = ratio(a, b)
     print(f"{what}: median {m:.2f} (rounds: {', '.join(f'{x:.2f}' for x in rounds)})")
