@@ -457,3 +457,56 @@ async fn a_load_whose_caller_gives_up_still_finishes() {
     }
     server.stop().await.unwrap();
 }
+
+/// A switch of the serving version sent while a rollout start is backtesting waits for the
+/// start and is then refused: the rollout's champion is the version that serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    // Recorded decisions for the start-up backtest to re-score.
+    let mut scoring = server.scoring();
+    for (chunk, rows) in customers()[..4_000].chunks(1_000).enumerate() {
+        let requests = rows
+            .iter()
+            .enumerate()
+            .map(|(i, c)| request(c, &format!("seed-{chunk}-{i}")))
+            .collect();
+        scoring
+            .score_batch(pb::ScoreBatchRequest { requests })
+            .await
+            .unwrap();
+    }
+    // Thresholds no retrain breaches, so that the start is sure to succeed.
+    let plan = "[guardrails]\nmax_decline_rate_diff = 1.0\nmax_cut_rate_diff = 1.0\n\
+                max_withdrawal_rate_diff = 1.0\nmax_psi = 100.0\n";
+    let mut rollouts =
+        riskserve::grpc::pb::rollouts_client::RolloutsClient::new(server.channel.clone());
+    let start = tokio::spawn(async move {
+        rollouts
+            .start(pb::StartRolloutRequest {
+                model: MODEL.into(),
+                candidate: "v2".into(),
+                plan_toml: plan.into(),
+                actor: "test".into(),
+                skip_backtest: false,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let switched = server.models().serve_version(version_ref("v2")).await;
+    let started = start
+        .await
+        .unwrap()
+        .expect("the rollout starts")
+        .into_inner();
+    assert!(
+        started.backtest.is_some(),
+        "the start backtested the candidate"
+    );
+    let refused = switched.expect_err("the switch came after the start, during a rollout");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(started.champion, "v1");
+    assert_eq!(serving_version(&server).await, "v1");
+    server.stop().await.unwrap();
+}
