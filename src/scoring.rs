@@ -189,24 +189,54 @@ impl Scorer {
         self.record(reqs, decided).await
     }
 
-    /// Decides every request or none: when any is refused, nothing is observed or recorded
-    /// and the first refusal comes back with its index. For protocols with no per-item
-    /// errors (the inference protocol's ModelInfer), where a decision recorded for a batch
-    /// the caller was told had failed would be a limit change nobody saw.
+    /// Decides every request or none. When any is refused, nothing is recorded and the first
+    /// refusal comes back with its index; the decisions are recorded in one group, all or
+    /// none, and only then counted for their rollouts. For protocols with no per-item errors
+    /// (the inference protocol's ModelInfer), where a decision recorded for a batch the caller
+    /// was told had failed would be a limit change nobody saw. (Refusals are counted for the
+    /// guardrails as they happen, as on every path.)
     pub async fn score_all(
         &self,
         reqs: &[ScoreRequest],
     ) -> Result<Vec<Decision>, (usize, ScoreError)> {
         let mut decided = Vec::with_capacity(reqs.len());
         for (i, d) in self.decide(reqs).into_iter().enumerate() {
-            decided.push(Ok(d.map_err(|e| (i, e))?));
+            decided.push(d.map_err(|e| (i, e))?);
         }
-        self.record(reqs, decided)
-            .await
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| r.map_err(|e| (i, e)))
-            .collect()
+        let record = async {
+            let bodies = reqs
+                .iter()
+                .zip(&decided)
+                .map(|(req, d)| {
+                    let rollout_id = d.route.rollout_id.clone();
+                    record_body(&self.keys, req, &d.bundle, &d.x, &d.decision, rollout_id)
+                })
+                .collect();
+            let appended = self.log.append_all(bodies).await.map_err(|e| {
+                // A reused id names its row; any other failure is the whole group's.
+                let row = match &e {
+                    LogError::RequestIdReused(id) => {
+                        reqs.iter().position(|r| &r.request_id == id).unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                (row, ScoreError::from(e))
+            })?;
+            let mut out = Vec::with_capacity(decided.len());
+            for (i, ((req, d), appended)) in reqs.iter().zip(decided).zip(appended).enumerate() {
+                self.rollouts
+                    .observe(&d.route, Some(&d.decision), d.latency);
+                self.rollouts.shadow(&d.route, req);
+                out.push(match appended {
+                    Appended::New(_) => d.decision,
+                    Appended::Existing(record) => {
+                        Decision::from_record(&record).map_err(|e| (i, e.into()))?
+                    }
+                });
+            }
+            Ok(out)
+        };
+        record.instrument(phase("record")).await
     }
 
     /// Route, validate, score and policy, each phase over every request, so that a call has

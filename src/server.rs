@@ -166,6 +166,7 @@ pub async fn serve(
         scorer.clone(),
         registry.clone(),
         log.healthy(),
+        stop.clone(),
         config.max_batch,
     );
     let scoring = ScoringService::new(scorer, config.max_batch);

@@ -177,6 +177,36 @@ async fn model_infer_decides_as_score_does_and_records_every_row_once() {
     assert_eq!(retried.strings["decision_id"], out.strings["decision_id"]);
     assert_eq!(server.records().await, 40 + 40);
 
+    // A clash of a row's recorded id refuses the whole batch, and the row recorded before the
+    // clash, in the same commit, is undone.
+    scoring
+        .score(request(&customers()[300], "clash/1"))
+        .await
+        .unwrap();
+    let before = server.records().await;
+    let clash = v2c
+        .model_infer(infer_request(&customers()[301..303], "clash"))
+        .await
+        .unwrap_err();
+    assert_eq!(clash.code(), Code::AlreadyExists, "{clash:?}");
+    assert!(
+        clash.message().starts_with("row 1: "),
+        "{}",
+        clash.message()
+    );
+    let details = clash.get_details_bad_request().expect("field details");
+    assert_eq!(details.field_violations[0].field, "id");
+    assert_eq!(
+        server.records().await,
+        before,
+        "nothing of the refused batch"
+    );
+    // The chain goes on from where it was (records() verifies it).
+    v2c.model_infer(infer_request(&customers()[301..303], "after-clash"))
+        .await
+        .unwrap();
+    assert_eq!(server.records().await, before + 2);
+
     // Typed contents instead of raw bytes decide the same; only the asked outputs come back.
     let mut typed = infer_request(&batch[..3], "infer-typed");
     let raw = typed.raw_input_contents.remove(0);

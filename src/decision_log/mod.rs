@@ -111,6 +111,9 @@ pub enum LogError {
 /// A decision on its way to disk.
 pub type AppendFuture = Pin<Box<dyn Future<Output = Result<Appended, LogError>> + Send>>;
 
+/// Resolves when a group of decisions is durable (all of them) or failed (none of them).
+pub type AppendAllFuture = Pin<Box<dyn Future<Output = Result<Vec<Appended>, LogError>> + Send>>;
+
 /// Aggregates of what one version decided.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VersionStats {
@@ -178,6 +181,10 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// future resolves when the decision is durable, was found recorded already, or failed.
     fn append(&self, body: RecordBody) -> AppendFuture;
 
+    /// Queues decisions that are recorded all together or not at all: one commit, and if any
+    /// of them cannot be recorded (a request id reused with other inputs), none is.
+    fn append_all(&self, bodies: Vec<RecordBody>) -> AppendAllFuture;
+
     /// Whether writes currently succeed; false from the first failure until a probe write
     /// succeeds again.
     fn healthy(&self) -> watch::Receiver<bool>;
@@ -226,6 +233,18 @@ pub struct Unrecorded {
     healthy: watch::Receiver<bool>,
 }
 
+impl DecisionRecord {
+    /// What the benchmark baseline answers: the body, in no chain.
+    fn unrecorded(body: RecordBody) -> DecisionRecord {
+        DecisionRecord {
+            seq: 0,
+            body,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+}
+
 impl Default for Unrecorded {
     fn default() -> Self {
         Unrecorded {
@@ -236,13 +255,15 @@ impl Default for Unrecorded {
 
 impl DecisionLog for Unrecorded {
     fn append(&self, body: RecordBody) -> AppendFuture {
+        Box::pin(async move { Ok(Appended::New(DecisionRecord::unrecorded(body))) })
+    }
+
+    fn append_all(&self, bodies: Vec<RecordBody>) -> AppendAllFuture {
         Box::pin(async move {
-            Ok(Appended::New(DecisionRecord {
-                seq: 0,
-                body,
-                prev_hash: String::new(),
-                hash: String::new(),
-            }))
+            Ok(bodies
+                .into_iter()
+                .map(|b| Appended::New(DecisionRecord::unrecorded(b)))
+                .collect())
         })
     }
 

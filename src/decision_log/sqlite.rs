@@ -18,8 +18,9 @@ use tokio::sync::{oneshot, watch};
 
 use super::chain::{self, GENESIS, Verifier};
 use super::{
-    AppendFuture, Appended, ArmSummary, ArmTraffic, DecisionLog, DecisionRecord, Durability,
-    LogError, PD_BINS, RecordBody, RolloutDecisions, VerifyReport, VersionStats, Window,
+    AppendAllFuture, AppendFuture, Appended, ArmSummary, ArmTraffic, DecisionLog, DecisionRecord,
+    Durability, LogError, PD_BINS, RecordBody, RolloutDecisions, VerifyReport, VersionStats,
+    Window,
 };
 
 /// How long an unhealthy writer waits between recovery attempts when no decision arrives.
@@ -79,9 +80,14 @@ const COLUMNS: &str = "seq, decision_id, recorded_at, request_id, request_hash, 
     key_id, model, version, digest, rollout_id, arm, features, pd, grade, decision, \
     current_limit, granted_limit, reasons, caller, trace_id, prev_hash, hash";
 
+/// What a job is answered: every decision of its group, or why none was recorded.
+type GroupAnswer = Result<Vec<Appended>, LogError>;
+
+/// Decisions to record together: one for `append`, several for `append_all`, which are
+/// recorded all or none.
 struct Job {
-    body: RecordBody,
-    reply: oneshot::Sender<Result<Appended, LogError>>,
+    bodies: Vec<RecordBody>,
+    reply: oneshot::Sender<GroupAnswer>,
 }
 
 enum Msg {
@@ -173,10 +179,18 @@ impl SqliteLog {
 
 impl DecisionLog for SqliteLog {
     fn append(&self, body: RecordBody) -> AppendFuture {
+        let group = self.append_all(vec![body]);
+        Box::pin(async move {
+            let mut appended = group.await?;
+            Ok(appended.pop().expect("one answer for one decision"))
+        })
+    }
+
+    fn append_all(&self, bodies: Vec<RecordBody>) -> AppendAllFuture {
         let (reply, rx) = oneshot::channel();
         let queued = self
             .queue
-            .try_send(Msg::Append(Box::new(Job { body, reply })));
+            .try_send(Msg::Append(Box::new(Job { bodies, reply })));
         Box::pin(async move {
             match queued {
                 Ok(()) => rx
@@ -694,8 +708,9 @@ impl Writer {
         });
         match outcome {
             Ok((answers, head)) => {
-                tracing::trace!(batch = answers.len(), elapsed = ?started.elapsed(), "group commit");
-                crate::telemetry::metrics().log_commit(answers.len(), started.elapsed());
+                let decisions: usize = batch.iter().map(|job| job.bodies.len()).sum();
+                tracing::trace!(batch = decisions, elapsed = ?started.elapsed(), "group commit");
+                crate::telemetry::metrics().log_commit(decisions, started.elapsed());
                 self.head = head;
                 for (job, answer) in batch.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);
@@ -762,7 +777,7 @@ fn write_batch(
     conn: &mut Connection,
     head: &Head,
     batch: &[Job],
-) -> Result<(Vec<Result<Appended, LogError>>, Head), LogError> {
+) -> Result<(Vec<GroupAnswer>, Head), LogError> {
     let unavailable = |e: rusqlite::Error| LogError::Unavailable(e.to_string());
     // IMMEDIATE: take the write lock up front (waiting out the rollout store's short writes
     // under busy_timeout) rather than failing to upgrade a read snapshot mid-transaction.
@@ -787,60 +802,87 @@ fn write_batch(
             )
             .map_err(unavailable)?;
         for job in batch {
-            let b = &job.body;
-            if b.arm != "shadow" {
-                // Sees this batch's own inserts too: they are in the same transaction.
-                let existing = find
-                    .query_row([&b.request_id], row_to_record)
-                    .optional()
+            // A group is all or none: a savepoint undoes its inserts if one of them is refused.
+            let grouped = job.bodies.len() > 1;
+            if grouped {
+                tx.execute_batch("SAVEPOINT decision_group")
                     .map_err(unavailable)?;
-                if let Some(existing) = existing {
-                    answers.push(if existing.body.request_hash == b.request_hash {
-                        Ok(Appended::Existing(existing))
-                    } else {
-                        Err(LogError::RequestIdReused(b.request_id.clone()))
-                    });
-                    continue;
+            }
+            let before = head.clone();
+            let mut appended = Vec::with_capacity(job.bodies.len());
+            let mut refused = None;
+            for b in &job.bodies {
+                if b.arm != "shadow" {
+                    // Sees this batch's own inserts too: they are in the same transaction.
+                    let existing = find
+                        .query_row([&b.request_id], row_to_record)
+                        .optional()
+                        .map_err(unavailable)?;
+                    if let Some(existing) = existing {
+                        if existing.body.request_hash == b.request_hash {
+                            appended.push(Appended::Existing(existing));
+                            continue;
+                        }
+                        refused = Some(LogError::RequestIdReused(b.request_id.clone()));
+                        break;
+                    }
+                }
+                let seq = head.seq + 1;
+                let hash = chain::link_hash(&head.hash, b);
+                let features = serde_json::to_string(&b.features).expect("features serialise");
+                let reasons = serde_json::to_string(&b.reasons).expect("reasons serialise");
+                insert
+                    .execute(params![
+                        seq,
+                        b.decision_id,
+                        b.recorded_at,
+                        b.request_id,
+                        b.request_hash,
+                        b.customer_ref,
+                        b.key_id,
+                        b.model,
+                        b.version,
+                        b.digest,
+                        b.rollout_id,
+                        b.arm,
+                        features,
+                        b.probability_of_default,
+                        b.grade,
+                        b.decision,
+                        b.current_limit,
+                        b.granted_limit,
+                        reasons,
+                        b.caller,
+                        b.trace_id,
+                        head.hash,
+                        hash,
+                    ])
+                    .map_err(unavailable)?;
+                appended.push(Appended::New(DecisionRecord {
+                    seq,
+                    body: b.clone(),
+                    prev_hash: head.hash.clone(),
+                    hash: hash.clone(),
+                }));
+                head = Head { seq, hash };
+            }
+            match refused {
+                Some(e) => {
+                    if grouped {
+                        tx.execute_batch("ROLLBACK TO decision_group; RELEASE decision_group")
+                            .map_err(unavailable)?;
+                    }
+                    head = before;
+                    answers.push(Err(e));
+                }
+                None => {
+                    if grouped {
+                        tx.execute_batch("RELEASE decision_group")
+                            .map_err(unavailable)?;
+                    }
+                    answers.push(Ok(appended));
                 }
             }
-            let seq = head.seq + 1;
-            let hash = chain::link_hash(&head.hash, b);
-            let features = serde_json::to_string(&b.features).expect("features serialise");
-            let reasons = serde_json::to_string(&b.reasons).expect("reasons serialise");
-            insert
-                .execute(params![
-                    seq,
-                    b.decision_id,
-                    b.recorded_at,
-                    b.request_id,
-                    b.request_hash,
-                    b.customer_ref,
-                    b.key_id,
-                    b.model,
-                    b.version,
-                    b.digest,
-                    b.rollout_id,
-                    b.arm,
-                    features,
-                    b.probability_of_default,
-                    b.grade,
-                    b.decision,
-                    b.current_limit,
-                    b.granted_limit,
-                    reasons,
-                    b.caller,
-                    b.trace_id,
-                    head.hash,
-                    hash,
-                ])
-                .map_err(unavailable)?;
-            answers.push(Ok(Appended::New(DecisionRecord {
-                seq,
-                body: b.clone(),
-                prev_hash: head.hash.clone(),
-                hash: hash.clone(),
-            })));
-            head = Head { seq, hash };
         }
     }
     tx.execute(

@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument as _, Span};
 
+use crate::decision_log::LogError;
 use crate::grpc::convert::{CallContext, RequestError, current_limit, required_id};
 use crate::grpc::status::Refusal;
 use crate::grpc::telemetry::{Outcome, answered, rpc_span};
@@ -117,6 +119,8 @@ pub struct InferenceService {
     scorer: Scorer,
     registry: Arc<Registry>,
     log_healthy: watch::Receiver<bool>,
+    /// Cancelled when the server starts shutting down: no longer ready from then on.
+    draining: CancellationToken,
     max_batch: usize,
 }
 
@@ -125,14 +129,21 @@ impl InferenceService {
         scorer: Scorer,
         registry: Arc<Registry>,
         log_healthy: watch::Receiver<bool>,
+        draining: CancellationToken,
         max_batch: usize,
     ) -> Self {
         InferenceService {
             scorer,
             registry,
             log_healthy,
+            draining,
             max_batch,
         }
+    }
+
+    /// Whether decisions can be made and recorded now, whatever the model.
+    fn accepting(&self) -> bool {
+        !self.draining.is_cancelled() && *self.log_healthy.borrow()
     }
 
     /// The feature names a model's inputs are announced in: its serving version's schema.
@@ -154,7 +165,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<v2::ServerReadyRequest>,
     ) -> Result<Response<v2::ServerReadyResponse>, Status> {
-        let ready = self.registry.is_ready() && *self.log_healthy.borrow();
+        let ready = self.accepting() && self.registry.is_ready();
         Ok(Response::new(v2::ServerReadyResponse { ready }))
     }
 
@@ -296,11 +307,17 @@ impl InferenceService {
     }
 }
 
-/// A refused row: features name the row and column; other refusals concern the whole call.
+/// A refused row: its features are named by row and column, a clash of its recorded id by
+/// the request's `id`; other refusals concern the whole call.
 fn row_refusal((row, e): (usize, ScoreError)) -> Status {
     let mut refusal = Refusal::from(&e);
-    if let ScoreError::Feature(f) = &e {
-        refusal.field = Some(format!("{INPUT}[{row}].{}", f.feature));
+    let field = match &e {
+        ScoreError::Feature(f) => Some(format!("{INPUT}[{row}].{}", f.feature)),
+        ScoreError::Record(LogError::RequestIdReused(_)) => Some("id".to_string()),
+        _ => None,
+    };
+    if let Some(field) = field {
+        refusal.field = Some(field);
         refusal.message = format!("row {row}: {}", refusal.message);
     }
     refusal.into()
