@@ -272,7 +272,10 @@ impl Scorer {
                         Err(e) => {
                             // A refusal counts for the arm whose schema refused: the error
                             // guardrail compares the candidate's refusals with the champion's.
+                            // The shadow sees refused requests too, or its refusal rate would
+                            // leave out the input both versions refuse.
                             self.rollouts.observe(&route, None, started.elapsed());
+                            self.rollouts.shadow(&route, req);
                             Err(e.into())
                         }
                     }

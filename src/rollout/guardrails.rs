@@ -37,7 +37,7 @@ pub struct Thresholds {
     /// A rate guardrail breaches when the candidate is worse by more than its threshold with
     /// confidence 1 − alpha. Guardrails are re-evaluated every second on a sliding window, so
     /// one rollout looks many times: 0.001 keeps the chance of a false rollback over a whole
-    /// rollout small, and real harm still clears it within a few hundred decisions.
+    /// rollout small, and large harm still clears it within a few dozen decisions.
     pub alpha: f64,
     /// Observations kept per arm.
     pub window: usize,
@@ -130,7 +130,8 @@ impl ArmWindow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuardrailReading {
     pub name: String,
-    /// Candidate's figure minus champion's, or the candidate's own (error rate, latency, PSI).
+    /// Candidate's figure minus champion's (the rates, refusals included), or the candidate's
+    /// own (latency, PSI).
     pub value: f64,
     pub threshold: f64,
     /// One-sided p-value, for rate differences.
