@@ -450,8 +450,15 @@ fn init_logging(format: &str, telemetry: &crate::telemetry::Telemetry) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
+    // The request spans are for OpenTelemetry only: even at RISKSERVE_LOG=debug the log
+    // leaves them off, so that they stay free unless exported.
     let filter = tracing_subscriber::EnvFilter::try_from_env("RISKSERVE_LOG")
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| "info".into())
+        .add_directive(
+            format!("{}=off", crate::telemetry::SPAN_TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);

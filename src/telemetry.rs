@@ -261,17 +261,26 @@ impl Metrics {
             on: METRICS_EXPORTED.load(std::sync::atomic::Ordering::Relaxed),
             requests: meter
                 .u64_counter("riskserve.requests")
-                .with_description("Decisions asked for, by model, version, arm and gRPC status")
+                .with_description(
+                    "Decisions asked for (one per customer, batch rows included), by model, \
+                     version, arm and gRPC status",
+                )
                 .build(),
             duration: meter
                 .f64_histogram("riskserve.request.duration")
                 .with_unit("s")
-                .with_description("Time to answer, by model, version, arm and gRPC status")
+                .with_description(
+                    "Time to answer a call, by model, version, arm and gRPC status (a batch \
+                     decided by several versions or arms has them empty)",
+                )
                 .with_boundaries(seconds.clone())
                 .build(),
             decisions: meter
                 .u64_counter("riskserve.decisions")
-                .with_description("Decisions recorded, by version, arm and outcome")
+                .with_description(
+                    "Decisions answered (a retry answered from the log counts again), by \
+                     version, arm and outcome",
+                )
                 .build(),
             granted: meter
                 .f64_histogram("riskserve.granted_limit")
@@ -314,8 +323,9 @@ impl Metrics {
         }
     }
 
-    /// One decision asked for: answered (`Ok`) or refused with a gRPC status name.
-    pub fn request(&self, model: &str, answer: Result<&Decision, &str>, elapsed: Duration) {
+    /// One decision asked for (a customer of a call): answered (`Ok`) or refused with a gRPC
+    /// status name.
+    pub fn request(&self, model: &str, answer: Result<&Decision, &str>) {
         if !self.on {
             return;
         }
@@ -334,15 +344,10 @@ impl Metrics {
             ],
         };
         self.requests.add(1, &attributes);
-        self.duration.record(elapsed.as_secs_f64(), &attributes);
         if let Ok(d) = answer {
-            let by_version = [
-                KeyValue::new("model", model.to_string()),
-                KeyValue::new("version", d.version.clone()),
-                KeyValue::new("arm", d.arm.as_str()),
-            ];
-            self.granted.record(d.granted_limit as f64, &by_version);
-            let [m, v, a] = by_version;
+            let [m, v, a, _] = attributes;
+            self.granted
+                .record(d.granted_limit as f64, &[m.clone(), v.clone(), a.clone()]);
             self.decisions.add(
                 1,
                 &[
@@ -355,6 +360,21 @@ impl Metrics {
             self.limit_changes
                 .add(1, &[m, v, a, KeyValue::new("change", limit_change(d))]);
         }
+    }
+
+    /// One call answered, after `elapsed`. A batch whose rows went to several versions or
+    /// arms has empty `version` and `arm`.
+    pub fn call(&self, model: &str, version: &str, arm: &str, status: &str, elapsed: Duration) {
+        if !self.on {
+            return;
+        }
+        let attributes = [
+            KeyValue::new("model", model.to_string()),
+            KeyValue::new("version", version.to_string()),
+            KeyValue::new("arm", arm.to_string()),
+            KeyValue::new("status", status.to_string()),
+        ];
+        self.duration.record(elapsed.as_secs_f64(), &attributes);
     }
 
     /// One decision-log commit of `batch` records.

@@ -104,23 +104,31 @@ impl ScoringService {
             .collect();
         let valid: Vec<ScoreRequest> = converted.iter().filter_map(|r| r.clone().ok()).collect();
         let scored = self.scorer.score_many(&valid).await;
-        let mut scored_iter = scored.iter();
-        let results: Vec<(&str, Result<&Decision, Refusal>)> = converted
+        let mut results = scored.iter();
+        let outcomes: Vec<Outcome<'_>> = converted
             .iter()
             .map(|c| match c {
-                Err(e) => ("", Err(Refusal::from(e))),
+                Err(_) => ("", Err(Code::InvalidArgument)),
                 Ok(req) => {
-                    let result = scored_iter.next().expect("one result per valid request");
-                    (req.model.as_str(), result.as_ref().map_err(Refusal::from))
+                    let result = results.next().expect("one result per valid request");
+                    let outcome = result.as_ref().map_err(|e| Refusal::from(e).code);
+                    (req.model.as_str(), outcome)
                 }
             })
             .collect();
-        let outcomes: Vec<Outcome<'_>> = results
-            .iter()
-            .map(|(model, r)| (*model, r.as_ref().map(|d| *d).map_err(|r| r.code)))
-            .collect();
         answered(span, &outcomes, started.elapsed());
-        let items = results.into_iter().map(|(_, r)| item(r.cloned())).collect();
+        drop(outcomes);
+        let mut results = scored.into_iter();
+        let items = converted
+            .iter()
+            .map(|c| match c {
+                Err(e) => item(Err(Refusal::from(e))),
+                Ok(_) => {
+                    let result = results.next().expect("one result per valid request");
+                    item(result.map_err(|e| Refusal::from(&e)))
+                }
+            })
+            .collect();
         Ok(Response::new(pb::ScoreBatchResponse { items }))
     }
 }

@@ -68,15 +68,37 @@ pub type Outcome<'a> = (&'a str, Result<&'a Decision, Code>);
 /// Records what a call decided, one outcome per customer it asked about: the request
 /// metrics, and the span's attributes (the decision's own for a one-customer call).
 pub fn answered(span: &Span, outcomes: &[Outcome<'_>], took: Duration) {
-    for (model, outcome) in outcomes {
-        // A model that does not exist is no label: callers could otherwise mint series.
-        let model = if matches!(outcome, Err(Code::NotFound)) {
+    // A model that does not exist is no label: callers could otherwise mint series.
+    fn label<'a>((model, outcome): &Outcome<'a>) -> &'a str {
+        if matches!(outcome, Err(Code::NotFound)) {
             ""
         } else {
             model
-        };
-        metrics().request(model, (*outcome).map_err(code_name), took);
+        }
     }
+    for outcome in outcomes {
+        metrics().request(label(outcome), outcome.1.map_err(code_name));
+    }
+    let uniform = |f: fn(&Decision) -> &str| {
+        let mut values = outcomes.iter().map(|(_, o)| o.map_or("", f));
+        let first = values.next().unwrap_or("");
+        if values.all(|v| v == first) {
+            first
+        } else {
+            ""
+        }
+    };
+    let status = match outcomes {
+        [(_, Err(code))] => code_name(*code),
+        _ => "OK",
+    };
+    metrics().call(
+        outcomes.first().map_or("", label),
+        uniform(|d| d.version.as_str()),
+        uniform(|d| d.arm.as_str()),
+        status,
+        took,
+    );
     if span.is_disabled() {
         return;
     }
