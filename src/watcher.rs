@@ -59,7 +59,13 @@ pub async fn run(
                 continue;
             }
             // An open rollout decides what serves its model; auto-serve must not cut across it.
-            match rollouts.serve_unless_rolling_out(&model, &version).await {
+            // The switch waits its turn behind a rollout's start (and its backtest); shutdown
+            // does not wait for it.
+            let served = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                served = rollouts.serve_unless_rolling_out(&model, &version) => served,
+            };
+            match served {
                 Ok(_) => {}
                 Err(RolloutError::DecidedByRollout(_)) => {
                     tracing::info!(%model, %version, "loaded; not auto-served during a rollout");
