@@ -458,15 +458,10 @@ async fn a_load_whose_caller_gives_up_still_finishes() {
     server.stop().await.unwrap();
 }
 
-/// A switch of the serving version sent while a rollout start is backtesting waits for the
-/// start and is then refused: the rollout's champion is the version that serves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() {
-    let data = tempfile::tempdir().unwrap();
-    let server = TestServer::start(models_v1_v2(), data.path()).await;
-    // Recorded decisions for the start-up backtest to re-score.
+/// Scores `n` customers through ScoreBatch: recorded decisions for a start-up backtest.
+async fn seed_decisions(server: &TestServer, n: usize) {
     let mut scoring = server.scoring();
-    for (chunk, rows) in customers()[..4_000].chunks(1_000).enumerate() {
+    for (chunk, rows) in customers()[..n].chunks(1_000).enumerate() {
         let requests = rows
             .iter()
             .enumerate()
@@ -477,12 +472,18 @@ async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() 
             .await
             .unwrap();
     }
-    // Thresholds no retrain breaches, so that the start is sure to succeed.
+}
+
+/// Starts rolling v2 out with its start-up backtest, in the background. The plan's
+/// thresholds are ones no retrain breaches, so that the start is sure to succeed.
+fn start_with_backtest(
+    server: &TestServer,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::RolloutStatus>, tonic::Status>> {
     let plan = "[guardrails]\nmax_decline_rate_diff = 1.0\nmax_cut_rate_diff = 1.0\n\
                 max_withdrawal_rate_diff = 1.0\nmax_psi = 100.0\n";
     let mut rollouts =
         riskserve::grpc::pb::rollouts_client::RolloutsClient::new(server.channel.clone());
-    let start = tokio::spawn(async move {
+    tokio::spawn(async move {
         rollouts
             .start(pb::StartRolloutRequest {
                 model: MODEL.into(),
@@ -492,7 +493,17 @@ async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() 
                 skip_backtest: false,
             })
             .await
-    });
+    })
+}
+
+/// A switch of the serving version sent while a rollout start is backtesting waits for the
+/// start and is then refused: the rollout's champion is the version that serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    seed_decisions(&server, 4_000).await;
+    let start = start_with_backtest(&server);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let switched = server.models().serve_version(version_ref("v2")).await;
     let started = start
@@ -508,5 +519,46 @@ async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() 
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(started.champion, "v1");
     assert_eq!(serving_version(&server).await, "v1");
+    server.stop().await.unwrap();
+}
+
+/// Another model's switch does not wait for that backtest: control turns are per model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_models_switch_does_not_wait_for_a_rollout_start() {
+    let models = tempfile::tempdir().unwrap();
+    copy_dir(models_v1_v2(), models.path());
+    let other = models.path().join("other-model").join("v1");
+    copy_dir(&models_v1_v2().join(MODEL).join("v1"), &other);
+    let manifest = std::fs::read_to_string(other.join("manifest.toml")).unwrap();
+    std::fs::write(
+        other.join("manifest.toml"),
+        manifest.replace("model = \"credit-limit\"", "model = \"other-model\""),
+    )
+    .unwrap();
+    riskserve::bundle::seal(&other).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models.path(), data.path()).await;
+    seed_decisions(&server, 8_000).await;
+
+    let began = Instant::now();
+    let start = start_with_backtest(&server);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let asked = Instant::now();
+    server
+        .models()
+        .serve_version(pb::VersionRef {
+            model: "other-model".into(),
+            version: "v1".into(),
+        })
+        .await
+        .expect("the other model's switch");
+    let switch_took = asked.elapsed();
+    start.await.unwrap().expect("the rollout starts");
+    let start_took = began.elapsed();
+    // Waiting for the start would have taken the rest of its backtest.
+    assert!(
+        switch_took * 4 < start_took,
+        "the switch took {switch_took:?} of the start's {start_took:?}"
+    );
     server.stop().await.unwrap();
 }

@@ -222,7 +222,10 @@ pub struct Rollouts {
     log: Arc<dyn DecisionLog>,
     keys: CustomerKeys,
     live: ArcSwap<BTreeMap<String, Arc<Live>>>,
-    control: tokio::sync::Mutex<()>,
+    /// One control turn per model: a model's rollout operations, and switches of what
+    /// serves it, run one at a time; other models' go on meanwhile (a long start-up
+    /// backtest holds its own model only).
+    control: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shadow_tx: mpsc::Sender<ShadowJob>,
     shadow_rx: Mutex<Option<mpsc::Receiver<ShadowJob>>>,
     shadow_dropped: AtomicU64,
@@ -279,7 +282,7 @@ impl Rollouts {
             log,
             keys,
             live: ArcSwap::from_pointee(BTreeMap::new()),
-            control: tokio::sync::Mutex::new(()),
+            control: Mutex::new(BTreeMap::new()),
             shadow_tx,
             shadow_rx: Mutex::new(Some(shadow_rx)),
             shadow_dropped: AtomicU64::new(0),
@@ -337,6 +340,18 @@ impl Rollouts {
         });
     }
 
+    /// Waits for `model`'s control turn.
+    async fn turn(&self, model: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .control
+            .lock()
+            .expect("control map lock")
+            .entry(model.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
     fn get_live(&self, model: &str) -> Result<Arc<Live>, RolloutError> {
         self.live
             .load()
@@ -354,7 +369,7 @@ impl Rollouts {
         model: &str,
         version: &str,
     ) -> Result<VersionInfo, RolloutError> {
-        let _turn = self.control.lock().await;
+        let _turn = self.turn(model).await;
         if self.is_open(model) {
             return Err(RolloutError::DecidedByRollout(model.into()));
         }
@@ -658,7 +673,7 @@ impl Rollouts {
         actor: &str,
         skip_backtest: bool,
     ) -> Result<RolloutStatus, RolloutError> {
-        let _turn = self.control.lock().await;
+        let _turn = self.turn(model).await;
         plan.check().map_err(RolloutError::Plan)?;
         if let Some(open) = self.store.open_for(model)? {
             return Err(RolloutError::AlreadyOpen {
@@ -756,7 +771,7 @@ impl Rollouts {
         reason: &str,
         figures: Vec<GuardrailReading>,
     ) -> Result<RolloutRecord, RolloutError> {
-        let _turn = self.control.lock().await;
+        let _turn = self.turn(model).await;
         let live = self.get_live(model)?;
         let r = live.record.lock().expect("rollout lock").clone();
         if r.state != State::Active {
@@ -802,7 +817,7 @@ impl Rollouts {
         actor: &str,
         reason: &str,
     ) -> Result<RolloutRecord, RolloutError> {
-        let _turn = self.control.lock().await;
+        let _turn = self.turn(model).await;
         let live = self.get_live(model)?;
         let r = live.record.lock().expect("rollout lock").clone();
         if r.state != from {
@@ -821,12 +836,12 @@ impl Rollouts {
         reason: &str,
         figures: Vec<GuardrailReading>,
     ) -> Result<RolloutRecord, RolloutError> {
-        // Stop routing to the candidate before anything else, even before waiting for another
-        // control operation (a long start-up backtest of another model): harm stops first.
+        // Stop routing to the candidate before anything else, even before waiting for the
+        // model's control turn (another operation on it may be under way): harm stops first.
         let live = self.get_live(model)?;
         live.share_bp.store(0, Ordering::Release);
         live.shadow.store(false, Ordering::Release);
-        let _turn = self.control.lock().await;
+        let _turn = self.turn(model).await;
         let live = self.get_live(model)?;
         let step = live.record.lock().expect("rollout lock").step;
         let result = self
@@ -847,7 +862,7 @@ impl Rollouts {
         actor: &str,
         reason: &str,
     ) -> Result<RolloutRecord, RolloutError> {
-        let _turn = self.control.lock().await;
+        let _turn = self.turn(model).await;
         let live = self.get_live(model)?;
         let r = live.record.lock().expect("rollout lock").clone();
         let figures = live.readings.lock().expect("readings lock").clone();
