@@ -170,43 +170,39 @@ async fn each_token_role_reaches_its_services_only_and_is_recorded_as_the_caller
     // request's own actor field claims.
     let [scorer, operator, reviewer] = [0, 1, 2].map(|i| tokens()[i].2.clone());
     let bearer = |t: &str| -> MetadataValue<_> { format!("Bearer {t}").parse().unwrap() };
-    let mut req = tonic::Request::new(request(&customers()[500], "auth-recorded"));
-    req.metadata_mut().insert("authorization", bearer(&scorer));
+    fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        req.metadata_mut().insert("authorization", value);
+        req
+    }
+    // Who the decision's record names, read by the reviewer.
+    let recorded_caller = |decision_id: String| {
+        let req = with_token(pb::DecisionRef { decision_id }, &reviewer);
+        let mut trace = TraceClient::new(ch.clone());
+        async move { trace.get_decision(req).await.unwrap().into_inner().caller }
+    };
     let decided = ScoringClient::new(ch.clone())
-        .score(req)
+        .score(with_token(
+            request(&customers()[500], "auth-recorded"),
+            &scorer,
+        ))
         .await
         .unwrap()
         .into_inner();
-    let mut req = tonic::Request::new(pb::DecisionRef {
-        decision_id: decided.decision_id,
-    });
-    req.metadata_mut()
-        .insert("authorization", bearer(&reviewer));
-    let record = TraceClient::new(ch.clone())
-        .get_decision(req)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(record.caller, "token:scoring-app");
+    assert_eq!(
+        recorded_caller(decided.decision_id).await,
+        "token:scoring-app"
+    );
     // So does a decision asked for through the inference protocol.
-    let mut req = tonic::Request::new(infer_request(&customers()[501..502], "auth-v2-recorded"));
-    req.metadata_mut().insert("authorization", bearer(&scorer));
+    let v2_req = infer_request(&customers()[501..502], "auth-v2-recorded");
     let inferred = GrpcInferenceServiceClient::new(ch.clone())
-        .model_infer(req)
+        .model_infer(with_token(v2_req, &scorer))
         .await
         .unwrap()
         .into_inner();
-    let mut req = tonic::Request::new(pb::DecisionRef {
-        decision_id: infer_outputs(&inferred).strings["decision_id"][0].clone(),
-    });
-    req.metadata_mut()
-        .insert("authorization", bearer(&reviewer));
-    let record = TraceClient::new(ch.clone())
-        .get_decision(req)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(record.caller, "token:scoring-app");
+    let decision_id = infer_outputs(&inferred).strings["decision_id"][0].clone();
+    assert_eq!(recorded_caller(decision_id).await, "token:scoring-app");
 
     let mut req = tonic::Request::new(pb::StartRolloutRequest {
         model: MODEL.into(),
