@@ -194,21 +194,11 @@ async fn bench_loads_the_server_through_score_and_through_the_inference_protocol
     let mut counted = 0;
     for protocol in ["score", "v2"] {
         let addr = format!("http://{}", server.addr);
-        let run = tokio::task::spawn_blocking(move || {
-            riskserve()
-                .args(["bench", "--server", &addr, "--protocol", protocol])
-                .args(["--duration", "1", "--warmup", "0.2", "--concurrency", "2"])
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let line: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let mut bench = riskserve();
+        bench
+            .args(["bench", "--server", &addr, "--protocol", protocol])
+            .args(["--duration", "1", "--warmup", "0.2", "--concurrency", "2"]);
+        let line: serde_json::Value = serde_json::from_slice(&run_ok(bench).await).unwrap();
         assert_eq!(line["protocol"], protocol);
         assert_eq!(line["errors"], 0, "{line}");
         let requests = line["requests"].as_u64().unwrap();

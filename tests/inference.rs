@@ -6,7 +6,7 @@ mod common;
 
 use common::{
     Customer, MODEL, TestServer, customers, infer_outputs, infer_request, models_v1_v2, request,
-    schema_features,
+    schema_features, score_each,
 };
 use riskserve::grpc::pb;
 use riskserve::grpc::v2::{self, grpc_inference_service_client::GrpcInferenceServiceClient};
@@ -124,13 +124,7 @@ async fn model_infer_decides_as_score_does_and_records_every_row_once() {
     let out = infer_outputs(&response);
     assert_eq!(server.records().await, 40, "one record per row");
 
-    let mut scoring = server.scoring();
-    for (i, c) in batch.iter().enumerate() {
-        let scored = scoring
-            .score(request(c, &format!("score-{i}")))
-            .await
-            .unwrap()
-            .into_inner();
+    for (i, scored) in score_each(&server, &batch).await.into_iter().enumerate() {
         assert_eq!(
             out.numbers["probability_of_default"][i].to_bits(),
             scored.probability_of_default.to_bits(),
@@ -179,7 +173,8 @@ async fn model_infer_decides_as_score_does_and_records_every_row_once() {
 
     // A clash of a row's recorded id refuses the whole batch, and the row recorded before the
     // clash, in the same commit, is undone.
-    scoring
+    server
+        .scoring()
         .score(request(&customers()[300], "clash/1"))
         .await
         .unwrap();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::{
-    Customer, MODEL, TestServer, customers, models_v1_v2, repo, request, schema_features,
+    Customer, MODEL, TestServer, customers, models_v1_v2, repo, run_ok, schema_features, score_each,
 };
 use riskserve::grpc::pb;
 
@@ -46,22 +46,9 @@ async fn tritonclient_reads_metadata_and_gets_the_pds_score_gives() {
 
     let address = server.addr.to_string();
     let script = repo().join("tests/tritonclient_check.py");
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .arg(address)
-            .arg(spec_path)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        run.status.success(),
-        "tritonclient_check.py failed:\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let mut check = Command::new(python());
+    check.arg(script).arg(address).arg(spec_path);
+    let seen: serde_json::Value = serde_json::from_slice(&run_ok(check).await).unwrap();
 
     // Metadata as the stock client parsed it (its JSON form drops riskserve's `columns`).
     let input = &seen["metadata"]["inputs"][0];
@@ -77,13 +64,7 @@ async fn tritonclient_reads_metadata_and_gets_the_pds_score_gives() {
     );
     assert_eq!(seen["model_version"], "v1");
 
-    let mut scoring = server.scoring();
-    for (i, c) in batch.iter().enumerate() {
-        let scored = scoring
-            .score(request(c, &format!("score-{i}")))
-            .await
-            .unwrap()
-            .into_inner();
+    for (i, scored) in score_each(&server, &batch).await.into_iter().enumerate() {
         let pd = seen["probability_of_default"][i].as_f64().unwrap();
         assert_eq!(
             pd.to_bits(),

@@ -252,6 +252,32 @@ pub fn request(c: &Customer, request_id: &str) -> pb::ScoreRequest {
     }
 }
 
+/// Runs `cmd` on a blocking thread (the server under test keeps the runtime) and returns its
+/// stdout, failing the test with its stderr if it fails.
+pub async fn run_ok(mut cmd: Command) -> Vec<u8> {
+    let shown = format!("{cmd:?}");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{shown} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Score's answers for these customers, one call each (request ids `score-<i>`).
+pub async fn score_each(server: &TestServer, customers: &[Customer]) -> Vec<pb::ScoreResponse> {
+    let mut scoring = server.scoring();
+    let mut answers = Vec::with_capacity(customers.len());
+    for (i, c) in customers.iter().enumerate() {
+        let r = scoring.score(request(c, &format!("score-{i}"))).await;
+        answers.push(r.unwrap().into_inner());
+    }
+    answers
+}
+
 /// A ModelInfer request (inference protocol) for these customers: their features as one FP64
 /// tensor in schema order (raw little-endian contents), ids and current limits as parameters.
 pub fn infer_request(customers: &[Customer], id: &str) -> v2::ModelInferRequest {
