@@ -55,6 +55,10 @@ pub fn rpc_span(metadata: &MetadataMap, method: &'static str) -> Span {
 
 /// The trace id of `span` (the caller's, when it continued one), when traces are exported.
 pub fn span_trace_id(span: &Span) -> Option<String> {
+    // Without an exporter the span is disabled and has no trace: skip the context lookup.
+    if span.is_disabled() {
+        return None;
+    }
     let context = span.context();
     let span_context = context.span().span_context().clone();
     span_context
