@@ -4,8 +4,14 @@
 //! server. So a request that finds every permit taken is answered RESOURCE_EXHAUSTED straight
 //! away (the client backs off or goes to another replica), and the accepted ones keep their
 //! latency. Health is exempt, so that an overloaded server is not also reported dead.
+//!
+//! A refusal also says when to come back (`grpc-retry-pushback-ms`, which gRPC retry policies
+//! obey). The wait is jittered so that the clients refused in one burst do not all return in
+//! the next: a client that retries at once turns every refusal into more work for the same
+//! core (BENCHMARKS.md, overload).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::http;
@@ -17,7 +23,11 @@ use crate::grpc::status::Refusal;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {
     #[error("server busy: {limit} requests already in flight; retry with backoff")]
-    Overloaded { limit: usize },
+    Overloaded {
+        limit: usize,
+        /// The wait asked of the client, if any.
+        retry_after: Option<Duration>,
+    },
 }
 
 /// Admits at most `limit` requests at a time (a [`Gatekeeper`]).
@@ -25,14 +35,26 @@ pub enum AdmissionError {
 pub struct Admission {
     permits: Arc<Semaphore>,
     limit: usize,
+    pushback: Duration,
 }
 
 impl Admission {
-    pub fn new(limit: usize) -> Admission {
+    /// `pushback` is the mean wait asked of a refused client; zero asks none.
+    pub fn new(limit: usize, pushback: Duration) -> Admission {
         Admission {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
+            pushback,
         }
+    }
+
+    /// Uniform over ½–1½ × the pushback, to the millisecond the header carries.
+    fn retry_after(&self) -> Option<Duration> {
+        if self.pushback.is_zero() {
+            return None;
+        }
+        let jittered = self.pushback.mul_f64(rand::random::<f64>() + 0.5);
+        Some(Duration::from_millis(jittered.as_millis() as u64))
     }
 }
 
@@ -48,7 +70,25 @@ impl Gatekeeper for Admission {
             Ok(permit) => Ok(Some(permit)),
             Err(_) => Err(Refusal::from(&AdmissionError::Overloaded {
                 limit: self.limit,
+                retry_after: self.retry_after(),
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pushback_is_jittered_around_the_configured_wait() {
+        let admission = Admission::new(1, Duration::from_millis(10));
+        let waits: Vec<u128> = (0..1_000)
+            .map(|_| admission.retry_after().unwrap().as_millis())
+            .collect();
+        assert!(waits.iter().all(|w| (5..=15).contains(w)), "{waits:?}");
+        // Spread, not one value: the refused burst does not come back at once.
+        assert!(waits.iter().min() < Some(&8) && waits.iter().max() > Some(&12));
+        assert_eq!(Admission::new(1, Duration::ZERO).retry_after(), None);
     }
 }

@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// well-behaved client backs off); 0 retries at once.
     #[arg(long, default_value_t = 0)]
     backoff_ms: u64,
+    /// After a refusal, wait as long as the server asks (`grpc-retry-pushback-ms`), as a gRPC
+    /// retry policy does; overrides `--backoff-ms` when the server asks.
+    #[arg(long)]
+    honour_pushback: bool,
     /// The protocol the load speaks: riskserve's Score, or the inference protocol's
     /// ModelInfer (one row per call, as Score).
     #[arg(long, value_enum, default_value_t = Protocol::Score)]
@@ -123,7 +127,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    let backoff = Duration::from_millis(args.backoff_ms);
+    let (backoff, honour_pushback) = (Duration::from_millis(args.backoff_ms), args.honour_pushback);
     for t in 0..args.concurrency.max(1) {
         let channel = channels[t % channels.len()].clone();
         let mut client = ScoringClient::new(channel.clone());
@@ -147,6 +151,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 i += args_stride();
                 let start = Instant::now();
                 let mut refused = false;
+                let mut wait = backoff;
                 let ok = match history {
                     Some(n) => {
                         let customer_id = format!("fill-{}", (i as u64 * 2_654_435_761) % n);
@@ -173,6 +178,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                             Ok(()) => true,
                             Err(s) => {
                                 refused = s.code() == tonic::Code::ResourceExhausted;
+                                if let Some(asked) = pushback(&s).filter(|_| honour_pushback) {
+                                    wait = asked;
+                                }
                                 false
                             }
                         }
@@ -187,8 +195,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                if refused && backoff > Duration::ZERO {
-                    tokio::time::sleep(backoff).await;
+                if refused && wait > Duration::ZERO {
+                    tokio::time::sleep(wait).await;
                 }
             }
             (hist, shed)
@@ -240,12 +248,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "max_us": hist.max(),
         "swaps": swaps,
         "backoff_ms": args.backoff_ms,
+        "honour_pushback": args.honour_pushback,
         "shed": shed.len(),
         "shed_p50_us": shed.value_at_quantile(0.50),
         "shed_p99_us": shed.value_at_quantile(0.99),
     });
     println!("{line}");
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The wait a refusal asks for, if it asks.
+fn pushback(status: &tonic::Status) -> Option<Duration> {
+    let ms = status
+        .metadata()
+        .get(crate::grpc::status::PUSHBACK_HEADER)?;
+    Some(Duration::from_millis(ms.to_str().ok()?.parse().ok()?))
 }
 
 /// Tasks step through the customers with a prime stride so they rarely send the same row.

@@ -67,6 +67,9 @@ pub struct Config {
     pub shadow_queue: usize,
     /// Requests in flight at once (health aside); more are refused with RESOURCE_EXHAUSTED.
     pub max_concurrent_requests: usize,
+    /// How long a refused client is asked to wait before retrying (`grpc-retry-pushback-ms`,
+    /// jittered to ½–1½×, honoured by gRPC retry policies); 0 asks nothing.
+    pub overload_pushback_ms: u64,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive: a ping after this many idle seconds; a peer silent for as long again
@@ -102,6 +105,7 @@ impl Default for Config {
             rollout_snapshot_interval_ms: 10_000,
             shadow_queue: 1_024,
             max_concurrent_requests: 256,
+            overload_pushback_ms: 10,
             max_message_bytes: 4 * 1024 * 1024,
             http2_keepalive_secs: 30,
             auth: AuthConfig::default(),
@@ -172,10 +176,11 @@ impl Config {
         if !(1..=100_000).contains(&self.max_concurrent_requests)
             || !(1_024..=256 * 1024 * 1024).contains(&self.max_message_bytes)
             || !(1..=3_600).contains(&self.http2_keepalive_secs)
+            || self.overload_pushback_ms > 60_000
         {
             return Err(ConfigError::Invalid(
-                "max_concurrent_requests must be 1–100000, max_message_bytes 1 KiB–256 MiB \
-                 and http2_keepalive_secs 1–3600"
+                "max_concurrent_requests must be 1–100000, max_message_bytes 1 KiB–256 MiB, \
+                 http2_keepalive_secs 1–3600 and overload_pushback_ms 0–60000"
                     .into(),
             ));
         }

@@ -184,7 +184,10 @@ pub async fn serve(
         .layer(
             tower::ServiceBuilder::new()
                 .layer(GateLayer(authorizer))
-                .layer(GateLayer(Admission::new(config.max_concurrent_requests))),
+                .layer(GateLayer(Admission::new(
+                    config.max_concurrent_requests,
+                    std::time::Duration::from_millis(config.overload_pushback_ms),
+                ))),
         )
         .add_service(health_service)
         .add_service(reflection)

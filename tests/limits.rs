@@ -1,7 +1,7 @@
 //! Limits on the real server: the excess over the concurrency limit is shed with
-//! RESOURCE_EXHAUSTED while every accepted decision is recorded, a request whose deadline has
-//! passed decides nothing, and an oversized message is refused. (Latency under overload is
-//! measured in bench/overload.sh, not here.)
+//! RESOURCE_EXHAUSTED, asking the client to wait, while every accepted decision is recorded; a
+//! request whose deadline has passed decides nothing; an oversized message is refused.
+//! (Latency under overload is measured in bench/overload.sh, not here.)
 
 mod common;
 
@@ -55,6 +55,16 @@ async fn the_excess_is_shed_with_resource_exhausted_and_every_accepted_decision_
                             s.message().contains("2 requests already in flight"),
                             "{s:?}"
                         );
+                        // The wait gRPC retry policies obey: 10 ms by default, jittered.
+                        let pushback: u64 = s
+                            .metadata()
+                            .get("grpc-retry-pushback-ms")
+                            .expect("a refusal without grpc-retry-pushback-ms")
+                            .to_str()
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        assert!((5..=15).contains(&pushback), "{s:?}");
                         shed.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -3,6 +3,8 @@
 //! Every variant is matched by name (no catch-all arm), so a new error variant does not
 //! compile until someone decides what a caller should see for it.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -17,13 +19,18 @@ use crate::schema::FeatureError;
 use crate::scoring::ScoreError;
 use crate::trace::TraceError;
 
-/// What a caller is told: a code, a message, and the offending field when there is one.
+/// What a caller is told: a code, a message, the offending field when there is one, and how
+/// long to wait before retrying when the server asks for a wait.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
     pub code: Code,
     pub message: String,
     pub field: Option<String>,
+    pub retry_after: Option<Duration>,
 }
+
+/// The trailer gRPC retry policies read for the server's wait (gRFC A6), in milliseconds.
+pub const PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
 
 impl Refusal {
     fn new(code: Code, err: &impl ToString) -> Self {
@@ -31,6 +38,7 @@ impl Refusal {
             code,
             message: err.to_string(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -42,14 +50,20 @@ impl Refusal {
 
 impl From<Refusal> for Status {
     fn from(r: Refusal) -> Status {
-        match r.field {
+        let mut status = match r.field {
             Some(field) => Status::with_error_details(
                 r.code,
                 r.message.clone(),
                 ErrorDetails::with_bad_request_violation(field, r.message),
             ),
             None => Status::new(r.code, r.message),
+        };
+        if let Some(wait) = r.retry_after {
+            status
+                .metadata_mut()
+                .insert(PUSHBACK_HEADER, (wait.as_millis() as u64).into());
         }
+        status
     }
 }
 
@@ -170,6 +184,7 @@ pub fn invalid_field(field: &str, message: &str) -> Status {
         code: Code::InvalidArgument,
         message: message.to_string(),
         field: Some(field.to_string()),
+        retry_after: None,
     }
     .into()
 }
@@ -225,7 +240,10 @@ impl From<&AuthError> for Refusal {
 impl From<&AdmissionError> for Refusal {
     fn from(e: &AdmissionError) -> Self {
         match e {
-            AdmissionError::Overloaded { .. } => Refusal::new(Code::ResourceExhausted, e),
+            AdmissionError::Overloaded { retry_after, .. } => Refusal {
+                retry_after: *retry_after,
+                ..Refusal::new(Code::ResourceExhausted, e)
+            },
         }
     }
 }
