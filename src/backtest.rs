@@ -128,6 +128,35 @@ fn observation(outcome: Outcome, pd: f64, current: Option<i64>, granted: i64) ->
     }
 }
 
+/// What a backtest keeps of a sampled decision: the candidate's inputs and the champion's
+/// answer, about a tenth of the whole record's memory.
+struct Sampled {
+    /// The recorded vector in the candidate's feature order; `None` if it lacks one of them.
+    x: Option<Box<[f64]>>,
+    pd: f64,
+    decision: Box<str>,
+    current_limit: Option<i64>,
+    granted_limit: i64,
+}
+
+impl Sampled {
+    fn of(r: &DecisionRecord, candidate: &Bundle) -> Sampled {
+        let b = &r.body;
+        Sampled {
+            x: candidate
+                .schema
+                .features()
+                .iter()
+                .map(|f| b.features.get(&f.name).copied())
+                .collect(),
+            pd: b.probability_of_default,
+            decision: b.decision.as_str().into(),
+            current_limit: b.current_limit,
+            granted_limit: b.granted_limit,
+        }
+    }
+}
+
 /// Runs a backtest. `progress(done, total)` is called as records are re-scored.
 pub fn run(
     log: &Arc<dyn DecisionLog>,
@@ -138,26 +167,32 @@ pub fn run(
 ) -> Result<BacktestReport, BacktestError> {
     // The champion's served decisions of this model in the window, keyed by (customer ref,
     // seq): refs are HMACs, so the smallest keys are a uniform and repeatable sample. Only the
-    // sample is held in memory, however long the log.
+    // sample is held in memory, however long the log, and only what re-scoring needs of it.
     let cap = spec.sample.unwrap_or(usize::MAX);
-    let mut chosen: BTreeMap<(String, i64), DecisionRecord> = BTreeMap::new();
+    let mut chosen: BTreeMap<(String, i64), Sampled> = BTreeMap::new();
     log.scan(&spec.window, &mut |r| {
         if r.body.model != spec.model || r.body.arm != "champion" {
             return true;
         }
         // Each customer's latest decision: a later record replaces the earlier one.
         let seq = if spec.all_decisions { r.seq } else { 0 };
-        let key = (r.body.customer_ref.clone(), seq);
-        if chosen.len() >= cap && chosen.last_key_value().is_some_and(|(last, _)| &key > last) {
+        if chosen.len() >= cap
+            && chosen
+                .last_key_value()
+                .is_some_and(|((last, last_seq), _)| {
+                    (r.body.customer_ref.as_str(), seq) > (last.as_str(), *last_seq)
+                })
+        {
             return true; // outside the sample, now and for the rest of the scan
         }
-        chosen.insert(key, r);
+        let sampled = Sampled::of(&r, candidate);
+        chosen.insert((r.body.customer_ref, seq), sampled);
         if chosen.len() > cap {
             chosen.pop_last();
         }
         true
     })?;
-    let records: Vec<DecisionRecord> = chosen.into_values().collect();
+    let records: Vec<Sampled> = chosen.into_values().collect();
     if records.is_empty() {
         return Err(BacktestError::Empty(spec.model.clone()));
     }
@@ -168,57 +203,45 @@ pub fn run(
         (LimitMoves::default(), LimitMoves::default());
     let (mut champion_window, mut candidate_window) = (ArmWindow::default(), ArmWindow::default());
     let (mut champion_pds, mut candidate_pds) = (Vec::new(), Vec::new());
-    // Per scored record: what the candidate and the champion did to its limit.
-    let mut scored: Vec<(&DecisionRecord, Observation, Observation)> = Vec::new();
+    // Per scored record: its inputs, and what the candidate and the champion did to its limit.
+    let mut scored: Vec<(&[f64], Observation, Observation)> = Vec::new();
     let mut unscorable = 0;
     let window_cap = records.len();
     for (i, r) in records.iter().enumerate() {
         if i % 1_000 == 0 {
             progress(i as u64, total);
         }
-        let b = &r.body;
-        let x: Option<Vec<f64>> = candidate
-            .schema
-            .features()
-            .iter()
-            .map(|f| b.features.get(&f.name).copied())
-            .collect();
-        let Some(x) = x else {
+        let Some(x) = r.x.as_deref() else {
             unscorable += 1;
             continue;
         };
-        let s = candidate.model.score(&x);
+        let s = candidate.model.score(x);
         let applied = candidate
             .manifest
             .policy
-            .apply(s.probability_of_default, b.current_limit);
-        let champion_outcome = Outcome::parse(&b.decision).unwrap_or(Outcome::Review);
+            .apply(s.probability_of_default, r.current_limit);
+        let champion_outcome = Outcome::parse(&r.decision).unwrap_or(Outcome::Review);
         *matrix
-            .entry(format!("{}→{}", b.decision, applied.decision.as_str()))
+            .entry(format!("{}→{}", r.decision, applied.decision.as_str()))
             .or_insert(0) += 1;
-        moved(b.current_limit, b.granted_limit, &mut champion_limits);
+        moved(r.current_limit, r.granted_limit, &mut champion_limits);
         moved(
-            b.current_limit,
+            r.current_limit,
             applied.granted_limit,
             &mut candidate_limits,
         );
         let cand = observation(
             applied.decision,
             s.probability_of_default,
-            b.current_limit,
+            r.current_limit,
             applied.granted_limit,
         );
-        let champ = observation(
-            champion_outcome,
-            b.probability_of_default,
-            b.current_limit,
-            b.granted_limit,
-        );
+        let champ = observation(champion_outcome, r.pd, r.current_limit, r.granted_limit);
         champion_window.push(champ, window_cap);
         candidate_window.push(cand, window_cap);
-        champion_pds.push(b.probability_of_default);
+        champion_pds.push(r.pd);
         candidate_pds.push(s.probability_of_default);
-        scored.push((r, cand, champ));
+        scored.push((x, cand, champ));
     }
     progress(total, total);
     if scored.is_empty() {
@@ -248,10 +271,7 @@ pub fn run(
 /// Each feature cut into quintile bands of the backtest population; the ten bands where the
 /// candidate withdraws (then cuts) the most beyond what the champion did, among bands of at
 /// least 1% of customers.
-fn segments(
-    candidate: &Bundle,
-    scored: &[(&DecisionRecord, Observation, Observation)],
-) -> Vec<Segment> {
+fn segments(candidate: &Bundle, scored: &[(&[f64], Observation, Observation)]) -> Vec<Segment> {
     #[derive(Default, Clone)]
     struct Band {
         low: f64,
@@ -264,11 +284,8 @@ fn segments(
     }
     let n = scored.len();
     let mut out = Vec::new();
-    for f in candidate.schema.features() {
-        let mut values: Vec<f64> = scored
-            .iter()
-            .map(|(r, _, _)| r.body.features[&f.name])
-            .collect();
+    for (j, f) in candidate.schema.features().iter().enumerate() {
+        let mut values: Vec<f64> = scored.iter().map(|(x, _, _)| x[j]).collect();
         values.sort_by(f64::total_cmp);
         let mut cuts: Vec<f64> = (1..5).map(|q| values[q * n / 5]).collect();
         cuts.dedup();
@@ -278,8 +295,8 @@ fn segments(
             ..Band::default()
         };
         let mut bands = vec![empty; cuts.len() + 1];
-        for (r, cand, champ) in scored {
-            let v = r.body.features[&f.name];
+        for (x, cand, champ) in scored {
+            let v = x[j];
             let b = &mut bands[cuts.iter().take_while(|c| v >= **c).count()];
             b.low = b.low.min(v);
             b.high = b.high.max(v);
@@ -321,4 +338,68 @@ fn segments(
     });
     out.truncate(10);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision_log::RecordBody;
+
+    fn record(features: BTreeMap<String, f64>) -> DecisionRecord {
+        DecisionRecord {
+            seq: 7,
+            body: RecordBody {
+                decision_id: "d7".into(),
+                recorded_at: "2026-11-01T00:00:00Z".into(),
+                request_id: "r7".into(),
+                request_hash: String::new(),
+                customer_ref: "c".into(),
+                key_id: "k".into(),
+                model: "credit-limit".into(),
+                version: "v1".into(),
+                digest: "sha256:x".into(),
+                rollout_id: None,
+                arm: "champion".into(),
+                features,
+                probability_of_default: 0.2,
+                grade: "C".into(),
+                decision: "review".into(),
+                current_limit: Some(5_000),
+                granted_limit: 4_000,
+                reasons: vec![],
+                caller: None,
+                trace_id: None,
+            },
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_sampled_decision_keeps_the_candidates_inputs_in_its_order_or_none() {
+        let candidate = Bundle::load(std::path::Path::new("models/credit-limit/v1"), None).unwrap();
+        let names = candidate.schema.names();
+        // Recorded by name, with one feature the candidate does not use.
+        let mut features: BTreeMap<String, f64> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as f64))
+            .collect();
+        features.insert("NOT_IN_THE_SCHEMA".into(), -1.0);
+        let sampled = Sampled::of(&record(features.clone()), &candidate);
+        let expected: Vec<f64> = (0..names.len()).map(|i| i as f64).collect();
+        assert_eq!(sampled.x.as_deref(), Some(&expected[..]));
+        assert_eq!(
+            (
+                sampled.pd,
+                &*sampled.decision,
+                sampled.current_limit,
+                sampled.granted_limit
+            ),
+            (0.2, "review", Some(5_000), 4_000)
+        );
+        // A vector lacking one of the candidate's features cannot be re-scored.
+        features.remove(&names[3]);
+        assert_eq!(Sampled::of(&record(features), &candidate).x, None);
+    }
 }
