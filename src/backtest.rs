@@ -27,6 +27,9 @@ pub struct BacktestSpec {
     pub sample: Option<usize>,
     /// Every decision in the window instead of each customer's latest.
     pub all_decisions: bool,
+    /// The most decisions the backtest may hold: a window with more fails, unless a sample
+    /// no larger is given. Bounds the server's memory (about 650 bytes a decision).
+    pub held_at_most: usize,
 }
 
 /// How limits would move, counted against each customer's current limit.
@@ -94,6 +97,11 @@ pub enum BacktestError {
         "none of the {1} recorded decisions of model {0} carry the features the candidate needs"
     )]
     Unscorable(String, u64),
+    #[error(
+        "the window holds more than {0} decisions to re-score (backtest_max_sample): \
+         give a sample of at most {0}, or a narrower window"
+    )]
+    TooLarge(usize),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -170,6 +178,7 @@ pub fn run(
     // sample is held in memory, however long the log, and only what re-scoring needs of it.
     let cap = spec.sample.unwrap_or(usize::MAX);
     let mut chosen: BTreeMap<(String, i64), Sampled> = BTreeMap::new();
+    let mut too_large = false;
     log.scan(&spec.window, &mut |r| {
         if r.body.model != spec.model || r.body.arm != "champion" {
             return true;
@@ -190,8 +199,12 @@ pub fn run(
         if chosen.len() > cap {
             chosen.pop_last();
         }
-        true
+        too_large = chosen.len() > spec.held_at_most;
+        !too_large
     })?;
+    if too_large {
+        return Err(BacktestError::TooLarge(spec.held_at_most));
+    }
     let records: Vec<Sampled> = chosen.into_values().collect();
     if records.is_empty() {
         return Err(BacktestError::Empty(spec.model.clone()));

@@ -72,7 +72,8 @@ enum Command {
         since: String,
         #[arg(long, default_value = "")]
         until: String,
-        /// At most this many customers (or decisions).
+        /// At most this many customers (or decisions); the server holds at most its
+        /// `backtest_max_sample` either way.
         #[arg(long)]
         sample: Option<u64>,
         /// Every decision in the window, not each customer's latest.

@@ -70,6 +70,9 @@ pub struct Config {
     /// How long a refused client is asked to wait before retrying (`grpc-retry-pushback-ms`,
     /// jittered to ½–1½×, honoured by gRPC retry policies); 0 asks nothing.
     pub overload_pushback_ms: u64,
+    /// The most decisions one backtest may hold in memory (about 650 bytes each); a larger
+    /// window needs a sample.
+    pub backtest_max_sample: usize,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive: a ping after this many idle seconds; a peer silent for as long again
@@ -106,6 +109,7 @@ impl Default for Config {
             shadow_queue: 1_024,
             max_concurrent_requests: 256,
             overload_pushback_ms: 10,
+            backtest_max_sample: 2_000_000,
             max_message_bytes: 4 * 1024 * 1024,
             http2_keepalive_secs: 30,
             auth: AuthConfig::default(),
@@ -177,10 +181,12 @@ impl Config {
             || !(1_024..=256 * 1024 * 1024).contains(&self.max_message_bytes)
             || !(1..=3_600).contains(&self.http2_keepalive_secs)
             || self.overload_pushback_ms > 60_000
+            || self.backtest_max_sample == 0
         {
             return Err(ConfigError::Invalid(
                 "max_concurrent_requests must be 1–100000, max_message_bytes 1 KiB–256 MiB, \
-                 http2_keepalive_secs 1–3600 and overload_pushback_ms 0–60000"
+                 http2_keepalive_secs 1–3600, overload_pushback_ms 0–60000 and \
+                 backtest_max_sample at least 1"
                     .into(),
             ));
         }

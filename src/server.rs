@@ -200,7 +200,7 @@ pub async fn serve(
                 .max_decoding_message_size(max_message),
         )
         .add_service(
-            RolloutsServer::new(RolloutsService::new(rollouts))
+            RolloutsServer::new(RolloutsService::new(rollouts, config.backtest_max_sample))
                 .max_decoding_message_size(max_message),
         )
         .add_service(TraceServer::new(trace).max_decoding_message_size(max_message));

@@ -209,3 +209,52 @@ async fn the_preview_equals_what_a_rollout_to_everyone_records_and_is_determinis
     );
     server.stop().await.unwrap();
 }
+
+/// The status a backtest ends with, whether the call or its stream refuses it.
+async fn backtest_refusal(server: &TestServer, sample: u64) -> tonic::Status {
+    let call = RolloutsClient::new(server.channel.clone())
+        .backtest(pb::BacktestRequest {
+            model: MODEL.into(),
+            candidate: "v2".into(),
+            sample,
+            all_decisions: true,
+            ..Default::default()
+        })
+        .await;
+    let mut stream = match call {
+        Err(status) => return status,
+        Ok(stream) => stream.into_inner(),
+    };
+    while let Some(u) = stream.next().await {
+        if let Err(status) = u {
+            return status;
+        }
+    }
+    panic!("the backtest of sample {sample} was not refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backtest_holds_no_more_decisions_than_the_server_allows() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(riskserve::Config {
+        backtest_max_sample: 50,
+        ..config(models_v1_v2(), data.path())
+    })
+    .await;
+    record_traffic(&server, "v1", 80).await;
+
+    // The whole window (80 decisions) would exceed the bound: refused, naming the sample.
+    let whole = backtest_refusal(&server, 0).await;
+    assert_eq!(whole.code(), Code::FailedPrecondition, "{whole:?}");
+    assert!(whole.message().contains("more than 50"), "{whole:?}");
+    assert_eq!(violation_field(&whole), "sample");
+    // A sample above the bound is refused before any work.
+    let over = backtest_refusal(&server, 51).await;
+    assert_eq!(over.code(), Code::InvalidArgument, "{over:?}");
+    assert!(over.message().contains("at most 50"), "{over:?}");
+    assert_eq!(violation_field(&over), "sample");
+    // Within it, the preview runs.
+    let (report, _) = backtest(&server, "v2", 50).await;
+    assert_eq!(report.compared + report.unscorable, 50);
+    server.stop().await.unwrap();
+}

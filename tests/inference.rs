@@ -6,13 +6,12 @@ mod common;
 
 use common::{
     Customer, MODEL, TestServer, customers, infer_outputs, infer_request, models_v1_v2, request,
-    schema_features, score_each,
+    schema_features, score_each, violation_field,
 };
 use riskserve::grpc::pb;
 use riskserve::grpc::v2::{self, grpc_inference_service_client::GrpcInferenceServiceClient};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 fn client(server: &TestServer) -> GrpcInferenceServiceClient<Channel> {
     GrpcInferenceServiceClient::new(server.channel.clone())
@@ -189,8 +188,7 @@ async fn model_infer_decides_as_score_does_and_records_every_row_once() {
         "{}",
         clash.message()
     );
-    let details = clash.get_details_bad_request().expect("field details");
-    assert_eq!(details.field_violations[0].field, "id");
+    assert_eq!(violation_field(&clash), "id");
     assert_eq!(
         server.records().await,
         before,
@@ -347,8 +345,7 @@ async fn a_bad_row_or_field_refuses_the_whole_call_and_records_nothing() {
             status.message()
         );
         if !field.is_empty() {
-            let details = status.get_details_bad_request().expect("field details");
-            assert_eq!(details.field_violations[0].field, field, "{name}");
+            assert_eq!(violation_field(&status), field, "{name}");
         }
     }
     assert_eq!(server.records().await, 0, "no refused call recorded a row");

@@ -15,11 +15,16 @@ use crate::trace::parse_bound;
 #[derive(Debug, Clone)]
 pub struct RolloutsService {
     rollouts: Arc<Rollouts>,
+    /// The most decisions one backtest may hold (`backtest_max_sample`).
+    max_sample: usize,
 }
 
 impl RolloutsService {
-    pub fn new(rollouts: Arc<Rollouts>) -> Self {
-        RolloutsService { rollouts }
+    pub fn new(rollouts: Arc<Rollouts>, max_sample: usize) -> Self {
+        RolloutsService {
+            rollouts,
+            max_sample,
+        }
     }
 
     fn status(&self, model: &str) -> Result<Response<pb::RolloutStatus>, Status> {
@@ -156,11 +161,21 @@ impl RolloutsApi for RolloutsService {
             since: parse_bound("since", &r.since)?,
             until: parse_bound("until", &r.until)?,
         };
+        if r.sample > self.max_sample as u64 {
+            return Err(crate::grpc::status::invalid_field(
+                "sample",
+                &format!(
+                    "sample must be at most {} (backtest_max_sample)",
+                    self.max_sample
+                ),
+            ));
+        }
         let spec = BacktestSpec {
             model: r.model,
             window,
             sample: (r.sample > 0).then_some(r.sample as usize),
             all_decisions: r.all_decisions,
+            held_at_most: self.max_sample,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let rollouts = self.rollouts.clone();

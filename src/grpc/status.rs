@@ -212,6 +212,9 @@ impl From<&RolloutError> for Refusal {
             RolloutError::Backtest(crate::backtest::BacktestError::Unscorable(..)) => {
                 Refusal::new(Code::FailedPrecondition, e)
             }
+            RolloutError::Backtest(crate::backtest::BacktestError::TooLarge(_)) => {
+                Refusal::new(Code::FailedPrecondition, e).on_field("sample".into())
+            }
             RolloutError::Backtest(crate::backtest::BacktestError::Log(e)) => e.into(),
             RolloutError::Registry(e) => e.into(),
             RolloutError::Store(_) => Refusal::new(Code::Unavailable, e),

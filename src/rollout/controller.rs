@@ -697,6 +697,7 @@ impl Rollouts {
                 window: Default::default(),
                 sample: Some(GATE_SAMPLE),
                 all_decisions: false,
+                held_at_most: GATE_SAMPLE,
             };
             match self
                 .backtest(candidate, spec, plan.guardrails.clone(), |_, _| {})

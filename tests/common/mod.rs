@@ -26,6 +26,15 @@ use tonic_health::pb::health_client::HealthClient;
 
 pub const MODEL: &str = "credit-limit";
 
+/// The field a refusal names in its BadRequest details (panics if it names none).
+pub fn violation_field(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt as _;
+    let details = status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no field violation in {status:?}"));
+    details.field_violations[0].field.clone()
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
