@@ -5,7 +5,7 @@ use std::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument as _, Span};
 
-use crate::grpc::convert::CallContext;
+use crate::grpc::convert::{CallContext, RequestError};
 use crate::grpc::pb::{self, scoring_server::Scoring};
 use crate::grpc::status::Refusal;
 use crate::grpc::telemetry::{Outcome, answered, refused, rpc_span};
@@ -98,30 +98,34 @@ impl ScoringService {
                 requests.len()
             )));
         }
-        let converted: Vec<_> = requests
+        // Each item converted: valid requests move into `valid` (no copy), each slot keeps
+        // its request's index there or why it was refused.
+        let mut valid: Vec<ScoreRequest> = Vec::with_capacity(requests.len());
+        let slots: Vec<Result<usize, RequestError>> = requests
             .into_iter()
-            .map(|r| ScoreRequest::try_from(r).map(|r| context.apply(r)))
+            .map(|r| {
+                let req = context.apply(ScoreRequest::try_from(r)?);
+                valid.push(req);
+                Ok(valid.len() - 1)
+            })
             .collect();
-        let valid: Vec<ScoreRequest> = converted.iter().filter_map(|r| r.clone().ok()).collect();
         let scored = self.scorer.score_many(&valid).await;
-        let mut results = scored.iter();
-        let outcomes: Vec<Outcome<'_>> = converted
+        let outcomes: Vec<Outcome<'_>> = slots
             .iter()
-            .map(|c| match c {
+            .map(|slot| match slot {
                 Err(_) => ("", Err(Code::InvalidArgument)),
-                Ok(req) => {
-                    let result = results.next().expect("one result per valid request");
-                    let outcome = result.as_ref().map_err(|e| Refusal::from(e).code);
-                    (req.model.as_str(), outcome)
-                }
+                Ok(i) => (
+                    valid[*i].model.as_str(),
+                    scored[*i].as_ref().map_err(|e| Refusal::from(e).code),
+                ),
             })
             .collect();
         answered(span, &outcomes, started.elapsed());
         drop(outcomes);
         let mut results = scored.into_iter();
-        let items = converted
+        let items = slots
             .iter()
-            .map(|c| match c {
+            .map(|slot| match slot {
                 Err(e) => item(Err(Refusal::from(e))),
                 Ok(_) => {
                     let result = results.next().expect("one result per valid request");
