@@ -22,12 +22,22 @@ use crate::grpc::status::Refusal;
 /// Why a request was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdmissionError {
-    #[error("server busy: {limit} requests already in flight; retry with backoff")]
+    #[error(
+        "server busy: {limit} requests already in flight; {}",
+        retry_hint(retry_after)
+    )]
     Overloaded {
         limit: usize,
         /// The wait asked of the client, if any.
         retry_after: Option<Duration>,
     },
+}
+
+fn retry_hint(retry_after: &Option<Duration>) -> String {
+    match retry_after {
+        Some(wait) => format!("retry after {} ms", wait.as_millis()),
+        None => "retry with backoff".into(),
+    }
 }
 
 /// Admits at most `limit` requests at a time (a [`Gatekeeper`]).
@@ -90,5 +100,21 @@ mod tests {
         // Spread, not one value: the refused burst does not come back at once.
         assert!(waits.iter().min() < Some(&8) && waits.iter().max() > Some(&12));
         assert_eq!(Admission::new(1, Duration::ZERO).retry_after(), None);
+    }
+
+    #[test]
+    fn the_refusal_says_how_long_to_wait() {
+        let refused = |retry_after| AdmissionError::Overloaded {
+            limit: 8,
+            retry_after,
+        };
+        assert_eq!(
+            refused(Some(Duration::from_millis(12))).to_string(),
+            "server busy: 8 requests already in flight; retry after 12 ms"
+        );
+        assert_eq!(
+            refused(None).to_string(),
+            "server busy: 8 requests already in flight; retry with backoff"
+        );
     }
 }

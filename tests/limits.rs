@@ -65,6 +65,10 @@ async fn the_excess_is_shed_with_resource_exhausted_and_every_accepted_decision_
                             .parse()
                             .unwrap();
                         assert!((5..=15).contains(&pushback), "{s:?}");
+                        assert!(
+                            s.message().ends_with(&format!("retry after {pushback} ms")),
+                            "{s:?}"
+                        );
                         shed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
