@@ -141,6 +141,7 @@ pub async fn serve(
         keys.clone(),
         config.shadow_queue,
         std::time::Duration::from_millis(config.rollout_snapshot_interval_ms),
+        config.backtest_max_sample,
     )
     .await?;
     let rollout_task = tokio::spawn(rollouts.clone().run(

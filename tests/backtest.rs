@@ -256,5 +256,13 @@ async fn a_backtest_holds_no_more_decisions_than_the_server_allows() {
     // Within it, the preview runs.
     let (report, _) = backtest(&server, "v2", 50).await;
     assert_eq!(report.compared + report.unscorable, 50);
+    // The start gate keeps to the bound too: it previews 50 customers, not all 80.
+    let started = RolloutsClient::new(server.channel.clone())
+        .start(start_request("v2", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let gate = started.backtest.expect("the gate's preview");
+    assert_eq!(gate.compared + gate.unscorable, 50);
     server.stop().await.unwrap();
 }

@@ -230,6 +230,9 @@ pub struct Rollouts {
     shadow_rx: Mutex<Option<mpsc::Receiver<ShadowJob>>>,
     shadow_dropped: AtomicU64,
     snapshot_every: Duration,
+    /// Customers the start gate backtests: [`GATE_SAMPLE`], or fewer if the server bounds
+    /// backtests lower (`backtest_max_sample`).
+    gate_sample: usize,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -274,6 +277,7 @@ impl Rollouts {
         keys: CustomerKeys,
         shadow_queue: usize,
         snapshot_every: Duration,
+        backtest_max_sample: usize,
     ) -> Result<Arc<Rollouts>, RolloutError> {
         let (shadow_tx, shadow_rx) = mpsc::channel(shadow_queue.max(1));
         let rollouts = Arc::new(Rollouts {
@@ -287,6 +291,7 @@ impl Rollouts {
             shadow_rx: Mutex::new(Some(shadow_rx)),
             shadow_dropped: AtomicU64::new(0),
             snapshot_every,
+            gate_sample: GATE_SAMPLE.min(backtest_max_sample),
         });
         for record in rollouts.store.list(true)? {
             match rollouts
@@ -695,9 +700,9 @@ impl Rollouts {
             let spec = BacktestSpec {
                 model: model.into(),
                 window: Default::default(),
-                sample: Some(GATE_SAMPLE),
+                sample: Some(self.gate_sample),
                 all_decisions: false,
-                held_at_most: GATE_SAMPLE,
+                held_at_most: self.gate_sample,
             };
             match self
                 .backtest(candidate, spec, plan.guardrails.clone(), |_, _| {})
