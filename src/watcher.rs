@@ -24,15 +24,33 @@ use crate::rollout::controller::RolloutError;
 type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
 
 /// Watches `registry.models_dir()` until `shutdown` is cancelled.
-pub async fn run(
+///
+/// What is on disk when this is called counts as handled: the start-up load tried every
+/// directory there. Taken here, before the returned future first runs, so that a version an
+/// operator unloads right after start is not loaded back by the watcher's first look.
+pub fn run(
     registry: Arc<Registry>,
     rollouts: Arc<Rollouts>,
     interval: Duration,
     auto_serve: bool,
     shutdown: CancellationToken,
-) {
+) -> impl std::future::Future<Output = ()> {
+    let handled = scan(registry.models_dir())
+        .into_iter()
+        .map(|(model, version, fingerprint)| ((model, version), fingerprint))
+        .collect();
+    watch(registry, rollouts, interval, auto_serve, shutdown, handled)
+}
+
+async fn watch(
+    registry: Arc<Registry>,
+    rollouts: Arc<Rollouts>,
+    interval: Duration,
+    auto_serve: bool,
+    shutdown: CancellationToken,
     // What each directory looked like when it was last handled.
-    let mut handled: BTreeMap<(String, String), Fingerprint> = BTreeMap::new();
+    mut handled: BTreeMap<(String, String), Fingerprint>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -48,7 +66,8 @@ pub async fn run(
                 Some(previous) if previous == fingerprint => false,
                 // Changed: worth another try unless a version is already loaded from it.
                 Some(_) => matches!(known, Some(VersionState::Failed) | None),
-                // First sight: new unless the start-up scan or an operator already tried it.
+                // First sight (it appeared after start): new unless an operator already
+                // tried it.
                 None => known.is_none(),
             };
             if !retry {

@@ -353,6 +353,28 @@ async fn serve_and_unload_follow_the_version_lifecycle() {
     server.stop().await.unwrap();
 }
 
+/// The watcher starts from what the start-up load saw: a version unloaded the moment the
+/// server is up stays unloaded (it used to be loaded back when the unload beat the watcher's
+/// first look).
+#[tokio::test]
+async fn a_version_unloaded_right_after_start_stays_unloaded() {
+    for round in 0..5 {
+        let data = tempfile::tempdir().unwrap();
+        let server = TestServer::start(models_v1_v2(), data.path()).await;
+        server
+            .models()
+            .unload_version(version_ref("v2"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            version_status(&server, "v2").await.is_none(),
+            "round {round}: the watcher loaded v2 back"
+        );
+        server.stop().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn auto_serve_serves_new_bundles_but_never_during_a_rollout() {
     let models = tempfile::tempdir().unwrap();
