@@ -454,7 +454,20 @@ async fn a_load_whose_caller_gives_up_still_finishes() {
     models.load_version(version_ref("v2")).await.unwrap();
     let load_micros = t.elapsed().as_micros() as u64;
     for micros in (1..=40).map(|i| load_micros * i / 20) {
-        models.unload_version(version_ref("v2")).await.unwrap();
+        // A request whose deadline passed on the client may still reach the server and load
+        // after the previous round ended: wait that load out (ABORTED while it runs).
+        let start = Instant::now();
+        loop {
+            match models.unload_version(version_ref("v2")).await {
+                Ok(_) => break,
+                Err(s)
+                    if s.code() == Code::Aborted && start.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(s) => panic!("unloading v2 after a {micros} µs deadline: {s:?}"),
+            }
+        }
         let mut req = tonic::Request::new(version_ref("v2"));
         req.set_timeout(Duration::from_micros(micros));
         let _ = models.load_version(req).await;
