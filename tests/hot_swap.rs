@@ -426,13 +426,11 @@ async fn auto_serve_serves_new_bundles_but_never_during_a_rollout() {
         .await
         .unwrap();
     let v3 = models.path().join(MODEL).join("v3");
-    copy_dir(&models_v1_v2().join(MODEL).join("v2"), &v3);
-    let manifest = std::fs::read_to_string(v3.join("manifest.toml")).unwrap();
-    std::fs::write(
-        v3.join("manifest.toml"),
-        manifest.replace("version = \"v2\"", "version = \"v3\""),
-    )
-    .unwrap();
+    copy_bundle(
+        &models_v1_v2().join(MODEL).join("v2"),
+        &v3,
+        ("version = \"v2\"", "version = \"v3\""),
+    );
     riskserve::bundle::seal(&v3).unwrap();
     wait_for("v3", pb::VersionState::Ready).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -563,13 +561,11 @@ async fn another_models_switch_does_not_wait_for_a_rollout_start() {
     let models = tempfile::tempdir().unwrap();
     copy_dir(models_v1_v2(), models.path());
     let other = models.path().join("other-model").join("v1");
-    copy_dir(&models_v1_v2().join(MODEL).join("v1"), &other);
-    let manifest = std::fs::read_to_string(other.join("manifest.toml")).unwrap();
-    std::fs::write(
-        other.join("manifest.toml"),
-        manifest.replace("model = \"credit-limit\"", "model = \"other-model\""),
-    )
-    .unwrap();
+    copy_bundle(
+        &models_v1_v2().join(MODEL).join("v1"),
+        &other,
+        ("model = \"credit-limit\"", "model = \"other-model\""),
+    );
     riskserve::bundle::seal(&other).unwrap();
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(models.path(), data.path()).await;

@@ -136,6 +136,14 @@ impl TestServer {
 }
 
 /// Copies a flat directory tree (bundles are flat: model/version/files).
+/// Copies a bundle directory with one text of its manifest replaced (its name or version),
+/// not yet sealed.
+pub fn copy_bundle(from: &Path, to: &Path, (old, new): (&str, &str)) {
+    copy_dir(from, to);
+    let manifest = std::fs::read_to_string(to.join("manifest.toml")).unwrap();
+    std::fs::write(to.join("manifest.toml"), manifest.replace(old, new)).unwrap();
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -536,13 +544,11 @@ impl ChildServer {
 /// candidate that would withdraw the limits of a large segment.
 pub fn flawed_candidate(models: &Path) {
     let dir = models.join(MODEL).join("v9");
-    copy_dir(&models.join(MODEL).join("v1"), &dir);
-    let manifest = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
-    std::fs::write(
-        dir.join("manifest.toml"),
-        manifest.replace("version = \"v1\"", "version = \"v9\""),
-    )
-    .unwrap();
+    copy_bundle(
+        &models.join(MODEL).join("v1"),
+        &dir,
+        ("version = \"v1\"", "version = \"v9\""),
+    );
     let params = std::fs::read_to_string(dir.join("parameters.toml")).unwrap();
     let at = params.find("name = \"AGE\"").unwrap();
     let coef = at + params[at..].find("coefficient = ").unwrap() + "coefficient = ".len();
