@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::Bundle;
 use crate::decision_log::{DecisionLog, DecisionRecord, LogError, Window};
 use crate::policy::Outcome;
+use crate::registry::{Registry, RegistryError};
 use crate::rollout::guardrails::{
     ArmWindow, GuardrailReading, Observation, Thresholds, evaluate, psi,
 };
@@ -104,6 +105,81 @@ pub enum BacktestError {
     TooLarge(usize),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Candidate(#[from] RegistryError),
+    #[error("the backtest thread: {0}")]
+    Thread(String),
+}
+
+/// Runs backtests for the server: the Backtest RPC's previews and the rollout start gate.
+/// Each runs on a thread of its own at the lowest CPU priority.
+pub struct Backtester {
+    registry: Arc<Registry>,
+    log: Arc<dyn DecisionLog>,
+    /// The most decisions one backtest may hold (`backtest_max_sample`).
+    max_sample: usize,
+}
+
+impl std::fmt::Debug for Backtester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backtester")
+            .field("max_sample", &self.max_sample)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backtester {
+    pub fn new(registry: Arc<Registry>, log: Arc<dyn DecisionLog>, max_sample: usize) -> Self {
+        Backtester {
+            registry,
+            log,
+            max_sample,
+        }
+    }
+
+    /// The most decisions one backtest may hold.
+    pub fn max_sample(&self) -> usize {
+        self.max_sample
+    }
+
+    /// Previews version `candidate` of `spec.model`, loading it first if need be.
+    pub async fn preview(
+        &self,
+        candidate: &str,
+        spec: BacktestSpec,
+        thresholds: Thresholds,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<BacktestReport, BacktestError> {
+        let bundle = self.registry.load_bundle(&spec.model, candidate).await?;
+        self.run(bundle, spec, thresholds, progress).await
+    }
+
+    /// Previews `candidate` on the model's recorded decisions, offline.
+    pub async fn run(
+        &self,
+        candidate: Arc<Bundle>,
+        spec: BacktestSpec,
+        thresholds: Thresholds,
+        mut progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> Result<BacktestReport, BacktestError> {
+        let log = self.log.clone();
+        // A thread of its own at the lowest CPU priority, so that a preview yields to the
+        // requests being served (and no pooled thread keeps the lowered priority).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("backtest".into())
+            .spawn(move || {
+                #[cfg(target_os = "linux")]
+                // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                let _ = tx.send(run(&log, &candidate, &spec, &thresholds, &mut progress));
+            })
+            .map_err(|e| BacktestError::Thread(format!("starting: {e}")))?;
+        rx.await
+            .map_err(|_| BacktestError::Thread("it stopped".into()))?
+    }
 }
 
 fn moved(current: Option<i64>, granted: i64, m: &mut LimitMoves) {
@@ -126,14 +202,7 @@ fn moved(current: Option<i64>, granted: i64, m: &mut LimitMoves) {
 }
 
 fn observation(outcome: Outcome, pd: f64, current: Option<i64>, granted: i64) -> Observation {
-    Observation {
-        declined: outcome == Outcome::Decline,
-        cut: current.is_some_and(|c| granted < c),
-        withdrawn: current.is_some_and(|c| c > 0 && granted == 0),
-        pd,
-        latency_us: 0,
-        error: false,
-    }
+    Observation::of(outcome, pd, current, granted, std::time::Duration::ZERO)
 }
 
 /// What a backtest keeps of a sampled decision: the candidate's inputs and the champion's
@@ -228,11 +297,8 @@ pub fn run(
             unscorable += 1;
             continue;
         };
-        let s = candidate.model.score(x);
-        let applied = candidate
-            .manifest
-            .policy
-            .apply(s.probability_of_default, r.current_limit);
+        let verdict = candidate.decide(x, r.current_limit);
+        let (s, applied) = (verdict.scored, verdict.applied);
         let champion_outcome = Outcome::parse(&r.decision).unwrap_or(Outcome::Review);
         *matrix
             .entry(format!("{}→{}", r.decision, applied.decision.as_str()))

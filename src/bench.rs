@@ -447,15 +447,17 @@ pub async fn fill_log(
     csv_path: &std::path::Path,
 ) -> anyhow::Result<std::process::ExitCode> {
     use crate::decision_log::{DecisionLog, Durability, SqliteLog};
+    use crate::rollout::Route;
     use crate::schema::RawValue;
-    use crate::scoring::{Arm, ScoreRequest, decide, record_body};
+    use crate::scoring::{Decided, Recorder, ScoreRequest, decide};
 
     std::fs::create_dir_all(data_dir)?;
     let keys = crate::customer::CustomerKeys::dev_key(&data_dir.join("customer-dev.key"))?;
     let db = data_dir.join("decisions.db");
     // Async durability: the fill measures nothing, and fsyncs would only slow it.
     let log = SqliteLog::open(&db, Durability::Async, 20_000, 200_000)?;
-    let bundle = Bundle::load(bundle_dir, None)?;
+    let bundle = std::sync::Arc::new(Bundle::load(bundle_dir, None)?);
+    let recorder = Recorder::new(log.clone(), keys);
     let rows: Vec<(Vec<f64>, Option<i64>)> = requests(bundle_dir, csv_path, bundle.model_name())?
         .into_iter()
         .map(|r| {
@@ -494,8 +496,15 @@ pub async fn fill_log(
             deadline: None,
             trace_id: None,
         };
-        let decision = decide(&bundle, &req, x, Arm::Champion);
-        inflight.push_back(log.append(record_body(&keys, &req, &bundle, x, &decision, None)));
+        let route = Route::champion();
+        let decided = Decided {
+            decision: decide(&bundle, &req, x, &route),
+            route,
+            bundle: bundle.clone(),
+            x: x.clone(),
+            latency: Duration::ZERO,
+        };
+        inflight.push_back(recorder.queue(&req, decided).durable());
         if inflight.len() >= 100_000 {
             inflight.pop_front().expect("non-empty").await?;
         }

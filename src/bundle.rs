@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::model::LogisticModel;
-use crate::policy::Policy;
+use crate::model::{LogisticModel, Scored};
+use crate::policy::{Applied, Policy};
 use crate::schema::{FeatureSpec, Schema};
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -47,6 +47,13 @@ impl BundleError {
             source,
         }
     }
+}
+
+/// What a version decided for one vector: the model's score and the policy's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub scored: Scored,
+    pub applied: Applied,
 }
 
 /// A bundle's identity: `sha256:` and the hex digest.
@@ -225,6 +232,18 @@ impl Bundle {
         Ok(())
     }
 
+    /// What this version decides for a validated vector: its model's PD and reasons, and
+    /// its policy's grade, decision and limit. The one place score and policy are put
+    /// together, for serving, shadow, replay, backtest and warm-up alike.
+    pub fn decide(&self, x: &[f64], current_limit: Option<i64>) -> Verdict {
+        let scored = self.model.score(x);
+        let applied = self
+            .manifest
+            .policy
+            .apply(scored.probability_of_default, current_limit);
+        Verdict { scored, applied }
+    }
+
     /// Scores sample vectors drawn from the schema (the training means, and each range's
     /// corners) and checks every answer is a usable probability, before the version may serve.
     pub fn warm_up(&self) -> Result<(), BundleError> {
@@ -237,13 +256,15 @@ impl Bundle {
         let lows: Vec<f64> = specs.iter().map(|s| s.min).collect();
         let highs: Vec<f64> = specs.iter().map(|s| s.max).collect();
         for sample in [means, lows, highs] {
-            let pd = self.model.score(&sample).probability_of_default;
+            let pd = self
+                .decide(&sample, Some(100_000))
+                .scored
+                .probability_of_default;
             if !(0.0..=1.0).contains(&pd) {
                 return Err(BundleError::Invalid(format!(
                     "warm-up scored a probability of {pd}"
                 )));
             }
-            self.manifest.policy.apply(pd, Some(100_000));
         }
         Ok(())
     }

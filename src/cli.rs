@@ -633,14 +633,14 @@ fn token_cmd(name: &str, roles: &[String]) -> anyhow::Result<ExitCode> {
     let mut secret = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);
     let token = format!("rs_{}", hex::encode(secret));
-    let entry = crate::auth::TokenEntry {
+    let entry = crate::grpc::gate::auth::TokenEntry {
         name: name.into(),
         roles: roles
             .iter()
             .map(|r| toml::Value::String(r.clone()).try_into())
             .collect::<Result<_, _>>()
             .context("unknown role")?,
-        sha256: crate::auth::token_sha256(&token),
+        sha256: crate::grpc::gate::auth::token_sha256(&token),
     };
     eprintln!("give this token to {name} (it is shown only now; callers set RISKSERVE_TOKEN):");
     println!("{token}");

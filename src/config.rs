@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::AuthConfig;
 use crate::decision_log::Durability;
+use crate::grpc::gate::auth::AuthConfig;
 
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]

@@ -31,8 +31,6 @@
 //! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`demo`] the
 //!   incident end to end, [`bench`] the load generator.
 
-pub mod admission;
-pub mod auth;
 pub mod backtest;
 pub mod bench;
 pub mod bundle;
@@ -43,7 +41,6 @@ pub mod config;
 pub mod customer;
 pub mod decision_log;
 pub mod demo;
-pub mod gate;
 pub mod grpc;
 pub mod model;
 pub mod policy;

@@ -47,6 +47,13 @@ pub enum RegistryError {
         #[source]
         source: BundleError,
     },
+    #[error("{model}/{version} is {state}: {why}")]
+    Unusable {
+        model: String,
+        version: String,
+        state: &'static str,
+        why: String,
+    },
     #[error("saving the serving choice to {path}: {message}")]
     Persist { path: PathBuf, message: String },
 }
@@ -348,6 +355,28 @@ impl Registry {
             }),
             entry => Ok(version_info(model, version, entry, serving.as_deref())),
         }
+    }
+
+    /// The bundle of a loaded version; a version that failed to load (or is still loading)
+    /// is refused with its state and error.
+    pub fn bundle(&self, model: &str, version: &str) -> Result<Arc<Bundle>, RegistryError> {
+        let info = self.info(model, version)?;
+        info.bundle.ok_or_else(|| RegistryError::Unusable {
+            model: model.into(),
+            version: version.into(),
+            state: info.state.as_str(),
+            why: info.error.unwrap_or_else(|| "no bundle loaded".into()),
+        })
+    }
+
+    /// Loads a version (if it is not loaded yet) and returns its bundle.
+    pub async fn load_bundle(
+        self: &Arc<Self>,
+        model: &str,
+        version: &str,
+    ) -> Result<Arc<Bundle>, RegistryError> {
+        self.load(model, version).await?;
+        self.bundle(model, version)
     }
 
     /// A loaded version with this digest, whichever model or state.

@@ -20,12 +20,13 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::admission::Admission;
-use crate::auth::Authorizer;
+use crate::backtest::Backtester;
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::customer::{CustomerKeys, KeyError};
 use crate::decision_log::{DecisionLog, LogError, SqliteLog, Unrecorded};
-use crate::gate::GateLayer;
+use crate::grpc::gate::GateLayer;
+use crate::grpc::gate::admission::Admission;
+use crate::grpc::gate::auth::Authorizer;
 use crate::grpc::pb::models_server::ModelsServer;
 use crate::grpc::pb::rollouts_server::RolloutsServer;
 use crate::grpc::pb::scoring_server::ScoringServer;
@@ -35,10 +36,9 @@ use crate::grpc::{
     InferenceService, ModelsService, RolloutsService, ScoringService, TraceService, pb,
 };
 use crate::registry::{Registry, RegistryError};
-use crate::rollout::Rollouts;
-use crate::rollout::controller::RolloutError;
 use crate::rollout::store::{RolloutStore, StoreError};
-use crate::scoring::Scorer;
+use crate::rollout::{Control, Evaluator, History, RolloutError, Router};
+use crate::scoring::{Recorder, Scorer, Shadow};
 use crate::trace::Tracer;
 use crate::watcher;
 
@@ -134,35 +134,46 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let rollouts = Rollouts::open(
-        RolloutStore::open(&config.decision_log_path())?,
+    // Rollouts, one part per job: the request path's router, control operations behind the
+    // backtest gate, the guardrail evaluator, and the history.
+    let store = Arc::new(RolloutStore::open(&config.decision_log_path())?);
+    let router = Arc::new(Router::new());
+    let backtester = Arc::new(Backtester::new(
         registry.clone(),
         log.clone(),
-        keys.clone(),
-        config.shadow_queue,
-        std::time::Duration::from_millis(config.rollout_snapshot_interval_ms),
         config.backtest_max_sample,
-    )
-    .await?;
-    let rollout_task = tokio::spawn(rollouts.clone().run(
+    ));
+    let control = Arc::new(Control::open(
+        store.clone(),
+        registry.clone(),
+        router.clone(),
+        backtester.clone(),
+    )?);
+    let history = Arc::new(History::new(router.clone(), store.clone(), log.clone()));
+    let evaluator = Evaluator::new(
+        router.clone(),
+        control.clone(),
+        store,
+        std::time::Duration::from_millis(config.rollout_snapshot_interval_ms),
+    );
+    let evaluator_task = tokio::spawn(evaluator.run(
         std::time::Duration::from_millis(config.rollout_eval_interval_ms),
         stop.clone(),
     ));
     let watcher_task = tokio::spawn(watcher::run(
         registry.clone(),
-        rollouts.clone(),
+        control.clone(),
         config.watch_interval(),
         config.auto_serve,
         stop.clone(),
     ));
-    let scorer = Scorer::new(
-        registry.clone(),
-        rollouts.clone(),
-        log.clone(),
-        keys.clone(),
-    );
+    let recorder = Recorder::new(log.clone(), keys.clone());
+    let (shadow, shadow_worker) =
+        Shadow::new(config.shadow_queue, router.clone(), recorder.clone());
+    let shadow_task = tokio::spawn(shadow_worker.run(stop.clone()));
+    let scorer = Scorer::new(registry.clone(), router.clone(), recorder, shadow);
     // Kept until the server stops: the gauges report while their handles live.
-    let _gauges = crate::telemetry::observe_state(registry.clone(), rollouts.clone());
+    let _gauges = crate::telemetry::observe_state(registry.clone(), router);
     let inference = InferenceService::new(
         scorer.clone(),
         registry.clone(),
@@ -197,11 +208,11 @@ pub async fn serve(
             GrpcInferenceServiceServer::new(inference).max_decoding_message_size(max_message),
         )
         .add_service(
-            ModelsServer::new(ModelsService::new(registry.clone(), rollouts.clone()))
+            ModelsServer::new(ModelsService::new(registry.clone(), control.clone()))
                 .max_decoding_message_size(max_message),
         )
         .add_service(
-            RolloutsServer::new(RolloutsService::new(rollouts, config.backtest_max_sample))
+            RolloutsServer::new(RolloutsService::new(control, history, backtester))
                 .max_decoding_message_size(max_message),
         )
         .add_service(TraceServer::new(trace).max_decoding_message_size(max_message));
@@ -239,7 +250,7 @@ pub async fn serve(
         }
     };
     stop.cancel();
-    let _ = tokio::join!(watcher_task, health_task, rollout_task);
+    let _ = tokio::join!(watcher_task, health_task, evaluator_task, shadow_task);
     // Everything answered is already durable; this commits what was queued but unanswered.
     let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("riskserve stopped");

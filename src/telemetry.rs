@@ -24,8 +24,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use crate::registry::Registry;
-use crate::rollout::controller::OpenRollout;
-use crate::rollout::{GuardrailReading, Rollouts};
+use crate::rollout::{GuardrailReading, OpenRollout, Router};
 use crate::scoring::Decision;
 
 /// The target of the request spans; only these are exported as traces.
@@ -404,10 +403,7 @@ impl Metrics {
 /// Gauges read from the server's state at each export: the open rollouts' shares and
 /// guardrail values, and the versions loaded per model and state. They report while the
 /// returned handles are kept.
-pub fn observe_state(
-    registry: Arc<Registry>,
-    rollouts: Arc<Rollouts>,
-) -> Vec<ObservableGauge<f64>> {
+pub fn observe_state(registry: Arc<Registry>, router: Arc<Router>) -> Vec<ObservableGauge<f64>> {
     let meter = meter();
     let for_rollout = |r: &OpenRollout| {
         vec![
@@ -417,12 +413,12 @@ pub fn observe_state(
         ]
     };
     let share = {
-        let rollouts = rollouts.clone();
+        let router = router.clone();
         meter
             .f64_observable_gauge("riskserve.rollout.share")
             .with_description("The share of customers an open rollout's candidate decides for")
             .with_callback(move |o| {
-                for r in rollouts.open_now() {
+                for r in router.open_now() {
                     o.observe(r.share_bp as f64 / 10_000.0, &for_rollout(&r));
                 }
             })
@@ -430,12 +426,12 @@ pub fn observe_state(
     };
     let guardrails =
         |name: &'static str, what: &'static str, value: fn(&GuardrailReading) -> f64| {
-            let rollouts = rollouts.clone();
+            let router = router.clone();
             meter
                 .f64_observable_gauge(name)
                 .with_description(what)
                 .with_callback(move |o| {
-                    for r in rollouts.open_now() {
+                    for r in router.open_now() {
                         for reading in &r.readings {
                             let mut attributes = for_rollout(&r);
                             attributes.push(KeyValue::new("guardrail", reading.name.clone()));
@@ -550,7 +546,7 @@ mod tests {
             current_limit: current,
             granted_limit: granted,
             reasons: Vec::new(),
-            arm: crate::scoring::Arm::Champion,
+            arm: crate::rollout::Arm::Champion,
             rollout_id: None,
         };
         assert_eq!(limit_change(&d(None, 10)), "new");

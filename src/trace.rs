@@ -171,11 +171,8 @@ impl Tracer {
                     })
             })
             .collect::<Result<_, _>>()?;
-        let scored = bundle.model.score(&x);
-        let applied = bundle
-            .manifest
-            .policy
-            .apply(scored.probability_of_default, b.current_limit);
+        let verdict = bundle.decide(&x, b.current_limit);
+        let (scored, applied) = (verdict.scored, verdict.applied);
 
         let mut differences = Vec::new();
         if scored.probability_of_default.to_bits() != b.probability_of_default.to_bits() {

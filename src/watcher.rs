@@ -17,8 +17,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Registry, VersionState, check_name};
-use crate::rollout::Rollouts;
-use crate::rollout::controller::RolloutError;
+use crate::rollout::{Control, RolloutError};
 
 /// The names, sizes and modification times of a directory's files.
 type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
@@ -30,7 +29,7 @@ type Fingerprint = Vec<(String, u64, Option<SystemTime>)>;
 /// operator unloads right after start is not loaded back by the watcher's first look.
 pub fn run(
     registry: Arc<Registry>,
-    rollouts: Arc<Rollouts>,
+    control: Arc<Control>,
     interval: Duration,
     auto_serve: bool,
     shutdown: CancellationToken,
@@ -39,12 +38,12 @@ pub fn run(
         .into_iter()
         .map(|(model, version, fingerprint)| ((model, version), fingerprint))
         .collect();
-    watch(registry, rollouts, interval, auto_serve, shutdown, handled)
+    watch(registry, control, interval, auto_serve, shutdown, handled)
 }
 
 async fn watch(
     registry: Arc<Registry>,
-    rollouts: Arc<Rollouts>,
+    control: Arc<Control>,
     interval: Duration,
     auto_serve: bool,
     shutdown: CancellationToken,
@@ -82,7 +81,7 @@ async fn watch(
             // does not wait for it.
             let served = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                served = rollouts.serve_unless_rolling_out(&model, &version) => served,
+                served = control.serve_unless_rolling_out(&model, &version) => served,
             };
             match served {
                 Ok(_) => {}

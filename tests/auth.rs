@@ -11,8 +11,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
 };
-use riskserve::auth::{AuthConfig, ClientEntry, Role, TokenEntry, token_sha256};
 use riskserve::config::TlsConfig;
+use riskserve::grpc::gate::auth::{AuthConfig, ClientEntry, Role, TokenEntry, token_sha256};
 use riskserve::grpc::pb;
 use riskserve::grpc::pb::models_client::ModelsClient;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;

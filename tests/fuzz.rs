@@ -19,7 +19,8 @@ use prost::Message;
 use rand::{Rng, SeedableRng};
 use riskserve::bundle::{Bundle, BundleDigest};
 use riskserve::grpc::pb;
-use riskserve::scoring::{Arm, ScoreRequest, decide};
+use riskserve::rollout::Route;
+use riskserve::scoring::{ScoreRequest, decide};
 
 fn v1() -> &'static Bundle {
     static B: OnceLock<Bundle> = OnceLock::new();
@@ -63,7 +64,7 @@ fn check_request(message: pb::ScoreRequest) {
                     spec.name
                 );
             }
-            let d = decide(bundle, &req, &x, Arm::Champion);
+            let d = decide(bundle, &req, &x, &Route::champion());
             assert!((0.0..=1.0).contains(&d.probability_of_default));
             assert!(d.granted_limit >= 0);
         }

@@ -8,8 +8,9 @@ use crate::model::Contribution;
 use crate::policy::Band;
 use crate::policy::Outcome;
 use crate::registry::{VersionInfo, VersionState};
+use crate::rollout::Arm;
 use crate::schema::RawValue;
-use crate::scoring::{Arm, Decision, ScoreRequest};
+use crate::scoring::{Decision, ScoreRequest};
 use crate::trace::{Explanation, Replay};
 
 /// Longest request id or customer id accepted, in bytes.
@@ -23,6 +24,21 @@ pub struct RequestError {
     pub rule: String,
 }
 
+impl RequestError {
+    /// `field` broke `rule`.
+    pub fn new(field: impl Into<String>, rule: impl Into<String>) -> RequestError {
+        RequestError {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+
+    /// `field` was left empty.
+    pub fn required(field: &str) -> RequestError {
+        RequestError::new(field, "is required")
+    }
+}
+
 pub(crate) fn required_id(field: &str, value: String) -> Result<String, RequestError> {
     let rule = if value.is_empty() {
         "is required"
@@ -33,10 +49,7 @@ pub(crate) fn required_id(field: &str, value: String) -> Result<String, RequestE
     } else {
         return Ok(value);
     };
-    Err(RequestError {
-        field: field.into(),
-        rule: rule.into(),
-    })
+    Err(RequestError::new(field, rule))
 }
 
 impl TryFrom<pb::ScoreRequest> for ScoreRequest {
@@ -45,10 +58,7 @@ impl TryFrom<pb::ScoreRequest> for ScoreRequest {
     fn try_from(req: pb::ScoreRequest) -> Result<Self, Self::Error> {
         let current_limit = current_limit("current_limit", req.current_limit)?;
         if req.model.is_empty() {
-            return Err(RequestError {
-                field: "model".into(),
-                rule: "is required".into(),
-            });
+            return Err(RequestError::required("model"));
         }
         Ok(ScoreRequest {
             request_id: required_id("request_id", req.request_id)?,
@@ -96,7 +106,7 @@ impl CallContext {
         CallContext {
             caller: request
                 .extensions()
-                .get::<crate::auth::Caller>()
+                .get::<crate::grpc::gate::auth::Caller>()
                 .map(|c| c.name.clone()),
             deadline: deadline(request.metadata(), Instant::now()),
             trace_id: crate::grpc::telemetry::span_trace_id(span)
@@ -353,8 +363,8 @@ impl From<crate::rollout::GuardrailReading> for pb::Guardrail {
     }
 }
 
-impl From<crate::rollout::controller::RolloutStatus> for pb::RolloutStatus {
-    fn from(s: crate::rollout::controller::RolloutStatus) -> Self {
+impl From<crate::rollout::RolloutStatus> for pb::RolloutStatus {
+    fn from(s: crate::rollout::RolloutStatus) -> Self {
         let r = s.record;
         pb::RolloutStatus {
             id: r.id,
@@ -444,8 +454,8 @@ impl From<crate::backtest::BacktestReport> for pb::BacktestReport {
     }
 }
 
-impl From<crate::rollout::controller::RolloutHistory> for pb::RolloutHistory {
-    fn from(h: crate::rollout::controller::RolloutHistory) -> Self {
+impl From<crate::rollout::RolloutHistory> for pb::RolloutHistory {
+    fn from(h: crate::rollout::RolloutHistory) -> Self {
         let record = &h.status.record;
         let version_of = |arm: Option<Arm>| match arm {
             Some(Arm::Champion) => record.champion.clone(),

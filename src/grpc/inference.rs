@@ -333,15 +333,6 @@ struct InferRequest {
     outputs: Vec<Output>,
 }
 
-impl RequestError {
-    fn required(field: &str) -> RequestError {
-        RequestError {
-            field: field.into(),
-            rule: "is required".into(),
-        }
-    }
-}
-
 fn invalid(field: impl Into<String>, rule: impl Into<String>) -> RequestError {
     RequestError {
         field: field.into(),
@@ -780,7 +771,7 @@ mod tests {
             current_limit: None,
             granted_limit: 7,
             reasons: Vec::new(),
-            arm: crate::scoring::Arm::Champion,
+            arm: crate::rollout::Arm::Champion,
             rollout_id: None,
         };
         let decisions = [d("v1"), d("v10")];

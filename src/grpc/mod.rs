@@ -5,6 +5,7 @@
 //! exhaustive mapping. The services themselves only sequence calls into the domain.
 
 pub(crate) mod convert;
+pub mod gate;
 mod inference;
 mod models;
 mod rollouts;
@@ -32,9 +33,7 @@ where
 {
     match tokio::spawn(op).await {
         Ok(result) => result.map_err(Into::into),
-        Err(join) => Err(tonic::Status::internal(format!(
-            "the operation failed: {join}"
-        ))),
+        Err(join) => Err(status::TaskFailed::new("the operation", join).into()),
     }
 }
 

@@ -7,18 +7,18 @@ use tonic::{Request, Response, Status};
 use crate::grpc::pb::{self, models_server::Models};
 use crate::grpc::to_the_end;
 use crate::registry::Registry;
-use crate::rollout::Rollouts;
+use crate::rollout::Control;
 
 /// Model management over a shared [`Registry`].
 #[derive(Debug, Clone)]
 pub struct ModelsService {
     registry: Arc<Registry>,
-    rollouts: Arc<Rollouts>,
+    control: Arc<Control>,
 }
 
 impl ModelsService {
-    pub fn new(registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Self {
-        ModelsService { registry, rollouts }
+    pub fn new(registry: Arc<Registry>, control: Arc<Control>) -> Self {
+        ModelsService { registry, control }
     }
 }
 
@@ -46,16 +46,7 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::ManifestResponse>, Status> {
         let r = request.into_inner();
-        let info = self.registry.info(&r.model, &r.version)?;
-        let bundle = info.bundle.ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "{}/{} is {}: {}",
-                r.model,
-                r.version,
-                info.state.as_str(),
-                info.error.as_deref().unwrap_or("no manifest to show")
-            ))
-        })?;
+        let bundle = self.registry.bundle(&r.model, &r.version)?;
         Ok(Response::new(pb::ManifestResponse {
             model: r.model,
             version: r.version,
@@ -79,13 +70,10 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
-        let rollouts = self.rollouts.clone();
-        let info = to_the_end(async move {
-            rollouts
-                .serve_unless_rolling_out(&r.model, &r.version)
-                .await
-        })
-        .await?;
+        let control = self.control.clone();
+        let info =
+            to_the_end(async move { control.serve_unless_rolling_out(&r.model, &r.version).await })
+                .await?;
         Ok(Response::new(info.into()))
     }
 
@@ -94,13 +82,10 @@ impl Models for ModelsService {
         request: Request<pb::VersionRef>,
     ) -> Result<Response<pb::VersionStatus>, Status> {
         let r = request.into_inner();
-        if self.rollouts.uses(&r.model, &r.version) {
-            return Err(Status::failed_precondition(format!(
-                "{}/{} is part of an open rollout",
-                r.model, r.version
-            )));
-        }
-        let info = self.registry.unload(&r.model, &r.version)?;
+        let control = self.control.clone();
+        let info =
+            to_the_end(async move { control.unload_unless_used(&r.model, &r.version).await })
+                .await?;
         Ok(Response::new(info.into()))
     }
 }

@@ -4,31 +4,33 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::auth::Caller;
-use crate::backtest::BacktestSpec;
+use crate::backtest::{BacktestSpec, Backtester};
+use crate::grpc::convert::RequestError;
+use crate::grpc::gate::auth::Caller;
 use crate::grpc::pb::{self, rollouts_server::Rollouts as RolloutsApi};
 use crate::grpc::to_the_end;
-use crate::rollout::{Plan, Rollouts, Thresholds};
+use crate::rollout::{Control, History, Plan, Thresholds};
 use crate::trace::parse_bound;
 
-/// Rollout control over the server's [`Rollouts`].
+/// Rollout control, status and previews over the server's rollout parts.
 #[derive(Debug, Clone)]
 pub struct RolloutsService {
-    rollouts: Arc<Rollouts>,
-    /// The most decisions one backtest may hold (`backtest_max_sample`).
-    max_sample: usize,
+    control: Arc<Control>,
+    history: Arc<History>,
+    backtester: Arc<Backtester>,
 }
 
 impl RolloutsService {
-    pub fn new(rollouts: Arc<Rollouts>, max_sample: usize) -> Self {
+    pub fn new(control: Arc<Control>, history: Arc<History>, backtester: Arc<Backtester>) -> Self {
         RolloutsService {
-            rollouts,
-            max_sample,
+            control,
+            history,
+            backtester,
         }
     }
 
     fn status(&self, model: &str) -> Result<Response<pb::RolloutStatus>, Status> {
-        Ok(Response::new(self.rollouts.status(model)?.into()))
+        Ok(Response::new(self.history.status(model)?.into()))
     }
 }
 
@@ -61,21 +63,16 @@ impl RolloutsApi for RolloutsService {
         let plan: Plan = if r.plan_toml.trim().is_empty() {
             Plan::default()
         } else {
-            toml::from_str(&r.plan_toml).map_err(|e| {
-                crate::grpc::status::invalid_field(
-                    "plan_toml",
-                    &format!("plan_toml: {}", e.message()),
-                )
-            })?
+            toml::from_str(&r.plan_toml).map_err(|e| RequestError::new("plan_toml", e.message()))?
         };
-        let rollouts = self.rollouts.clone();
-        let status = to_the_end(async move {
-            rollouts
+        let (control, model) = (self.control.clone(), r.model.clone());
+        to_the_end(async move {
+            control
                 .start(&r.model, &r.candidate, plan, &who, r.skip_backtest)
                 .await
         })
         .await?;
-        Ok(Response::new(status.into()))
+        self.status(&model)
     }
 
     async fn status(
@@ -91,11 +88,10 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        let figures = self.rollouts.status(&r.model)?.readings;
-        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let figures = self.history.status(&r.model)?.readings;
+        let (control, model) = (self.control.clone(), r.model.clone());
         let why = reason(&r.reason, "advanced by hand");
-        to_the_end(async move { rollouts.advance(&model, None, &who, &why, figures).await })
-            .await?;
+        to_the_end(async move { control.advance(&model, None, &who, &why, figures).await }).await?;
         self.status(&r.model)
     }
 
@@ -105,9 +101,9 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let (control, model) = (self.control.clone(), r.model.clone());
         let why = reason(&r.reason, "paused by hand");
-        to_the_end(async move { rollouts.pause(&model, &who, &why).await }).await?;
+        to_the_end(async move { control.pause(&model, &who, &why).await }).await?;
         self.status(&r.model)
     }
 
@@ -117,9 +113,9 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let (control, model) = (self.control.clone(), r.model.clone());
         let why = reason(&r.reason, "resumed by hand");
-        to_the_end(async move { rollouts.resume(&model, &who, &why).await }).await?;
+        to_the_end(async move { control.resume(&model, &who, &why).await }).await?;
         self.status(&r.model)
     }
 
@@ -129,10 +125,10 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        let figures = self.rollouts.status(&r.model)?.readings;
-        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let figures = self.history.status(&r.model)?.readings;
+        let (control, model) = (self.control.clone(), r.model.clone());
         let why = reason(&r.reason, "rolled back by hand");
-        to_the_end(async move { rollouts.rollback(&model, &who, &why, figures).await }).await?;
+        to_the_end(async move { control.rollback(&model, &who, &why, figures).await }).await?;
         self.status(&r.model)
     }
 
@@ -142,9 +138,9 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = actor(&request, &request.get_ref().actor);
         let r = request.into_inner();
-        let (rollouts, model) = (self.rollouts.clone(), r.model.clone());
+        let (control, model) = (self.control.clone(), r.model.clone());
         let why = reason(&r.reason, "promoted by hand");
-        to_the_end(async move { rollouts.promote(&model, &who, &why).await }).await?;
+        to_the_end(async move { control.promote(&model, &who, &why).await }).await?;
         self.status(&r.model)
     }
 
@@ -161,28 +157,27 @@ impl RolloutsApi for RolloutsService {
             since: parse_bound("since", &r.since)?,
             until: parse_bound("until", &r.until)?,
         };
-        if r.sample > self.max_sample as u64 {
-            return Err(crate::grpc::status::invalid_field(
+        let max_sample = self.backtester.max_sample();
+        if r.sample > max_sample as u64 {
+            return Err(RequestError::new(
                 "sample",
-                &format!(
-                    "sample must be at most {} (backtest_max_sample)",
-                    self.max_sample
-                ),
-            ));
+                format!("must be at most {max_sample} (backtest_max_sample)"),
+            )
+            .into());
         }
         let spec = BacktestSpec {
             model: r.model,
             window,
             sample: (r.sample > 0).then_some(r.sample as usize),
             all_decisions: r.all_decisions,
-            held_at_most: self.max_sample,
+            held_at_most: max_sample,
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let rollouts = self.rollouts.clone();
+        let backtester = self.backtester.clone();
         tokio::spawn(async move {
             let progress = tx.clone();
-            let report = rollouts
-                .backtest(
+            let report = backtester
+                .preview(
                     &r.candidate,
                     spec,
                     Thresholds::default(),
@@ -215,12 +210,13 @@ impl RolloutsApi for RolloutsService {
     ) -> Result<Response<pb::RolloutHistory>, Status> {
         let r = request.into_inner();
         if r.id.is_empty() && r.model.is_empty() {
-            return Err(crate::grpc::status::invalid_field(
+            return Err(RequestError::new(
                 "id",
-                "id: give a rollout id, or a model for its latest rollout",
-            ));
+                "give a rollout id, or a model for its latest rollout",
+            )
+            .into());
         }
-        let history = self.rollouts.history(&r.id, &r.model).await?;
+        let history = self.history.history(&r.id, &r.model).await?;
         Ok(Response::new(history.into()))
     }
 
@@ -228,7 +224,7 @@ impl RolloutsApi for RolloutsService {
         &self,
         _: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
-        let rollouts = self.rollouts.list()?.into_iter().map(Into::into).collect();
+        let rollouts = self.history.list()?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
     }
 }

@@ -92,11 +92,15 @@ impl ScoringService {
         let requests = request.into_inner().requests;
         if requests.len() > self.max_batch {
             refused(span, Code::InvalidArgument);
-            return Err(Status::invalid_argument(format!(
-                "requests: a batch holds at most {} items, got {}",
-                self.max_batch,
-                requests.len()
-            )));
+            return Err(RequestError::new(
+                "requests",
+                format!(
+                    "a batch holds at most {} items, got {}",
+                    self.max_batch,
+                    requests.len()
+                ),
+            )
+            .into());
         }
         // Each item converted: valid requests move into `valid` (no copy), each slot keeps
         // its request's index there or why it was refused.

@@ -8,13 +8,14 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::admission::AdmissionError;
-use crate::auth::AuthError;
+use crate::backtest::BacktestError;
 use crate::bundle::BundleError;
 use crate::decision_log::LogError;
 use crate::grpc::convert::RequestError;
+use crate::grpc::gate::admission::AdmissionError;
+use crate::grpc::gate::auth::AuthError;
 use crate::registry::RegistryError;
-use crate::rollout::controller::RolloutError;
+use crate::rollout::RolloutError;
 use crate::schema::FeatureError;
 use crate::scoring::ScoreError;
 use crate::trace::TraceError;
@@ -100,6 +101,7 @@ impl From<&RegistryError> for Refusal {
                 BundleError::Parse { .. } => Code::FailedPrecondition,
                 BundleError::Invalid(_) => Code::FailedPrecondition,
             },
+            RegistryError::Unusable { .. } => Code::FailedPrecondition,
             RegistryError::Persist { .. } => Code::Internal,
         };
         Refusal::new(code, e)
@@ -178,15 +180,24 @@ impl From<TraceError> for Status {
     }
 }
 
-/// INVALID_ARGUMENT naming a request field.
-pub fn invalid_field(field: &str, message: &str) -> Status {
-    Refusal {
-        code: Code::InvalidArgument,
-        message: message.to_string(),
-        field: Some(field.to_string()),
-        retry_after: None,
+/// A server task that ended without an answer: it panicked or was cancelled.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} failed: {source}")]
+pub struct TaskFailed {
+    what: &'static str,
+    source: tokio::task::JoinError,
+}
+
+impl TaskFailed {
+    pub fn new(what: &'static str, source: tokio::task::JoinError) -> Self {
+        TaskFailed { what, source }
     }
-    .into()
+}
+
+impl From<TaskFailed> for Status {
+    fn from(e: TaskFailed) -> Status {
+        Refusal::new(Code::Internal, &e).into()
+    }
 }
 
 impl From<&RolloutError> for Refusal {
@@ -204,21 +215,38 @@ impl From<&RolloutError> for Refusal {
             }
             RolloutError::LastStep => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::DecidedByRollout(_) => Refusal::new(Code::FailedPrecondition, e),
+            RolloutError::InRollout { .. } => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::WrongState(_) => Refusal::new(Code::FailedPrecondition, e),
             RolloutError::BacktestFailed { .. } => Refusal::new(Code::FailedPrecondition, e),
-            RolloutError::Backtest(crate::backtest::BacktestError::Empty(_)) => {
-                Refusal::new(Code::FailedPrecondition, e)
-            }
-            RolloutError::Backtest(crate::backtest::BacktestError::Unscorable(..)) => {
-                Refusal::new(Code::FailedPrecondition, e)
-            }
-            RolloutError::Backtest(crate::backtest::BacktestError::TooLarge(_)) => {
-                Refusal::new(Code::FailedPrecondition, e).on_field("sample".into())
-            }
-            RolloutError::Backtest(crate::backtest::BacktestError::Log(e)) => e.into(),
+            // The inner refusal's code and field, under the outer message ("backtest: …").
+            RolloutError::Backtest(inner) => Refusal {
+                message: e.to_string(),
+                ..inner.into()
+            },
             RolloutError::Registry(e) => e.into(),
             RolloutError::Store(_) => Refusal::new(Code::Unavailable, e),
         }
+    }
+}
+
+impl From<&BacktestError> for Refusal {
+    fn from(e: &BacktestError) -> Self {
+        match e {
+            BacktestError::Empty(_) => Refusal::new(Code::FailedPrecondition, e),
+            BacktestError::Unscorable(..) => Refusal::new(Code::FailedPrecondition, e),
+            BacktestError::TooLarge(_) => {
+                Refusal::new(Code::FailedPrecondition, e).on_field("sample".into())
+            }
+            BacktestError::Log(e) => e.into(),
+            BacktestError::Candidate(e) => e.into(),
+            BacktestError::Thread(_) => Refusal::new(Code::Internal, e),
+        }
+    }
+}
+
+impl From<BacktestError> for Status {
+    fn from(e: BacktestError) -> Status {
+        Refusal::from(&e).into()
     }
 }
 

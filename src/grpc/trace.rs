@@ -7,7 +7,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::decision_log::Window;
+use crate::grpc::convert::RequestError;
 use crate::grpc::pb::{self, trace_server::Trace};
+use crate::grpc::status::TaskFailed;
 use crate::trace::{TraceError, Tracer, parse_bound};
 
 /// Serves the Trace API from a [`Tracer`]; every call runs on a blocking thread.
@@ -30,7 +32,7 @@ impl TraceService {
         let tracer = self.tracer.clone();
         tokio::task::spawn_blocking(move || f(&tracer))
             .await
-            .map_err(|e| Status::internal(format!("trace task failed: {e}")))?
+            .map_err(|e| TaskFailed::new("trace task", e))?
             .map_err(Status::from)
     }
 }
@@ -61,7 +63,7 @@ impl Trace for TraceService {
     ) -> Result<Response<pb::CustomerHistoryResponse>, Status> {
         let customer = request.into_inner().customer_id;
         if customer.is_empty() {
-            return Err(Status::invalid_argument("customer_id: is required"));
+            return Err(RequestError::required("customer_id").into());
         }
         let records = self.blocking(move |t| t.customer(&customer)).await?;
         Ok(Response::new(pb::CustomerHistoryResponse {

@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::Outcome;
+
 /// Decisions each arm needs before PSI is judged, whatever the plan's `min_sample`.
 pub const PSI_MIN_SAMPLE: usize = 200;
 
@@ -92,6 +94,37 @@ pub struct Observation {
     pub pd: f64,
     pub latency_us: u32,
     pub error: bool,
+}
+
+impl Observation {
+    /// What the guardrails read of one decision: its outcome, PD and move of the limit, and
+    /// how long it took to decide.
+    pub fn of(
+        outcome: Outcome,
+        pd: f64,
+        current_limit: Option<i64>,
+        granted_limit: i64,
+        latency: std::time::Duration,
+    ) -> Observation {
+        Observation {
+            declined: outcome == Outcome::Decline,
+            cut: current_limit.is_some_and(|c| granted_limit < c),
+            withdrawn: current_limit.is_some_and(|c| c > 0 && granted_limit == 0),
+            pd,
+            latency_us: latency.as_micros().min(u128::from(u32::MAX)) as u32,
+            error: false,
+        }
+    }
+
+    /// A request the arm's schema refused.
+    pub const REFUSED: Observation = Observation {
+        declined: false,
+        cut: false,
+        withdrawn: false,
+        pd: 0.0,
+        latency_us: 0,
+        error: true,
+    };
 }
 
 /// An arm's last observations.

@@ -4,11 +4,24 @@
 //! A customer's arm is a pure function of (rollout id, customer id): a keyed hash into
 //! 10,000 buckets, the candidate serving the buckets below the step's share. Shares only grow,
 //! so a customer the candidate served at 5% stays with it at 25%, on every replica and after a
-//! restart. The [`controller`] holds the active rollouts, routes requests, watches guardrails
-//! ([`guardrails`]) and persists every transition ([`store`]).
+//! restart.
+//!
+//! One type per job:
+//! - [`Router`] (request path): the open rollouts by model; `route` gives a request its
+//!   [`Route`], through which its decision is observed for the guardrails.
+//! - [`Control`]: start (behind the backtest gate), advance, pause, resume, roll back,
+//!   promote, and the serving switches and unloads a rollout must allow; one turn per model.
+//! - [`Evaluator`]: the guardrail loop that rolls back or advances on its own.
+//! - [`History`]: status, list and a rollout's whole history.
+//! - [`guardrails`] the statistics, [`store`] the persisted rollouts and transitions.
 
-pub mod controller;
+mod control;
+mod error;
+mod evaluator;
 pub mod guardrails;
+mod history;
+mod live;
+mod router;
 pub mod store;
 
 use std::time::Duration;
@@ -17,8 +30,37 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-pub use controller::{Rollouts, Route};
-pub use guardrails::{GuardrailReading, Thresholds};
+pub use control::Control;
+pub use error::RolloutError;
+pub use evaluator::Evaluator;
+pub use guardrails::{GuardrailReading, Observation, Thresholds};
+pub use history::{History, RolloutHistory, RolloutStatus};
+pub use live::{ArmCounts, Route};
+pub use router::{OpenRollout, Router};
+
+/// Which side of a rollout served a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arm {
+    Champion,
+    Candidate,
+    Shadow,
+}
+
+impl Arm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arm::Champion => "champion",
+            Arm::Candidate => "candidate",
+            Arm::Shadow => "shadow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Arm> {
+        [Arm::Champion, Arm::Candidate, Arm::Shadow]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
 
 /// Buckets customers are hashed into; shares are in these units (1 = 0.01%).
 pub const BUCKETS: u32 = 10_000;

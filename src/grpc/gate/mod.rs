@@ -1,8 +1,12 @@
 //! Gates in front of every service: each request is let through, holding a pass until its
 //! response is ready, or answered at once with the refusal, before any handler runs.
 //!
-//! [`crate::auth`] and [`crate::admission`] are the gatekeepers; this module is the tower
-//! plumbing they share.
+//! [`auth`] (callers and roles) and [`admission`] (the in-flight limit, the excess shed) are
+//! the gatekeepers; this module is the tower plumbing they share. They belong to the edge:
+//! they read HTTP requests and answer with a [`Refusal`], never reaching a service.
+
+pub mod admission;
+pub mod auth;
 
 use std::task::{Context, Poll};
 

@@ -4,7 +4,7 @@
 //! configuration keeps only each token's SHA-256) or with a client certificate under mutual
 //! TLS (its subject common name). Each identity holds roles, and each service needs one:
 //! scorer for Scoring, operator for Models and Rollouts, reviewer for Trace. Health stays
-//! open so that orchestrators can probe it. A gate ([`crate::gate`]) in front of every service decides,
+//! open so that orchestrators can probe it. A gate ([`super`]) in front of every service decides,
 //! before any handler runs, and puts the [`Caller`] in the request's extensions so that
 //! decisions and rollout transitions record who asked.
 //!
@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::gate::Gatekeeper;
+use super::Gatekeeper;
 use crate::grpc::status::Refusal;
 
 /// What an identity may do.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::http;
 
-use crate::gate::Gatekeeper;
+use super::Gatekeeper;
 use crate::grpc::status::Refusal;
 
 /// Why a request was not admitted.
