@@ -555,6 +555,37 @@ async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() 
     server.stop().await.unwrap();
 }
 
+/// An unload of the candidate sent while a rollout start is backtesting it waits for the
+/// start and is then refused: a rollout never runs on a candidate the registry dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_during_a_rollout_start_waits_and_cannot_remove_its_candidate() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    seed_decisions(&server, 4_000).await;
+    let start = start_with_backtest(&server);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let unloaded = server.models().unload_version(version_ref("v2")).await;
+    let started = start
+        .await
+        .unwrap()
+        .expect("the rollout starts")
+        .into_inner();
+    assert_eq!(started.candidate, "v2");
+    let refused = unloaded.expect_err("the unload came after the start, during a rollout");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("open rollout"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        version_status(&server, "v2").await.map(|v| v.state),
+        Some(pb::VersionState::Ready as i32),
+        "the candidate stays loaded"
+    );
+    server.stop().await.unwrap();
+}
+
 /// Another model's switch does not wait for that backtest: control turns are per model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_models_switch_does_not_wait_for_a_rollout_start() {
