@@ -5,9 +5,11 @@
 //!
 //! The path of one request, top to bottom:
 //!
-//! - [`grpc`]: the edge. Wire messages in, `TryFrom` into domain types (request fields
-//!   checked), domain errors out as `tonic::Status` through one exhaustive mapping.
-//! - [`scoring`]: validate → route → score → policy → record → respond, in domain types.
+//! - [`grpc`]: the edge. Its gates (auth, admission) first; wire messages in, `TryFrom` into
+//!   domain types (request fields checked), domain errors out as `tonic::Status` through one
+//!   exhaustive mapping.
+//! - [`scoring`]: validate → route → score → policy → record → respond, in domain types;
+//!   its recorder turns each decision into a record and counts it once durable.
 //! - [`decision_log`]: every decision, durable before it is answered, in a hash chain;
 //!   [`customer`] pseudonymises customer ids before anything is stored.
 //! - [`registry`]: the loaded versions of each model and the serving one behind an arc-swap.
@@ -19,14 +21,13 @@
 //!
 //! - [`server`]: assembles services, health and reflection on a bound listener (TLS when
 //!   configured); shutdown.
-//! - [`gate`]: the layer in front of every service; [`auth`] (callers and roles) and
-//!   [`admission`] (the in-flight limit, excess shed) are its gatekeepers.
 //! - [`watcher`]: loads bundles that appear under `models/`.
 //! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify.
 //! - [`train`]: fits a version with linfa and writes its bundle.
 //! - [`config`]: defaults, file, environment and flags, checked before anything starts.
-//! - [`rollout`]: plans, sticky assignment, guardrails, the controller and its store;
-//!   [`backtest`] previews a candidate on recorded traffic.
+//! - [`rollout`]: plans and sticky assignment; the router (request path), control
+//!   operations, the guardrail evaluator and the history, one type each; its store.
+//!   [`backtest`] previews a candidate on recorded traffic (and gates rollout starts).
 //! - [`report`]: self-contained HTML pages of a rollout or a customer, from API messages.
 //! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`demo`] the
 //!   incident end to end, [`bench`] the load generator.
