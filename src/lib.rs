@@ -28,21 +28,18 @@
 //! - [`rollout`]: plans, sticky assignment, guardrails, the controller and its store;
 //!   [`backtest`] previews a candidate on recorded traffic.
 //! - [`report`]: self-contained HTML pages of a rollout or a customer, from API messages.
-//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`demo`] the
-//!   incident end to end, [`bench`] the load generator.
+//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), one file per
+//!   subcommand family; [`cli::demo`] (the incident end to end) and [`cli::bench`] (the
+//!   load generator) are commands too, so they live there.
 
 pub mod admission;
 pub mod auth;
 pub mod backtest;
-pub mod bench;
 pub mod bundle;
 pub mod cli;
-mod cli_report;
-mod cli_trace;
 pub mod config;
 pub mod customer;
 pub mod decision_log;
-pub mod demo;
 pub mod gate;
 pub mod grpc;
 pub mod model;
