@@ -29,19 +29,16 @@
 //!   operations, the guardrail evaluator and the history, one type each; its store.
 //!   [`backtest`] previews a candidate on recorded traffic (and gates rollout starts).
 //! - [`report`]: self-contained HTML pages of a rollout or a customer, from API messages.
-//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), [`demo`] the
-//!   incident end to end, [`bench`] the load generator.
+//! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), one file per
+//!   subcommand family; [`cli::demo`] (the incident end to end) and [`cli::bench`] (the
+//!   load generator) are commands too, so they live there.
 
 pub mod backtest;
-pub mod bench;
 pub mod bundle;
 pub mod cli;
-mod cli_report;
-mod cli_trace;
 pub mod config;
 pub mod customer;
 pub mod decision_log;
-pub mod demo;
 pub mod grpc;
 pub mod model;
 pub mod policy;

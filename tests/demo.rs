@@ -4,7 +4,7 @@
 mod common;
 
 use common::repo;
-use riskserve::demo::{self, DemoArgs};
+use riskserve::cli::demo::{self, DemoArgs};
 use riskserve::grpc::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

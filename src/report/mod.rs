@@ -98,7 +98,20 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
     } else {
         toml::from_str(&s.plan_toml).ok()
     };
+    let plan = plan.as_ref();
+    let times: Vec<Option<f64>> = s.transitions.iter().map(|t| epoch_secs(&t.at)).collect();
     let mut body = String::new();
+    rollout_heading(&mut body, s, plan);
+    let marks = steps_section(&mut body, h, s, plan, &times);
+    traffic_section(&mut body, h, s, plan, &times, &marks);
+    guardrails_section(&mut body, h, s, &times, &marks);
+    arms_section(&mut body, h);
+    backtest_section(&mut body, s);
+    page(&format!("Rollout {} of {}", s.id, s.model), &body)
+}
+
+/// The title and the rollout's state now.
+fn rollout_heading(body: &mut String, s: &pb::RolloutStatus, plan: Option<&Plan>) {
     let _ = write!(
         body,
         "<h1>Rollout of {model} {candidate} against {champion}</h1><p class=\"meta\">Rollout {id} · started {created} · now <span class=\"{class}\">{state}</span> at step {step} of {steps} ({share})</p>",
@@ -115,16 +128,60 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
         state = escape(&s.state.replace('_', " ")),
         step = s.step + 1,
         steps = s.steps,
-        share = share_label(plan.as_ref(), s.step),
+        share = share_label(plan, s.step),
     );
+}
 
-    // Steps over time, from the transitions.
+/// Steps over time, from the transitions: the timeline and the table of transitions.
+/// Returns the marks of the closing transitions, which every later chart shows too.
+fn steps_section(
+    body: &mut String,
+    h: &pb::RolloutHistory,
+    s: &pb::RolloutStatus,
+    plan: Option<&Plan>,
+    times: &[Option<f64>],
+) -> Vec<Mark> {
+    let (bands, marks) = step_bands(h, s, plan, times);
+    body.push_str("<h2>Steps</h2>");
+    body.push_str(&svg::timeline(
+        "Step timeline (candidate share per step)",
+        &bands,
+        &marks,
+    ));
+    let rows: Vec<Vec<String>> = s
+        .transitions
+        .iter()
+        .map(|t| {
+            vec![
+                t.at.clone(),
+                if t.from_state.is_empty() {
+                    t.to_state.clone()
+                } else {
+                    format!("{} → {}", t.from_state, t.to_state)
+                },
+                share_label(plan, t.to_step),
+                t.actor.clone(),
+                t.reason.clone(),
+            ]
+        })
+        .collect();
+    table(body, &["at", "state", "share", "by", "why"], &rows);
+    marks
+}
+
+/// A band for each open step (until the next transition or the last traffic seen) and a
+/// mark for each transition that closed the rollout.
+fn step_bands(
+    h: &pb::RolloutHistory,
+    s: &pb::RolloutStatus,
+    plan: Option<&Plan>,
+    times: &[Option<f64>],
+) -> (Vec<Band>, Vec<Mark>) {
     let last_seen = h
         .traffic
         .last()
         .and_then(|t| epoch_secs(&t.start))
         .map(|t| t + h.stretch_secs as f64);
-    let times: Vec<Option<f64>> = s.transitions.iter().map(|t| epoch_secs(&t.at)).collect();
     let mut bands = Vec::new();
     let mut marks = Vec::new();
     for (i, t) in s.transitions.iter().enumerate() {
@@ -144,12 +201,12 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
                 to,
                 label: format!(
                     "{}{}",
-                    share_label(plan.as_ref(), t.to_step),
+                    share_label(plan, t.to_step),
                     if paused { " (paused)" } else { "" }
                 ),
                 color: if paused {
                     PLANNED
-                } else if step_is_shadow(plan.as_ref(), t.to_step) {
+                } else if step_is_shadow(plan, t.to_step) {
                     SHADOW
                 } else {
                     CANDIDATE
@@ -167,32 +224,18 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
             });
         }
     }
-    body.push_str("<h2>Steps</h2>");
-    body.push_str(&svg::timeline(
-        "Step timeline (candidate share per step)",
-        &bands,
-        &marks,
-    ));
-    let rows: Vec<Vec<String>> = s
-        .transitions
-        .iter()
-        .map(|t| {
-            vec![
-                t.at.clone(),
-                if t.from_state.is_empty() {
-                    t.to_state.clone()
-                } else {
-                    format!("{} → {}", t.from_state, t.to_state)
-                },
-                share_label(plan.as_ref(), t.to_step),
-                t.actor.clone(),
-                t.reason.clone(),
-            ]
-        })
-        .collect();
-    table(&mut body, &["at", "state", "share", "by", "why"], &rows);
+    (bands, marks)
+}
 
-    // Each arm's share of the traffic over time, against the plan.
+/// Each arm's share of the traffic over time, against the plan, and each arm's rate.
+fn traffic_section(
+    body: &mut String,
+    h: &pb::RolloutHistory,
+    s: &pb::RolloutStatus,
+    plan: Option<&Plan>,
+    times: &[Option<f64>],
+    marks: &[Mark],
+) {
     let mut candidate_share = Vec::new();
     let mut shadow_share = Vec::new();
     let mut volume: [Vec<(f64, f64)>; 3] = Default::default();
@@ -215,111 +258,86 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
     let planned: Vec<(f64, f64)> = s
         .transitions
         .iter()
-        .zip(&times)
+        .zip(times)
         .filter_map(|(t, x)| {
             let open = matches!(t.to_state.as_str(), "active" | "paused");
             let share = plan
-                .as_ref()
                 .and_then(|p| p.steps.get(t.to_step as usize))
                 .map_or(0.0, |st| f64::from(st.share_bp) / 100.0);
             x.map(|x| (x, if open { share } else { 0.0 }))
         })
         .collect();
     let mut share_series = vec![
-        Series {
-            name: "planned share".into(),
-            color: PLANNED,
-            style: Style::Steps,
-            points: planned,
-        },
-        Series {
-            name: "candidate share".into(),
-            color: CANDIDATE,
-            style: Style::Line,
-            points: candidate_share,
-        },
+        series("planned share", PLANNED, Style::Steps, planned),
+        series("candidate share", CANDIDATE, Style::Line, candidate_share),
     ];
     if !shadow_share.is_empty() {
-        share_series.push(Series {
-            name: "shadow-scored".into(),
-            color: SHADOW,
-            style: Style::Line,
-            points: shadow_share,
-        });
+        share_series.push(series("shadow-scored", SHADOW, Style::Line, shadow_share));
     }
     body.push_str("<h2>Traffic</h2>");
-    body.push_str(
-        &TimeChart {
-            title: "Each arm's share of the decisions over time".into(),
-            y_label: "% of served decisions".into(),
-            series: share_series,
-            marks: marks.clone(),
-            y_floor: Some(0.0),
-            ..TimeChart::default()
-        }
-        .render(260.0),
-    );
+    body.push_str(&time_chart(
+        "Each arm's share of the decisions over time".into(),
+        "% of served decisions".into(),
+        share_series,
+        marks,
+        260.0,
+    ));
     let [champion_rate, candidate_rate, shadow_rate] = volume;
     let mut rate_series = vec![
-        Series {
-            name: "champion".into(),
-            color: CHAMPION,
-            style: Style::Line,
-            points: champion_rate,
-        },
-        Series {
-            name: "candidate".into(),
-            color: CANDIDATE,
-            style: Style::Line,
-            points: candidate_rate,
-        },
+        series("champion", CHAMPION, Style::Line, champion_rate),
+        series("candidate", CANDIDATE, Style::Line, candidate_rate),
     ];
     if shadow_rate.iter().any(|p| p.1 > 0.0) {
-        rate_series.push(Series {
-            name: "shadow".into(),
-            color: SHADOW,
-            style: Style::Line,
-            points: shadow_rate,
-        });
+        rate_series.push(series("shadow", SHADOW, Style::Line, shadow_rate));
     }
-    body.push_str(
-        &TimeChart {
-            title: "Decisions per second by arm".into(),
-            y_label: "decisions / s".into(),
-            series: rate_series,
-            marks: marks.clone(),
-            y_floor: Some(0.0),
-            ..TimeChart::default()
-        }
-        .render(240.0),
-    );
+    body.push_str(&time_chart(
+        "Decisions per second by arm".into(),
+        "decisions / s".into(),
+        rate_series,
+        marks,
+        240.0,
+    ));
+}
 
-    // Each guardrail against its threshold, from the snapshots and the transitions.
-    body.push_str("<h2>Guardrails</h2>");
-    let mut readings: BTreeMap<String, Vec<(f64, &pb::Guardrail)>> = BTreeMap::new();
-    let mut order: Vec<String> = Vec::new();
-    let moments = h
-        .snapshots
-        .iter()
-        .map(|snap| (epoch_secs(&snap.at), &snap.figures))
-        .chain(
-            s.transitions
-                .iter()
-                .zip(&times)
-                // The figures at the start are the backtest's, not live readings.
-                .filter(|(t, _)| !t.from_state.is_empty())
-                .map(|(t, x)| (*x, &t.figures)),
-        );
-    for (x, figures) in moments {
-        let Some(x) = x else { continue };
-        for g in figures {
-            if !readings.contains_key(&g.name) {
-                order.push(g.name.clone());
-            }
-            readings.entry(g.name.clone()).or_default().push((x, g));
-        }
+fn series(name: &str, color: &'static str, style: Style, points: Vec<(f64, f64)>) -> Series {
+    Series {
+        name: name.into(),
+        color,
+        style,
+        points,
     }
-    if order.is_empty() {
+}
+
+/// A time chart from 0 up, with the rollout's closing marks.
+fn time_chart(
+    title: String,
+    y_label: String,
+    series: Vec<Series>,
+    marks: &[Mark],
+    height: f64,
+) -> String {
+    TimeChart {
+        title,
+        y_label,
+        series,
+        marks: marks.to_vec(),
+        y_floor: Some(0.0),
+        ..TimeChart::default()
+    }
+    .render(height)
+}
+
+/// Each guardrail against its threshold, from the snapshots and the transitions.
+fn guardrails_section(
+    body: &mut String,
+    h: &pb::RolloutHistory,
+    s: &pb::RolloutStatus,
+    times: &[Option<f64>],
+    marks: &[Mark],
+) {
+    body.push_str("<h2>Guardrails</h2>");
+    let readings = guardrail_readings(h, s, times);
+    if readings.is_empty() {
         body.push_str("<p class=\"meta\">No guardrail readings were kept for this rollout.</p>");
     } else {
         body.push_str(
@@ -327,8 +345,7 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
              before that a guardrail is not judged.</p>",
         );
     }
-    for name in &order {
-        let mut points = readings.remove(name).unwrap_or_default();
+    for (name, mut points) in readings {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         // A reading on too small a sample is not judged, and would mislead drawn as a value.
         let value: Vec<(f64, f64)> = points
@@ -342,42 +359,63 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
             .filter(|(_, g)| g.breached)
             .map(|(x, g)| (*x, g.value))
             .collect();
-        let mut series = vec![
-            Series {
-                name: "value".into(),
-                color: CANDIDATE,
-                style: Style::Line,
-                points: value,
-            },
-            Series {
-                name: "threshold".into(),
-                color: THRESHOLD,
-                style: Style::Dashed,
-                points: threshold,
-            },
+        let mut lines = vec![
+            series("value", CANDIDATE, Style::Line, value),
+            series("threshold", THRESHOLD, Style::Dashed, threshold),
         ];
         if !breached.is_empty() {
-            series.push(Series {
-                name: "breached".into(),
-                color: THRESHOLD,
-                style: Style::Dots,
-                points: breached,
-            });
+            lines.push(series("breached", THRESHOLD, Style::Dots, breached));
         }
-        body.push_str(
-            &TimeChart {
-                title: format!("Guardrail {name} against its threshold"),
-                y_label: name.clone(),
-                series,
-                marks: marks.clone(),
-                y_floor: Some(0.0),
-                ..TimeChart::default()
-            }
-            .render(220.0),
-        );
+        body.push_str(&time_chart(
+            format!("Guardrail {name} against its threshold"),
+            name,
+            lines,
+            marks,
+            220.0,
+        ));
     }
+}
 
-    // The arms side by side.
+/// Each guardrail's readings (time, figure), guardrails in the order first read.
+fn guardrail_readings<'a>(
+    h: &'a pb::RolloutHistory,
+    s: &'a pb::RolloutStatus,
+    times: &[Option<f64>],
+) -> Vec<(String, Vec<(f64, &'a pb::Guardrail)>)> {
+    let mut readings: BTreeMap<String, Vec<(f64, &pb::Guardrail)>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let moments = h
+        .snapshots
+        .iter()
+        .map(|snap| (epoch_secs(&snap.at), &snap.figures))
+        .chain(
+            s.transitions
+                .iter()
+                .zip(times)
+                // The figures at the start are the backtest's, not live readings.
+                .filter(|(t, _)| !t.from_state.is_empty())
+                .map(|(t, x)| (*x, &t.figures)),
+        );
+    for (x, figures) in moments {
+        let Some(x) = x else { continue };
+        for g in figures {
+            if !readings.contains_key(&g.name) {
+                order.push(g.name.clone());
+            }
+            readings.entry(g.name.clone()).or_default().push((x, g));
+        }
+    }
+    order
+        .into_iter()
+        .map(|name| {
+            let points = readings.remove(&name).unwrap_or_default();
+            (name, points)
+        })
+        .collect()
+}
+
+/// The arms side by side: their PD distributions and their decision summaries.
+fn arms_section(body: &mut String, h: &pb::RolloutHistory) {
     body.push_str("<h2>Arms</h2>");
     let groups = h
         .arms
@@ -409,6 +447,14 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
         }
         .render(260.0),
     );
+    arms_table(body, h);
+    if h.arms.iter().any(|a| a.arm == pb::Arm::Shadow as i32) {
+        body.push_str("<p class=\"meta\">Shadow decisions were recorded but never returned: no customer saw them.</p>");
+    }
+}
+
+/// Each arm's version and decision counts.
+fn arms_table(body: &mut String, h: &pb::RolloutHistory) {
     let rows: Vec<Vec<String>> = h
         .arms
         .iter()
@@ -431,7 +477,7 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
         })
         .collect();
     table(
-        &mut body,
+        body,
         &[
             "arm",
             "version",
@@ -448,9 +494,10 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
         ],
         &rows,
     );
-    if h.arms.iter().any(|a| a.arm == pb::Arm::Shadow as i32) {
-        body.push_str("<p class=\"meta\">Shadow decisions were recorded but never returned: no customer saw them.</p>");
-    }
+}
+
+/// The backtest the rollout started with, if it ran.
+fn backtest_section(body: &mut String, s: &pb::RolloutStatus) {
     if let Some(b) = &s.backtest {
         let _ = write!(
             body,
@@ -462,7 +509,6 @@ pub fn rollout_page(h: &pb::RolloutHistory) -> String {
             if b.passed { "passed" } else { "breached" }
         );
     }
-    page(&format!("Rollout {} of {}", s.id, s.model), &body)
 }
 
 fn step_is_shadow(plan: Option<&Plan>, step: u32) -> bool {

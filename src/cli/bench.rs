@@ -17,8 +17,8 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use tonic::{Request, Response, Status};
 
+use super::connect::{Conn, connect};
 use crate::bundle::Bundle;
-use crate::cli::connect;
 use crate::grpc::pb;
 use crate::grpc::pb::models_client::ModelsClient;
 use crate::grpc::pb::scoring_client::ScoringClient;
@@ -359,11 +359,7 @@ pub(crate) fn requests(
     Ok(out)
 }
 
-async fn swap_storm(
-    channel: crate::cli::Conn,
-    args: &BenchArgs,
-    stop: &AtomicBool,
-) -> anyhow::Result<u64> {
+async fn swap_storm(channel: Conn, args: &BenchArgs, stop: &AtomicBool) -> anyhow::Result<u64> {
     let mut client = ModelsClient::new(channel);
     let mut swaps = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -401,6 +397,28 @@ async fn churn(args: &BenchArgs, cycles: u64) -> anyhow::Result<std::process::Ex
         })
     );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The hidden `bench-fill-log` command's arguments (see [`fill_log`]).
+#[derive(Debug, Args)]
+pub(crate) struct FillLogArgs {
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    #[arg(long)]
+    pub(crate) decisions: u64,
+    #[arg(long)]
+    pub(crate) customers: u64,
+    #[arg(long, default_value = "models/credit-limit/v1")]
+    pub(crate) bundle: PathBuf,
+    #[arg(long, default_value = "data/taiwan_credit_default.csv")]
+    pub(crate) csv: PathBuf,
+}
+
+/// The hidden `bench-empty-server` command's arguments (see [`empty_server`]).
+#[derive(Debug, Args)]
+pub(crate) struct EmptyServerArgs {
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    pub(crate) listen: std::net::SocketAddr,
 }
 
 /// A Scoring service that decodes the request and answers an empty response.

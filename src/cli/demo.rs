@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Conn, connect, status_error};
-use crate::cli_trace::{self, Query};
+use super::connect::{Conn, connect, status_error};
+use super::rollout::{fetch_backtest, print_backtest, print_rollout};
+use super::trace::{self, TraceQuery};
+use super::{bench, report};
 use crate::config::Config;
 use crate::grpc::pb;
 use crate::grpc::pb::rollouts_client::RolloutsClient;
@@ -149,7 +151,7 @@ async fn story(
 ) -> anyhow::Result<DemoOutcome> {
     let channel = connect(server).await?;
     let v1_dir = dir.join("models").join(MODEL).join("v1");
-    let mut customers = crate::bench::requests(&v1_dir, &args.data, MODEL)?;
+    let mut customers = bench::requests(&v1_dir, &args.data, MODEL)?;
     customers.truncate(args.customers);
     ensure!(!customers.is_empty(), "--customers must be at least 1");
     let mut traffic = Traffic::new(channel.clone(), customers);
@@ -167,7 +169,7 @@ async fn story(
     train_version(args, &flawed_csv, "v2", 7, &dir.join("models"))?;
 
     heading("3. The backtest re-scores recorded customers with v2 before any sees it");
-    let preview = crate::cli::fetch_backtest(
+    let preview = fetch_backtest(
         server,
         pb::BacktestRequest {
             model: MODEL.into(),
@@ -176,7 +178,7 @@ async fn story(
         },
     )
     .await?;
-    cli_trace::print_backtest(&preview);
+    print_backtest(&preview);
     ensure!(!preview.passed, "the backtest did not flag the flawed v2");
 
     heading("4. v2 is rolled out anyway (--skip-backtest); the live guardrails watch");
@@ -204,7 +206,7 @@ async fn story(
         .until_rollout("v2 at its first step", timeout, |s| s.state != "active")
         .await?;
     println!();
-    cli_trace::print_rollout(&flawed);
+    print_rollout(&flawed);
     ensure!(
         flawed.state == "rolled_back",
         "v2's rollout ended {} instead of being rolled back",
@@ -220,12 +222,18 @@ async fn story(
         affected.customer_id, affected.current_limit, affected.decision_id
     );
     for query in [
-        Query::Customer(affected.customer_id.clone()),
-        Query::Explain(affected.decision_id.clone()),
-        Query::Replay(affected.decision_id.clone()),
-        Query::Verify,
+        TraceQuery::Customer {
+            customer_id: affected.customer_id.clone(),
+        },
+        TraceQuery::Explain {
+            decision_id: affected.decision_id.clone(),
+        },
+        TraceQuery::Replay {
+            decision_id: affected.decision_id.clone(),
+        },
+        TraceQuery::Verify,
     ] {
-        cli_trace::run(server, false, query).await?;
+        trace::ask(server, false, query).await?;
         println!();
     }
     let mut trace = TraceClient::new(channel.clone());
@@ -282,7 +290,7 @@ async fn story(
         .map_err(status_error)?
         .into_inner();
     println!();
-    cli_trace::print_rollout(&sound);
+    print_rollout(&sound);
     let serving_after = crate::grpc::pb::models_client::ModelsClient::new(channel.clone())
         .list_models(pb::ListModelsRequest {})
         .await
@@ -301,9 +309,9 @@ async fn story(
         dir.join("rollout-v3.html"),
         dir.join(format!("customer-{}.html", affected.customer_id)),
     ];
-    crate::cli_report::rollout(server, &flawed.id, "", &reports[0]).await?;
-    crate::cli_report::rollout(server, &sound.id, "", &reports[1]).await?;
-    let history = crate::cli_report::customer(server, &affected.customer_id, &reports[2]).await?;
+    report::rollout(server, &flawed.id, "", &reports[0]).await?;
+    report::rollout(server, &sound.id, "", &reports[1]).await?;
+    let history = report::customer(server, &affected.customer_id, &reports[2]).await?;
     for r in &reports {
         println!("  {}", r.display());
     }

@@ -1,0 +1,547 @@
+//! `riskserve trace …`: the reviewers' queries of the decision log (a decision, a
+//! customer's history, explain, replay, verify, by version, export), one function each,
+//! printed as tables or JSON lines.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+use super::connect::{Conn, ServerArg, connect, status_error as status};
+use super::output::{arm_name, decision_name, passed, reasons_json, show};
+use crate::grpc::pb;
+use crate::grpc::pb::trace_client::TraceClient;
+
+type Client = TraceClient<Conn>;
+
+#[derive(Debug, Args)]
+pub(crate) struct TraceArgs {
+    #[command(flatten)]
+    server: ServerArg,
+    /// Print JSON lines instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    query: TraceQuery,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TraceQuery {
+    /// The whole record of one decision.
+    Decision { decision_id: String },
+    /// A customer's decisions, oldest first, with each limit change marked.
+    Customer { customer_id: String },
+    /// What differs from the customer's previous decision.
+    Explain { decision_id: String },
+    /// Re-score the recorded inputs with the recorded bundle and compare bit for bit.
+    Replay { decision_id: String },
+    /// Walk the hash chain and report the first broken link.
+    Verify,
+    /// What one version decided: counts, decline rate, limits raised, cut, withdrawn.
+    ByVersion {
+        model: String,
+        version: String,
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(long, default_value = "")]
+        until: String,
+    },
+    /// Every record in a window, for analysts.
+    Export {
+        #[arg(long, default_value = "")]
+        since: String,
+        #[arg(long, default_value = "")]
+        until: String,
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        format: String,
+    },
+}
+
+/// Runs `riskserve trace`.
+pub(crate) async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
+    ask(&args.server.server, args.json, args.query).await
+}
+
+/// Asks the server one trace query and prints the answer; exit code 1 when a replay differs
+/// or the chain is broken.
+pub(crate) async fn ask(server: &str, json: bool, query: TraceQuery) -> anyhow::Result<ExitCode> {
+    let client = TraceClient::new(connect(server).await?);
+    match query {
+        TraceQuery::Decision { decision_id } => decision(client, decision_id, json).await,
+        TraceQuery::Customer { customer_id } => customer(client, customer_id, json).await,
+        TraceQuery::Explain { decision_id } => explain(client, decision_id, json).await,
+        TraceQuery::Replay { decision_id } => replay(client, decision_id, json).await,
+        TraceQuery::Verify => verify(client, json).await,
+        TraceQuery::ByVersion {
+            model,
+            version,
+            since,
+            until,
+        } => {
+            let request = pb::ByVersionRequest {
+                model,
+                version,
+                since,
+                until,
+            };
+            by_version(client, request, json).await
+        }
+        TraceQuery::Export {
+            since,
+            until,
+            format,
+        } => export(client, pb::ExportRequest { since, until }, format == "csv").await,
+    }
+}
+
+async fn decision(mut client: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let r = client
+        .get_decision(pb::DecisionRef { decision_id: id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    show(&r, json, record_json, print_record);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn customer(mut client: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let records = client
+        .customer_history(pb::CustomerRef { customer_id: id })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .records;
+    if json {
+        for r in &records {
+            println!("{}", record_json(r));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<36} {:<14} {:<9} {:>8} {:<5} {:<8} limit",
+        "recorded at", "decision", "version", "arm", "PD", "grade", "decision"
+    );
+    for r in &records {
+        let changed = r.current_limit.is_some_and(|c| c != r.granted_limit);
+        println!(
+            "{:<28} {:<36} {:<14} {:<9} {:>8.4} {:<5} {:<8} {}{}",
+            r.recorded_at,
+            r.decision_id,
+            format!("{} {}", r.model, r.version),
+            arm_name(r.arm),
+            r.probability_of_default,
+            r.grade,
+            decision_name(r.decision),
+            limit_change(r),
+            if changed {
+                format!("  ← by {} ({})", r.version, arm_name(r.arm))
+            } else {
+                String::new()
+            },
+        );
+    }
+    if records.is_empty() {
+        println!("(no decisions for this customer)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn explain(mut client: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let e = client
+        .explain(pb::DecisionRef { decision_id: id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    show(&e, json, explanation_json, print_explanation);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replay(mut client: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let r = client
+        .replay(pb::DecisionRef { decision_id: id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    show(&r, json, replay_json, print_replay);
+    Ok(passed(r.identical))
+}
+
+fn replay_json(r: &pb::ReplayResult) -> Value {
+    let rec = r.recorded.clone().unwrap_or_default();
+    json!({
+        "decision_id": rec.decision_id, "identical": r.identical,
+        "differences": r.differences,
+        "recorded": {"probability_of_default": rec.probability_of_default, "grade": rec.grade,
+            "decision": decision_name(rec.decision), "granted_limit": rec.granted_limit,
+            "reasons": reasons_json(&rec.reasons)},
+        "replayed": {"probability_of_default": r.probability_of_default, "grade": r.grade,
+            "decision": decision_name(r.decision), "granted_limit": r.granted_limit,
+            "reasons": reasons_json(&r.reasons)},
+    })
+}
+
+fn print_replay(r: &pb::ReplayResult) {
+    let rec = r.recorded.clone().unwrap_or_default();
+    println!(
+        "replay of {} with {} {} ({})",
+        rec.decision_id, rec.model, rec.version, rec.digest
+    );
+    println!("{:<24} {:<24} {:<24}", "", "recorded", "replayed");
+    println!(
+        "{:<24} {:<24e} {:<24e}",
+        "probability of default", rec.probability_of_default, r.probability_of_default
+    );
+    println!("{:<24} {:<24} {:<24}", "grade", rec.grade, r.grade);
+    println!(
+        "{:<24} {:<24} {:<24}",
+        "decision",
+        decision_name(rec.decision),
+        decision_name(r.decision)
+    );
+    println!(
+        "{:<24} {:<24} {:<24}",
+        "granted limit", rec.granted_limit, r.granted_limit
+    );
+    let names = |v: &[pb::Reason]| {
+        v.iter()
+            .map(|x| x.feature.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "{:<24} {:<24} {:<24}",
+        "reasons",
+        names(&rec.reasons),
+        names(&r.reasons)
+    );
+    if r.identical {
+        println!("IDENTICAL: every field matches bit for bit");
+    } else {
+        println!("DIFFERENT: {}", r.differences.join("; "));
+    }
+}
+
+async fn verify(mut client: Client, json: bool) -> anyhow::Result<ExitCode> {
+    let v = client
+        .verify(pb::VerifyRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "ok": v.ok, "records": v.records, "head_hash": v.head_hash,
+                "first_break": v.first_break.as_ref().map(|b| json!({
+                    "seq": b.seq, "decision_id": b.decision_id, "kind": b.kind, "detail": b.detail,
+                })),
+            })
+        );
+    } else if let Some(b) = &v.first_break {
+        println!("BROKEN at seq {} ({}): {}", b.seq, b.kind, b.detail);
+    } else {
+        println!("chain intact: {} records, head {}", v.records, v.head_hash);
+    }
+    Ok(passed(v.ok))
+}
+
+async fn by_version(
+    mut client: Client,
+    request: pb::ByVersionRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let s = client
+        .by_version(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            json!({"model": s.model, "version": s.version, "decisions": s.decisions,
+                "approve": s.approve, "review": s.review, "decline": s.decline,
+                "decline_rate": s.decline_rate, "raised": s.raised, "held": s.held,
+                "cut": s.cut, "withdrawn": s.withdrawn, "new_customers": s.new_customers})
+        );
+    } else {
+        println!("{} {}: {} decisions", s.model, s.version, s.decisions);
+        println!(
+            "  approve {}  review {}  decline {}  (decline rate {:.2}%)",
+            s.approve,
+            s.review,
+            s.decline,
+            100.0 * s.decline_rate
+        );
+        println!(
+            "  limits raised {}  held {}  cut {}  withdrawn {}  new customers {}",
+            s.raised, s.held, s.cut, s.withdrawn, s.new_customers
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The columns of `export --format csv`, in order.
+const EXPORT_COLUMNS: [&str; 18] = [
+    "seq",
+    "decision_id",
+    "recorded_at",
+    "request_id",
+    "customer_ref",
+    "model",
+    "version",
+    "digest",
+    "rollout_id",
+    "arm",
+    "probability_of_default",
+    "grade",
+    "decision",
+    "current_limit",
+    "granted_limit",
+    "reasons",
+    "features",
+    "hash",
+];
+
+async fn export(
+    mut client: Client,
+    request: pb::ExportRequest,
+    csv: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut stream = client.export(request).await.map_err(status)?.into_inner();
+    let mut writer = csv.then(|| csv::Writer::from_writer(std::io::stdout()));
+    if let Some(w) = writer.as_mut() {
+        w.write_record(EXPORT_COLUMNS)?;
+    }
+    while let Some(r) = stream.next().await {
+        let r = r.map_err(status)?;
+        match writer.as_mut() {
+            None => println!("{}", record_json(&r)),
+            Some(w) => w.write_record(csv_row(&r))?,
+        }
+    }
+    if let Some(mut w) = writer {
+        w.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A record as one `export --format csv` row, in [`EXPORT_COLUMNS`] order.
+fn csv_row(r: &pb::DecisionRecord) -> [String; 18] {
+    [
+        r.seq.to_string(),
+        r.decision_id.clone(),
+        r.recorded_at.clone(),
+        r.request_id.clone(),
+        r.customer_ref.clone(),
+        r.model.clone(),
+        r.version.clone(),
+        r.digest.clone(),
+        r.rollout_id.clone(),
+        arm_name(r.arm),
+        r.probability_of_default.to_string(),
+        r.grade.clone(),
+        decision_name(r.decision),
+        r.current_limit.map(|c| c.to_string()).unwrap_or_default(),
+        r.granted_limit.to_string(),
+        reasons_json(&r.reasons).to_string(),
+        json!(r.features).to_string(),
+        r.hash.clone(),
+    ]
+}
+
+/// A record as one JSON object (also the `export --format jsonl` line).
+pub(crate) fn record_json(r: &pb::DecisionRecord) -> Value {
+    json!({
+        "seq": r.seq,
+        "decision_id": r.decision_id,
+        "recorded_at": r.recorded_at,
+        "request_id": r.request_id,
+        "request_hash": r.request_hash,
+        "customer_ref": r.customer_ref,
+        "key_id": r.key_id,
+        "model": r.model,
+        "version": r.version,
+        "digest": r.digest,
+        "rollout_id": r.rollout_id,
+        "arm": arm_name(r.arm),
+        "features": r.features,
+        "probability_of_default": r.probability_of_default,
+        "grade": r.grade,
+        "decision": decision_name(r.decision),
+        "current_limit": r.current_limit,
+        "granted_limit": r.granted_limit,
+        "reasons": reasons_json(&r.reasons),
+        "caller": r.caller,
+        "trace_id": r.trace_id,
+        "prev_hash": r.prev_hash,
+        "hash": r.hash,
+    })
+}
+
+/// How a decision moved the limit, for people: "20000 → 0 (withdrawn)".
+fn limit_change(r: &pb::DecisionRecord) -> String {
+    match r.current_limit {
+        None => format!("{} (new customer)", r.granted_limit),
+        Some(c) if r.granted_limit == c => format!("{c} (held)"),
+        Some(c) => {
+            let what = if r.granted_limit == 0 {
+                "withdrawn"
+            } else if r.granted_limit < c {
+                "cut"
+            } else {
+                "raised"
+            };
+            format!("{c} → {} ({what})", r.granted_limit)
+        }
+    }
+}
+
+fn print_record(r: &pb::DecisionRecord) {
+    let rows = [
+        ("decision", r.decision_id.clone()),
+        ("recorded at", r.recorded_at.clone()),
+        ("seq", r.seq.to_string()),
+        ("request", r.request_id.clone()),
+        (
+            "customer ref",
+            format!("{} (key {})", r.customer_ref, r.key_id),
+        ),
+        ("model", format!("{} {}", r.model, r.version)),
+        ("digest", r.digest.clone()),
+        ("arm", arm_name(r.arm)),
+        (
+            "rollout",
+            if r.rollout_id.is_empty() {
+                "-".into()
+            } else {
+                r.rollout_id.clone()
+            },
+        ),
+        (
+            "result",
+            format!(
+                "{}, grade {}, PD {:.6}",
+                decision_name(r.decision),
+                r.grade,
+                r.probability_of_default
+            ),
+        ),
+        ("limit", limit_change(r)),
+        ("hash", r.hash.clone()),
+        ("prev hash", r.prev_hash.clone()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<13} {v}");
+    }
+    println!("reasons");
+    for (i, x) in r.reasons.iter().enumerate() {
+        println!(
+            "  {}. {:<16} {:+.4}  (value {})",
+            i + 1,
+            x.feature,
+            x.contribution,
+            x.value
+        );
+    }
+    println!("features");
+    for (k, v) in &r.features {
+        println!("  {k:<16} {v}");
+    }
+}
+
+fn band_text(b: &Option<pb::Band>) -> String {
+    b.as_ref()
+        .map(|b| format!("{} [{}, {})", b.grade, b.pd_min, b.pd_max))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn explanation_json(e: &pb::Explanation) -> Value {
+    json!({
+        "decision": e.decision.as_ref().map(record_json),
+        "previous": e.previous.as_ref().map(record_json),
+        "band": band_text(&e.band),
+        "previous_band": band_text(&e.previous_band),
+        "moved": e.moved.iter().map(|m| json!({"feature": m.feature, "before": m.before, "after": m.after})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_explanation(e: &pb::Explanation) {
+    let d = e.decision.clone().unwrap_or_default();
+    let Some(p) = &e.previous else {
+        println!(
+            "decision {} is the customer's first: nothing to compare with",
+            d.decision_id
+        );
+        println!(
+            "limit {} by {} {} ({})",
+            limit_change(&d),
+            d.model,
+            d.version,
+            arm_name(d.arm)
+        );
+        return;
+    };
+    println!("decision {}: limit {}", d.decision_id, limit_change(&d));
+    println!("{:<16} {:<40} {:<40}", "", "previous", "this decision");
+    let row = |k: &str, a: String, b: String| {
+        let mark = if a != b { "*" } else { " " };
+        println!("{mark}{k:<15} {a:<40} {b:<40}");
+    };
+    row("decision id", p.decision_id.clone(), d.decision_id.clone());
+    row("recorded at", p.recorded_at.clone(), d.recorded_at.clone());
+    row(
+        "version",
+        format!("{} {}", p.model, p.version),
+        format!("{} {}", d.model, d.version),
+    );
+    row("digest", short(&p.digest), short(&d.digest));
+    row("arm", arm_name(p.arm), arm_name(d.arm));
+    row(
+        "PD",
+        format!("{:.6}", p.probability_of_default),
+        format!("{:.6}", d.probability_of_default),
+    );
+    row("grade", p.grade.clone(), d.grade.clone());
+    row(
+        "policy band",
+        band_text(&e.previous_band),
+        band_text(&e.band),
+    );
+    row(
+        "decision",
+        decision_name(p.decision),
+        decision_name(d.decision),
+    );
+    row(
+        "granted limit",
+        p.granted_limit.to_string(),
+        d.granted_limit.to_string(),
+    );
+    let n = p.reasons.len().max(d.reasons.len());
+    for i in 0..n {
+        let fmt = |v: &[pb::Reason]| {
+            v.get(i)
+                .map(|x| format!("{} {:+.4}", x.feature, x.contribution))
+                .unwrap_or_default()
+        };
+        row(
+            &format!("reason {}", i + 1),
+            fmt(&p.reasons),
+            fmt(&d.reasons),
+        );
+    }
+    if e.moved.is_empty() {
+        println!("features: none moved (the change comes from the model or policy)");
+    } else {
+        println!("features that moved:");
+        for m in &e.moved {
+            let f = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            println!("  {:<16} {} → {}", m.feature, f(m.before), f(m.after));
+        }
+    }
+}
+
+fn short(digest: &str) -> String {
+    digest.chars().take(19).collect()
+}

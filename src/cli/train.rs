@@ -1,0 +1,157 @@
+//! `riskserve train` (fit a version and write its bundle, with a progress bar and the
+//! holdout metrics) and `riskserve token` (a bearer token and its config entry).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::train::{self, Stage, TrainSpec};
+
+#[derive(Debug, Args)]
+pub(crate) struct TrainArgs {
+    /// The training CSV (numeric columns with a header).
+    #[arg(long)]
+    data: PathBuf,
+    /// The 0/1 label column (1 = defaulted).
+    #[arg(long)]
+    label: String,
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    version: String,
+    /// Columns not to train on (ids, prohibited bases).
+    #[arg(long, num_args = 1..)]
+    exclude: Vec<String>,
+    /// Share of each class held out for evaluation.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Feature schema (types, ranges, missing rules); default: observed ranges.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Limit policy (TOML); default: the built-in credit-limit policy.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Where bundles are written.
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Creation time for the manifest (RFC 3339); fix it to reproduce a digest.
+    /// Default: $SOURCE_DATE_EPOCH if set, else now.
+    #[arg(long)]
+    created_at: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TokenArgs {
+    /// The caller's name, recorded with every decision and transition they make.
+    #[arg(long)]
+    name: String,
+    /// Roles: scorer (Scoring), operator (Models, Rollouts), reviewer (Trace).
+    #[arg(long = "role", required = true, value_parser = ["scorer", "operator", "reviewer"])]
+    roles: Vec<String>,
+}
+
+pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let created_at = match args.created_at {
+        Some(t) => t,
+        None => {
+            let when = match std::env::var("SOURCE_DATE_EPOCH") {
+                Ok(secs) => {
+                    let secs: u64 = secs.parse().context("SOURCE_DATE_EPOCH is not a number")?;
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+                }
+                Err(_) => SystemTime::now(),
+            };
+            humantime::format_rfc3339_seconds(when).to_string()
+        }
+    };
+    let spec = TrainSpec {
+        data: args.data,
+        label: args.label,
+        model: args.model,
+        version: args.version,
+        exclude: args.exclude,
+        holdout: args.holdout,
+        seed: args.seed,
+        schema: args.schema,
+        policy: args.policy,
+        models_dir: args.models,
+        created_at,
+    };
+    let bar = indicatif::ProgressBar::new(Stage::ALL.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{bar:20}] {pos}/{len} {msg} ({elapsed})",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let mut started = 0;
+    let report = train::train(&spec, &mut |stage| {
+        bar.set_position(started);
+        bar.set_message(stage.describe());
+        started += 1;
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    let m = &report.manifest;
+    println!(
+        "trained {}/{} in {}",
+        m.model,
+        m.version,
+        report.dir.display()
+    );
+    println!();
+    let rows = [
+        ("digest", report.digest.to_string()),
+        ("features", m.features.len().to_string()),
+        ("excluded", m.training.excluded.join(", ")),
+        ("train rows", report.train_rows.to_string()),
+        (
+            "holdout rows",
+            format!(
+                "{} ({} defaults)",
+                m.metrics.holdout_rows, m.metrics.holdout_defaults
+            ),
+        ),
+        ("AUC", format!("{:.4}", m.metrics.auc)),
+        ("KS", format!("{:.4}", m.metrics.ks)),
+        ("Gini", format!("{:.4}", m.metrics.gini)),
+        ("Brier", format!("{:.4}", m.metrics.brier)),
+        ("created at", m.created_at.clone()),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<13} {v}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    use rand::RngCore;
+    let TokenArgs { name, roles } = args;
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let token = format!("rs_{}", hex::encode(secret));
+    let entry = crate::grpc::gate::auth::TokenEntry {
+        name: name.clone(),
+        roles: roles
+            .iter()
+            .map(|r| toml::Value::String(r.clone()).try_into())
+            .collect::<Result<_, _>>()
+            .context("unknown role")?,
+        sha256: crate::grpc::gate::auth::token_sha256(&token),
+    };
+    eprintln!("give this token to {name} (it is shown only now; callers set RISKSERVE_TOKEN):");
+    println!("{token}");
+    eprintln!("\nand add this to the server's config file:\n");
+    eprintln!(
+        "[[auth.tokens]]\n{}",
+        toml::to_string(&entry).context("writing the entry")?
+    );
+    Ok(ExitCode::SUCCESS)
+}
