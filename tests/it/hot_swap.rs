@@ -1,14 +1,12 @@
 //! Hot swap: a swap storm under load, refused corrupt bundles, and the bundle watcher.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use tonic::Code;
 
