@@ -556,8 +556,7 @@ async fn a_switch_during_a_rollout_start_waits_and_cannot_change_its_champion() 
 /// Another model's switch does not wait for that backtest: control turns are per model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_models_switch_does_not_wait_for_a_rollout_start() {
-    let models = tempfile::tempdir().unwrap();
-    copy_dir(models_v1_v2(), models.path());
+    let models = scratch_models();
     let other = models.path().join("other-model").join("v1");
     copy_bundle(
         &models_v1_v2().join(MODEL).join("v1"),
