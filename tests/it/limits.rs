@@ -3,13 +3,11 @@
 //! request whose deadline has passed decides nothing; an oversized message is refused.
 //! (Latency under overload is measured in bench/overload.sh, not here.)
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{TestServer, config, customers, models_v1_v2, request};
+use crate::harness::{TestServer, config, customers, models_v1_v2, request};
 use riskserve::grpc::pb;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;

@@ -1,5 +1,5 @@
 """Drives riskserve with NVIDIA's stock Python client (tritonclient[grpc]), as a caller that
-speaks the Open Inference Protocol would. Run by tests/tritonclient.rs, which compares what
+speaks the Open Inference Protocol would. Run by tests/it/tritonclient.rs, which compares what
 this prints with Score's answers for the same customers.
 
 Usage: tritonclient_check.py HOST:PORT SPEC.json

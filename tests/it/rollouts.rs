@@ -2,13 +2,11 @@
 //! incident (a flawed candidate caught before it reaches 1% of customers), a sound candidate
 //! advancing to 100%, and a restart mid-rollout.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;
 use riskserve::rollout::is_candidate;

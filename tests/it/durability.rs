@@ -3,8 +3,6 @@
 //! fail with EFBIG exactly as on a full disk), and robbed of its log file. Every decision a
 //! client received must be in the log, unchanged, and the chain must verify.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use std::path::PathBuf;
@@ -12,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use rand::{Rng, SeedableRng};
 use riskserve::grpc::pb;
 use riskserve::grpc::pb::scoring_client::ScoringClient;

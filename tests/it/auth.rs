@@ -2,9 +2,7 @@
 //! bearer tokens and with client certificates under mutual TLS (made here with rcgen), and
 //! the caller recorded with each decision and rollout transition.
 
-mod common;
-
-use common::{
+use crate::harness::{
     MODEL, TestServer, config, customers, infer_outputs, infer_request, models_v1_v2, request,
 };
 use rcgen::{

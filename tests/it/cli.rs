@@ -1,11 +1,9 @@
 //! The `riskserve` program itself: training reproduces the shipped bundle, and the client
 //! commands print what a person needs against a running server.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 
 fn riskserve() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskserve"));

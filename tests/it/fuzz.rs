@@ -7,13 +7,11 @@
 //! needs a nightly toolchain that CI does not have. A crash prints the input to add here as a
 //! regression case.
 
-mod common;
-
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{customers, repo, request};
+use crate::harness::{customers, repo, request};
 use proptest::prelude::*;
 use prost::Message;
 use rand::{Rng, SeedableRng};

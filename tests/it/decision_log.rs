@@ -1,11 +1,9 @@
 //! The decision log through the real server: idempotent retries, the trace of a limit change,
 //! bit-for-bit replays across versions, and tampering named by verify.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use tonic::Code;
 

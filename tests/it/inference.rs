@@ -2,9 +2,7 @@
 //! schema, ModelInfer decides exactly as Score does and records every row, a retry is answered
 //! from the log, and a bad row refuses the whole batch with nothing recorded.
 
-mod common;
-
-use common::{
+use crate::harness::{
     Customer, MODEL, TestServer, customers, infer_outputs, infer_request, models_v1_v2, request,
     schema_features, score_each, violation_field,
 };

@@ -1,14 +1,12 @@
 //! Hot swap: a swap storm under load, refused corrupt bundles, and the bundle watcher.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use tonic::Code;
 
@@ -589,8 +587,7 @@ async fn an_unload_during_a_rollout_start_waits_and_cannot_remove_its_candidate(
 /// Another model's switch does not wait for that backtest: control turns are per model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_models_switch_does_not_wait_for_a_rollout_start() {
-    let models = tempfile::tempdir().unwrap();
-    copy_dir(models_v1_v2(), models.path());
+    let models = scratch_models();
     let other = models.path().join("other-model").join("v1");
     copy_bundle(
         &models_v1_v2().join(MODEL).join("v1"),

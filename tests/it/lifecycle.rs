@@ -1,10 +1,8 @@
 //! Health, readiness, graceful shutdown, reflection, and state that survives a restart.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use tokio_stream::StreamExt;
 use tonic_health::pb::HealthCheckRequest;

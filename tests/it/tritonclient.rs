@@ -2,12 +2,10 @@
 //! `tritonclient[grpc]` (installed by .ci/deps into .ci/venv) reads the model's metadata and
 //! readiness and runs ModelInfer; its PDs must equal Score's for the same customers, to the bit.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{
+use crate::harness::{
     Customer, MODEL, TestServer, customers, models_v1_v2, repo, run_ok, schema_features, score_each,
 };
 use riskserve::grpc::pb;
@@ -45,7 +43,7 @@ async fn tritonclient_reads_metadata_and_gets_the_pds_score_gives() {
     std::fs::write(&spec_path, spec.to_string()).unwrap();
 
     let address = server.addr.to_string();
-    let script = repo().join("tests/tritonclient_check.py");
+    let script = repo().join("tests/it/tritonclient_check.py");
     let mut check = Command::new(python());
     check.arg(script).arg(address).arg(spec_path);
     let seen: serde_json::Value = serde_json::from_slice(&run_ok(check).await).unwrap();

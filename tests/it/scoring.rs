@@ -1,9 +1,7 @@
 //! Score and ScoreBatch against a real server: a known customer end to end, every validation
 //! rule with its code and field, and batches whose items fail on their own.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use tonic::Code;
 

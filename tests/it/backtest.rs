@@ -2,9 +2,7 @@
 //! it, the gate it puts in front of `rollout start`, and its figures against what a real
 //! rollout of the same customers records.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 use riskserve::grpc::pb;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;
 use tokio_stream::StreamExt;

@@ -1,13 +1,11 @@
 //! Reports: a real rollout on a real server, rolled back by its guardrail, rendered by the
 //! `riskserve report` command into pages that fetch nothing and that a browser draws.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{MODEL, TestServer, customers, flawed_candidate, request, scratch_models};
+use crate::harness::{MODEL, TestServer, customers, flawed_candidate, request, scratch_models};
 use riskserve::grpc::pb;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;
 

@@ -3,13 +3,13 @@
 //! attributes and continue the caller's trace, whose id the decision record stores, and the
 //! metrics arrive; a signal the environment turns off sends nothing.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{ChildServer, MODEL, customers, infer_outputs, infer_request, models_v1_v2, request};
+use crate::harness::{
+    ChildServer, MODEL, customers, infer_outputs, infer_request, models_v1_v2, request,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -269,7 +269,8 @@ async fn spans_continue_the_callers_trace_and_metrics_arrive_over_otlp() {
         decisions.push(r.unwrap().into_inner());
     }
     let mut bad = request(&customers()[61], "bad");
-    bad.features.insert("AGE".into(), common::number(5.0));
+    bad.features
+        .insert("AGE".into(), crate::harness::number(5.0));
     assert!(scoring.score(bad).await.is_err());
     // ModelInfer continues a trace too.
     let infer_trace = "4bf92f3577b34da6a3ce929d0e0e4736";

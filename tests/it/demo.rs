@@ -1,9 +1,7 @@
 //! `riskserve demo` on less traffic: the flawed v2 is caught and rolled back, the customer
 //! it harmed is traced and replayed, the log verifies, and the sound v3 ends up serving.
 
-mod common;
-
-use common::repo;
+use crate::harness::repo;
 use riskserve::cli::demo::{self, DemoArgs};
 use riskserve::grpc::pb;
 

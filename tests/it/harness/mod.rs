@@ -1,0 +1,19 @@
+//! What the tests share, one module per concern: a server in this process or a child
+//! `riskserve` process, trained model directories, Taiwan customers, the inference
+//! protocol's tensor encoding, and an independent PD computation.
+
+mod child;
+mod customers;
+mod fixtures;
+mod inference;
+mod oracle;
+mod server;
+
+pub use child::{ChildServer, run_ok};
+pub use customers::{Customer, customers, number, request, schema_features, score_each};
+pub use fixtures::{
+    MODEL, copy_bundle, copy_dir, flawed_candidate, models_v1_v2, repo, scratch_models, v1_spec,
+};
+pub use inference::{infer_outputs, infer_request};
+pub use oracle::Offline;
+pub use server::{TestServer, config, violation_field};
