@@ -9,6 +9,8 @@
 //! verify is [`JournalError::Corrupt`].
 
 mod format;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
