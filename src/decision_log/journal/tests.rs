@@ -505,3 +505,72 @@ fn a_rotation_on_a_full_disk_fails_cleanly_and_a_retry_succeeds() {
     let got: Vec<Vec<u8>> = rec.records.into_iter().map(|r| r.payload).collect();
     assert_eq!(got, written);
 }
+
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Figures for the integrator, not a timed assertion:
+/// `cargo test --release --lib journal::tests::measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure() {
+    use std::time::Instant;
+    let dir =
+        tempfile::tempdir_in(std::env::var("JOURNAL_BENCH_DIR").unwrap_or(".".into())).unwrap();
+    let groups = 2000u64;
+    let g = group(0, 32, 300);
+    // Encode only: what the journal does on the CPU before the write.
+    let mut buf = Vec::new();
+    let t = thread_cpu();
+    for i in 0..groups {
+        buf.clear();
+        for (k, p) in g.iter().enumerate() {
+            format::encode_frame(&mut buf, i * 32 + k as u64 + 1, p);
+        }
+    }
+    let encode = (thread_cpu() - t) / (groups as u32 * 32);
+    // Whole append: encode + pwrite + fdatasync.
+    let (mut j, _) = Journal::open(dir.path(), JournalOptions::default(), None).unwrap();
+    let mut syncs = Vec::new();
+    let (t, w) = (thread_cpu(), Instant::now());
+    for _ in 0..groups {
+        let s = Instant::now();
+        j.append(&g).unwrap();
+        syncs.push(s.elapsed());
+    }
+    let append_cpu = (thread_cpu() - t) / (groups as u32 * 32);
+    let append_wall = w.elapsed() / groups as u32;
+    // fdatasync alone after a 4 KiB overwrite.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("sync.bin"))
+        .unwrap();
+    preallocate(&f, dir.path(), 1 << 20).unwrap();
+    let mut lat = Vec::new();
+    for i in 0..1000u64 {
+        f.write_all_at(&[i as u8; 4096], (i % 256) * 4096).unwrap();
+        let s = Instant::now();
+        f.sync_data().unwrap();
+        lat.push(s.elapsed());
+    }
+    lat.sort();
+    syncs.sort();
+    eprintln!(
+        "per record (groups of 32 x 300 B): encode CPU {encode:?}; append CPU (encode+pwrite+fdatasync) {append_cpu:?}; \
+         append wall per group {append_wall:?} (p50 {:?}, p99 {:?}); fdatasync 4 KiB p50 {:?} p99 {:?}",
+        syncs[syncs.len() / 2],
+        syncs[syncs.len() * 99 / 100],
+        lat[500],
+        lat[990]
+    );
+}
