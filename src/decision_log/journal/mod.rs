@@ -7,6 +7,10 @@
 //! marks the end of data in the preallocated tail. A group of records is one `pwrite` and one
 //! `fdatasync`. On open, a torn tail of the last segment is cut; anything else that fails to
 //! verify is [`JournalError::Corrupt`].
+//!
+//! Recovery reads each segment it scans whole into memory (one segment at a time: 64 MiB by
+//! default) and scans only from the caller's checkpoint on; older segments have their headers
+//! checked. The journal is single-writer (`&mut self`); readers borrow it.
 
 mod format;
 #[cfg(test)]

@@ -440,6 +440,28 @@ fn probe_past_the_segment_makes_the_next_segment_ahead() {
     assert_eq!(rec.records.len(), 15);
 }
 
+#[test]
+fn probe_checks_free_space_and_open_removes_leftover_tmp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = JournalOptions {
+        segment_size: 4096,
+        min_free_bytes: u64::MAX,
+    };
+    let (mut j, _) = Journal::open(dir.path(), o, None).unwrap();
+    j.append(&group(0, 2, 100)).unwrap();
+    assert!(matches!(j.probe(100), Err(JournalError::LowSpace { .. })));
+    // A segment being made when the process died is removed, not read.
+    fs::write(
+        dir.path().join("00000000000000000003.seg.tmp"),
+        b"half made",
+    )
+    .unwrap();
+    drop(j);
+    let (_, rec) = Journal::open(dir.path(), opts(4096), None).unwrap();
+    assert_eq!(rec.records.len(), 2);
+    assert_eq!(segment_files(dir.path()), vec![segment_name(1)]);
+}
+
 /// A small tmpfs, unmounted on drop.
 struct Tmpfs(PathBuf);
 
