@@ -8,6 +8,7 @@
 //! inserted or reordered record from an intact log.
 
 pub mod chain;
+pub mod journal;
 mod sqlite;
 
 use std::collections::BTreeMap;
