@@ -9,6 +9,7 @@
 
 pub mod chain;
 pub mod journal;
+pub mod record;
 mod sqlite;
 
 use std::collections::BTreeMap;

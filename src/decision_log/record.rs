@@ -1,0 +1,583 @@
+//! Format 2 of a decision record: the compact binary form the journal stores and the chain
+//! hashes (issue 16). A record body is about a third of its JSON form: hashes, ids and
+//! times as bytes, the vector as packed f64 in the bundle's schema order (the names live in
+//! the bundle, found by its digest), reasons as feature indexes and contributions (a
+//! reason's value is the vector's entry at its index).
+//!
+//! Layout, little-endian, in this order (`str` is a u8 length then UTF-8; `opt` is a u8 tag,
+//! 0 for none, then the value):
+//!
+//! | field | bytes |
+//! | --- | --- |
+//! | format (= 2) | u8 |
+//! | decision_id | 16 (UUID) |
+//! | recorded_at | i64, µs since the Unix epoch (the body's RFC 3339 text, exactly) |
+//! | request_id | str |
+//! | request_hash | 32 |
+//! | customer_ref | 32 (HMAC-SHA256) |
+//! | key_id | str |
+//! | model, version | str, str |
+//! | digest | 32 (the hex after `sha256:`) |
+//! | rollout_id | opt 16 (UUID) |
+//! | arm | u8: 0 champion, 1 candidate, 2 shadow |
+//! | features | u16 n, then n × f64 in schema order |
+//! | probability_of_default | f64 |
+//! | grade | str |
+//! | decision | u8: 0 approve, 1 review, 2 decline |
+//! | current_limit | opt i64 |
+//! | granted_limit | i64 |
+//! | reasons | u8 n, then n × (u16 feature index, f64 contribution) |
+//! | caller | opt str |
+//! | trace_id | opt 16 |
+//!
+//! Encoding refuses a body whose text fields are not in the canonical form the server writes
+//! (lowercase hex, hyphenated lowercase UUIDs, RFC 3339 with microseconds, a reason whose
+//! value is not the vector's): such a record cannot be rebuilt bit for bit from its bytes, so
+//! it must keep its own form (a migrated log's records keep their JSON and their hashes).
+
+use std::collections::BTreeMap;
+#[cfg(test)]
+use std::time::SystemTime;
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::{RecordBody, RecordedReason};
+
+/// The format byte of this encoding.
+pub const FORMAT: u8 = 2;
+
+/// Why a body cannot be encoded, or bytes cannot be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    #[error("{field} is not in canonical form: {why}")]
+    NotCanonical { field: &'static str, why: String },
+    #[error("record bytes end early, reading {0}")]
+    Truncated(&'static str),
+    #[error("record format {0} is not known")]
+    Format(u8),
+    #[error("record field {field}: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error("{0} bytes follow the record's last field")]
+    Trailing(usize),
+}
+
+fn not_canonical(field: &'static str, why: impl Into<String>) -> RecordError {
+    RecordError::NotCanonical {
+        field,
+        why: why.into(),
+    }
+}
+
+/// Encodes a body; `schema` is the deciding bundle's feature names in schema order (every
+/// recorded feature must be one of them, and every one of them recorded).
+pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordError> {
+    let mut w = Vec::with_capacity(256 + 8 * schema.len());
+    w.push(FORMAT);
+    w.extend_from_slice(&uuid_bytes("decision_id", &body.decision_id)?);
+    w.extend_from_slice(&micros("recorded_at", &body.recorded_at)?.to_le_bytes());
+    put_str(&mut w, "request_id", &body.request_id)?;
+    w.extend_from_slice(&hex32("request_hash", &body.request_hash)?);
+    w.extend_from_slice(&hex32("customer_ref", &body.customer_ref)?);
+    put_str(&mut w, "key_id", &body.key_id)?;
+    put_str(&mut w, "model", &body.model)?;
+    put_str(&mut w, "version", &body.version)?;
+    let digest = body
+        .digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| not_canonical("digest", "does not start with sha256:"))?;
+    w.extend_from_slice(&hex32("digest", digest)?);
+    match &body.rollout_id {
+        None => w.push(0),
+        Some(id) => {
+            w.push(1);
+            w.extend_from_slice(&uuid_bytes("rollout_id", id)?);
+        }
+    }
+    w.push(match body.arm.as_str() {
+        "champion" => 0,
+        "candidate" => 1,
+        "shadow" => 2,
+        other => return Err(not_canonical("arm", format!("unknown arm {other:?}"))),
+    });
+    if body.features.len() != schema.len() {
+        return Err(not_canonical(
+            "features",
+            format!(
+                "{} recorded, the schema has {}",
+                body.features.len(),
+                schema.len()
+            ),
+        ));
+    }
+    let n = u16::try_from(schema.len()).map_err(|_| not_canonical("features", "too many"))?;
+    w.extend_from_slice(&n.to_le_bytes());
+    let mut x = Vec::with_capacity(schema.len());
+    for name in schema {
+        let v = *body
+            .features
+            .get(name)
+            .ok_or_else(|| not_canonical("features", format!("{name} is not recorded")))?;
+        x.push(v);
+        w.extend_from_slice(&v.to_le_bytes());
+    }
+    w.extend_from_slice(&body.probability_of_default.to_le_bytes());
+    put_str(&mut w, "grade", &body.grade)?;
+    w.push(match body.decision.as_str() {
+        "approve" => 0,
+        "review" => 1,
+        "decline" => 2,
+        other => return Err(not_canonical("decision", format!("unknown {other:?}"))),
+    });
+    put_opt_i64(&mut w, body.current_limit);
+    w.extend_from_slice(&body.granted_limit.to_le_bytes());
+    let n = u8::try_from(body.reasons.len()).map_err(|_| not_canonical("reasons", "too many"))?;
+    w.push(n);
+    for r in &body.reasons {
+        let i = schema
+            .iter()
+            .position(|f| *f == r.feature)
+            .ok_or_else(|| not_canonical("reasons", format!("{} is no feature", r.feature)))?;
+        if x[i].to_bits() != r.value.to_bits() {
+            return Err(not_canonical(
+                "reasons",
+                format!("{}'s value is not the vector's", r.feature),
+            ));
+        }
+        w.extend_from_slice(&(i as u16).to_le_bytes());
+        w.extend_from_slice(&r.contribution.to_le_bytes());
+    }
+    match &body.caller {
+        None => w.push(0),
+        Some(c) => {
+            w.push(1);
+            put_str(&mut w, "caller", c)?;
+        }
+    }
+    match &body.trace_id {
+        None => w.push(0),
+        Some(t) => {
+            w.push(1);
+            w.extend_from_slice(&hex16("trace_id", t)?);
+        }
+    }
+    Ok(w)
+}
+
+/// The bundle digest a record names (`sha256:<hex>`), read without decoding the rest: the
+/// caller needs it to find the feature names before [`decode`].
+pub fn digest_of(bytes: &[u8]) -> Result<String, RecordError> {
+    let mut r = Reader { bytes, at: 0 };
+    r.header()?;
+    r.take(16, "decision_id")?;
+    r.take(8, "recorded_at")?;
+    r.str("request_id")?;
+    r.take(64, "hashes")?;
+    r.str("key_id")?;
+    r.str("model")?;
+    r.str("version")?;
+    Ok(format!("sha256:{}", hex::encode(r.take(32, "digest")?)))
+}
+
+/// Decodes a record; `schema` gives the feature names of the bundle its digest names.
+pub fn decode(bytes: &[u8], schema: &[String]) -> Result<RecordBody, RecordError> {
+    let mut r = Reader { bytes, at: 0 };
+    r.header()?;
+    let decision_id = uuid::Uuid::from_slice(r.take(16, "decision_id")?)
+        .expect("16 bytes")
+        .to_string();
+    let recorded_at = rfc3339(r.i64("recorded_at")?);
+    let request_id = r.str("request_id")?;
+    let request_hash = hex::encode(r.take(32, "request_hash")?);
+    let customer_ref = hex::encode(r.take(32, "customer_ref")?);
+    let key_id = r.str("key_id")?;
+    let model = r.str("model")?;
+    let version = r.str("version")?;
+    let digest = format!("sha256:{}", hex::encode(r.take(32, "digest")?));
+    let rollout_id = match r.u8("rollout_id")? {
+        0 => None,
+        1 => Some(
+            uuid::Uuid::from_slice(r.take(16, "rollout_id")?)
+                .expect("16 bytes")
+                .to_string(),
+        ),
+        t => return Err(invalid("rollout_id", format!("tag {t}"))),
+    };
+    let arm = match r.u8("arm")? {
+        0 => "champion",
+        1 => "candidate",
+        2 => "shadow",
+        a => return Err(invalid("arm", format!("code {a}"))),
+    }
+    .to_string();
+    let n = usize::from(r.u16("features")?);
+    if n != schema.len() {
+        return Err(invalid(
+            "features",
+            format!("{n} recorded, the bundle's schema has {}", schema.len()),
+        ));
+    }
+    let mut x = Vec::with_capacity(n);
+    for _ in 0..n {
+        x.push(r.f64("features")?);
+    }
+    let probability_of_default = r.f64("probability_of_default")?;
+    let grade = r.str("grade")?;
+    let decision = match r.u8("decision")? {
+        0 => "approve",
+        1 => "review",
+        2 => "decline",
+        d => return Err(invalid("decision", format!("code {d}"))),
+    }
+    .to_string();
+    let current_limit = match r.u8("current_limit")? {
+        0 => None,
+        1 => Some(r.i64("current_limit")?),
+        t => return Err(invalid("current_limit", format!("tag {t}"))),
+    };
+    let granted_limit = r.i64("granted_limit")?;
+    let reasons = (0..r.u8("reasons")?)
+        .map(|_| {
+            let i = usize::from(r.u16("reasons")?);
+            let contribution = r.f64("reasons")?;
+            let feature = schema
+                .get(i)
+                .ok_or_else(|| invalid("reasons", format!("feature index {i}")))?;
+            Ok(RecordedReason {
+                feature: feature.clone(),
+                contribution,
+                value: x[i],
+            })
+        })
+        .collect::<Result<Vec<_>, RecordError>>()?;
+    let caller = match r.u8("caller")? {
+        0 => None,
+        1 => Some(r.str("caller")?),
+        t => return Err(invalid("caller", format!("tag {t}"))),
+    };
+    let trace_id = match r.u8("trace_id")? {
+        0 => None,
+        1 => Some(hex::encode(r.take(16, "trace_id")?)),
+        t => return Err(invalid("trace_id", format!("tag {t}"))),
+    };
+    if r.at != bytes.len() {
+        return Err(RecordError::Trailing(bytes.len() - r.at));
+    }
+    let features: BTreeMap<String, f64> = schema.iter().cloned().zip(x).collect();
+    Ok(RecordBody {
+        decision_id,
+        recorded_at,
+        request_id,
+        request_hash,
+        customer_ref,
+        key_id,
+        model,
+        version,
+        digest,
+        rollout_id,
+        arm,
+        features,
+        probability_of_default,
+        grade,
+        decision,
+        current_limit,
+        granted_limit,
+        reasons,
+        caller,
+        trace_id,
+    })
+}
+
+fn invalid(field: &'static str, why: impl Into<String>) -> RecordError {
+    RecordError::Invalid {
+        field,
+        why: why.into(),
+    }
+}
+
+fn put_str(w: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), RecordError> {
+    let n = u8::try_from(s.len())
+        .map_err(|_| not_canonical(field, format!("{} bytes, at most 255", s.len())))?;
+    w.push(n);
+    w.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_opt_i64(w: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        None => w.push(0),
+        Some(v) => {
+            w.push(1);
+            w.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// Lowercase hex of exactly `N` bytes.
+fn hex_n<const N: usize>(field: &'static str, s: &str) -> Result<[u8; N], RecordError> {
+    let mut out = [0u8; N];
+    if s.len() != 2 * N || s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(not_canonical(
+            field,
+            format!("not {} lowercase hex digits", 2 * N),
+        ));
+    }
+    hex::decode_to_slice(s, &mut out).map_err(|e| not_canonical(field, e.to_string()))?;
+    Ok(out)
+}
+
+fn hex32(field: &'static str, s: &str) -> Result<[u8; 32], RecordError> {
+    hex_n::<32>(field, s)
+}
+
+fn hex16(field: &'static str, s: &str) -> Result<[u8; 16], RecordError> {
+    hex_n::<16>(field, s)
+}
+
+fn uuid_bytes(field: &'static str, s: &str) -> Result<[u8; 16], RecordError> {
+    let id = uuid::Uuid::parse_str(s).map_err(|e| not_canonical(field, e.to_string()))?;
+    if id.to_string() != s {
+        return Err(not_canonical(field, "not a lowercase hyphenated UUID"));
+    }
+    Ok(*id.as_bytes())
+}
+
+/// µs since the epoch of an RFC 3339 time, if formatting them back gives the same text.
+fn micros(field: &'static str, s: &str) -> Result<i64, RecordError> {
+    let t = humantime::parse_rfc3339(s).map_err(|e| not_canonical(field, e.to_string()))?;
+    let us = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| not_canonical(field, "before 1970"))?
+        .as_micros();
+    let us = i64::try_from(us).map_err(|_| not_canonical(field, "too far ahead"))?;
+    if rfc3339(us) != s {
+        return Err(not_canonical(field, "not RFC 3339 UTC with microseconds"));
+    }
+    Ok(us)
+}
+
+fn rfc3339(us: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], RecordError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or(RecordError::Truncated(what))?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn header(&mut self) -> Result<(), RecordError> {
+        match self.u8("format")? {
+            FORMAT => Ok(()),
+            f => Err(RecordError::Format(f)),
+        }
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, RecordError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, RecordError> {
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
+    }
+
+    fn i64(&mut self, what: &'static str) -> Result<i64, RecordError> {
+        Ok(i64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
+    }
+
+    fn f64(&mut self, what: &'static str) -> Result<f64, RecordError> {
+        Ok(f64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
+    }
+
+    fn str(&mut self, what: &'static str) -> Result<String, RecordError> {
+        let n = usize::from(self.u8(what)?);
+        let s = self.take(n, what)?;
+        String::from_utf8(s.to_vec()).map_err(|_| invalid(what, "not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped v1's feature names, in schema order.
+    fn schema() -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/credit-limit/v1");
+        let bundle = crate::bundle::Bundle::load(&dir, None).expect("the shipped v1");
+        bundle
+            .schema
+            .features()
+            .iter()
+            .map(|f| f.name.clone())
+            .collect()
+    }
+
+    /// A body as the recorder writes one: canonical text, a Taiwan-like vector, four reasons
+    /// whose values are the vector's.
+    fn body(schema: &[String]) -> RecordBody {
+        let features: BTreeMap<String, f64> = schema
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                (
+                    f.clone(),
+                    if i % 3 == 0 {
+                        20_000.0
+                    } else {
+                        -1.5 + i as f64
+                    },
+                )
+            })
+            .collect();
+        let reasons = [0usize, 3, 5, 7]
+            .iter()
+            .map(|&i| RecordedReason {
+                feature: schema[i].clone(),
+                contribution: 0.1 / (i as f64 + 1.0),
+                value: features[&schema[i]],
+            })
+            .collect();
+        RecordBody {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            recorded_at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            request_id: "req-000123".into(),
+            request_hash: "ab".repeat(32),
+            customer_ref: "0f".repeat(32),
+            key_id: "dev-1".into(),
+            model: "credit-limit".into(),
+            version: "v1".into(),
+            digest: format!("sha256:{}", "9c".repeat(32)),
+            rollout_id: Some(uuid::Uuid::now_v7().to_string()),
+            arm: "candidate".into(),
+            features,
+            probability_of_default: 0.123_456_789_012_345_67,
+            grade: "C".into(),
+            decision: "review".into(),
+            current_limit: Some(96_000),
+            granted_limit: 0,
+            reasons,
+            caller: Some("limit-service".into()),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        }
+    }
+
+    #[test]
+    fn a_body_round_trips_bit_for_bit_in_a_third_of_its_json() {
+        let schema = schema();
+        let b = body(&schema);
+        let bytes = encode(&b, &schema).unwrap();
+        assert_eq!(decode(&bytes, &schema).unwrap(), b);
+        assert_eq!(digest_of(&bytes).unwrap(), b.digest);
+        let json = serde_json::to_vec(&b).unwrap().len();
+        assert!(
+            bytes.len() * 3 <= json,
+            "{} bytes binary against {json} JSON",
+            bytes.len()
+        );
+        // Every optional field absent round-trips too.
+        let bare = RecordBody {
+            rollout_id: None,
+            current_limit: None,
+            caller: None,
+            trace_id: None,
+            reasons: Vec::new(),
+            ..b
+        };
+        assert_eq!(
+            decode(&encode(&bare, &schema).unwrap(), &schema).unwrap(),
+            bare
+        );
+    }
+
+    #[test]
+    fn text_the_bytes_cannot_reproduce_is_refused() {
+        let schema = schema();
+        let field = |b: RecordBody| match encode(&b, &schema) {
+            Err(RecordError::NotCanonical { field, .. }) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let b = body(&schema);
+        assert_eq!(
+            field(RecordBody {
+                customer_ref: "0F".repeat(32),
+                ..b.clone()
+            }),
+            "customer_ref"
+        );
+        assert_eq!(
+            field(RecordBody {
+                decision_id: b.decision_id.to_uppercase(),
+                ..b.clone()
+            }),
+            "decision_id"
+        );
+        assert_eq!(
+            field(RecordBody {
+                recorded_at: "2026-12-01T10:00:00Z".into(),
+                ..b.clone()
+            }),
+            "recorded_at"
+        );
+        assert_eq!(
+            field(RecordBody {
+                digest: "9c".repeat(32),
+                ..b.clone()
+            }),
+            "digest"
+        );
+        let mut off = b.clone();
+        off.reasons[1].value += 1.0;
+        assert_eq!(field(off), "reasons");
+        let mut missing = b.clone();
+        missing.features.remove(&schema[2]);
+        assert_eq!(field(missing), "features");
+        assert_eq!(
+            field(RecordBody {
+                arm: "remediation".into(),
+                ..b
+            }),
+            "arm"
+        );
+    }
+
+    #[test]
+    fn damaged_bytes_are_an_error_never_a_panic() {
+        let schema = schema();
+        let bytes = encode(&body(&schema), &schema).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(
+                decode(&bytes[..cut], &schema).is_err(),
+                "a record cut at {cut} decoded"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer, &schema), Err(RecordError::Trailing(1)));
+        let mut other = bytes.clone();
+        other[0] = 9;
+        assert_eq!(decode(&other, &schema), Err(RecordError::Format(9)));
+        assert!(matches!(
+            decode(&bytes, &schema[1..]),
+            Err(RecordError::Invalid {
+                field: "features",
+                ..
+            })
+        ));
+    }
+}
