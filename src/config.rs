@@ -55,6 +55,12 @@ pub struct Config {
     pub log_batch: usize,
     /// Decisions waiting for the writer before new ones are refused (UNAVAILABLE).
     pub log_queue: usize,
+    /// Size each journal segment is preallocated to (bytes); retention removes whole
+    /// segments.
+    pub log_segment_bytes: u64,
+    /// After a failed write, the writer is healthy again only once a probe of the failed
+    /// group's size succeeds and, if this is set, the file system has this many bytes free.
+    pub log_min_free_bytes: u64,
     /// Files holding the customer HMAC keys, current first (older ones for lookups after a
     /// rotation). Empty: a server on loopback generates a development key in the data
     /// directory; any other server refuses to start.
@@ -103,6 +109,8 @@ impl Default for Config {
             durability: Durability::Sync,
             log_batch: 512,
             log_queue: 16_384,
+            log_segment_bytes: 64 << 20,
+            log_min_free_bytes: 0,
             customer_key_files: Vec::new(),
             rollout_eval_interval_ms: 1_000,
             rollout_snapshot_interval_ms: 10_000,
@@ -170,6 +178,11 @@ impl Config {
         if !(100..=3_600_000).contains(&self.rollout_snapshot_interval_ms) {
             return Err(ConfigError::Invalid(
                 "rollout_snapshot_interval_ms must be 100–3600000".into(),
+            ));
+        }
+        if self.log_segment_bytes < 64 << 10 {
+            return Err(ConfigError::Invalid(
+                "log_segment_bytes must be at least 65536".into(),
             ));
         }
         if self.log_batch == 0 || self.log_queue == 0 {

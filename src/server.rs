@@ -23,7 +23,7 @@ use tonic_health::server::HealthReporter;
 use crate::backtest::Backtester;
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::customer::{CustomerKeys, KeyError};
-use crate::decision_log::{DecisionLog, LogError, SqliteLog, Unrecorded};
+use crate::decision_log::{DecisionLog, JournalLog, LogError, LogOptions, Unrecorded};
 use crate::grpc::gate::GateLayer;
 use crate::grpc::gate::admission::Admission;
 use crate::grpc::gate::auth::Authorizer;
@@ -95,11 +95,15 @@ pub async fn serve(
         tracing::warn!("RECORDING NOTHING: benchmark baseline; never run this in production");
         Arc::new(Unrecorded::default())
     } else {
-        SqliteLog::open(
-            &config.decision_log_path(),
-            config.durability,
-            config.log_batch,
-            config.log_queue,
+        JournalLog::open(
+            &config.data_dir,
+            LogOptions {
+                durability: config.durability,
+                max_batch: config.log_batch,
+                queue_capacity: config.log_queue,
+                segment_bytes: config.log_segment_bytes,
+                min_free_bytes: config.log_min_free_bytes,
+            },
         )?
     };
 

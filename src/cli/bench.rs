@@ -464,16 +464,23 @@ pub async fn fill_log(
     bundle_dir: &std::path::Path,
     csv_path: &std::path::Path,
 ) -> anyhow::Result<std::process::ExitCode> {
-    use crate::decision_log::{DecisionLog, Durability, SqliteLog};
+    use crate::decision_log::{DecisionLog, Durability, JournalLog, LogOptions};
     use crate::rollout::Route;
     use crate::schema::RawValue;
     use crate::scoring::{Decided, Recorder, ScoreRequest, decide};
 
     std::fs::create_dir_all(data_dir)?;
     let keys = crate::customer::CustomerKeys::dev_key(&data_dir.join("customer-dev.key"))?;
-    let db = data_dir.join("decisions.db");
     // Async durability: the fill measures nothing, and fsyncs would only slow it.
-    let log = SqliteLog::open(&db, Durability::Async, 20_000, 200_000)?;
+    let log = JournalLog::open(
+        data_dir,
+        LogOptions {
+            durability: Durability::Async,
+            max_batch: 20_000,
+            queue_capacity: 200_000,
+            ..LogOptions::default()
+        },
+    )?;
     let bundle = std::sync::Arc::new(Bundle::load(bundle_dir, None)?);
     let recorder = Recorder::new(log.clone(), keys);
     let rows: Vec<(Vec<f64>, Option<i64>)> = requests(bundle_dir, csv_path, bundle.model_name())?
@@ -540,17 +547,27 @@ pub async fn fill_log(
     .await?;
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
-    let bytes: u64 = ["decisions.db", "decisions.db-wal"]
+    let files = log.files();
+    let view_bytes: u64 = ["decisions.db", "decisions.db-wal"]
         .iter()
         .filter_map(|f| std::fs::metadata(data_dir.join(f)).ok())
         .map(|m| m.len())
         .sum();
+    // Segments are preallocated: count the frames, not the files' sizes.
+    let mut journal_bytes = 0u64;
+    crate::decision_log::journal::read_only(&files.journal, |r| {
+        journal_bytes += r.payload.len() as u64 + 16;
+        true
+    })?;
+    let bytes = view_bytes + journal_bytes;
     println!(
         "{}",
         serde_json::json!({
             "label": "fill", "decisions": decisions, "customers": customers,
             "duration_s": elapsed, "decisions_per_s": decisions as f64 / elapsed,
             "bytes_on_disk": bytes, "bytes_per_decision": bytes as f64 / decisions as f64,
+            "journal_bytes_per_decision": journal_bytes as f64 / decisions as f64,
+            "view_bytes_per_decision": view_bytes as f64 / decisions as f64,
         })
     );
     Ok(std::process::ExitCode::SUCCESS)

@@ -19,6 +19,9 @@ type Client = TraceClient<Conn>;
 pub(crate) struct TraceArgs {
     #[command(flatten)]
     server: ServerArg,
+    /// Read a stopped server's data directory instead of asking a server (verify only).
+    #[arg(long, global = true)]
+    data: Option<std::path::PathBuf>,
     /// Print JSON lines instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -60,7 +63,19 @@ pub(crate) enum TraceQuery {
 
 /// Runs `riskserve trace`.
 pub(crate) async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
-    ask(&args.server.server, args.json, args.query).await
+    match (&args.data, &args.query) {
+        (None, _) => ask(&args.server.server, args.json, args.query).await,
+        (Some(dir), TraceQuery::Verify) => {
+            let dir = dir.clone();
+            let report =
+                tokio::task::spawn_blocking(move || crate::decision_log::verify_offline(&dir))
+                    .await??;
+            Ok(print_verify(&pb::VerifyResult::from(report), args.json))
+        }
+        (Some(_), _) => {
+            anyhow::bail!("--data works with `trace verify` only; ask a server for the rest")
+        }
+    }
 }
 
 /// Asks the server one trace query and prints the answer; exit code 1 when a replay differs
@@ -228,6 +243,11 @@ async fn verify(mut client: Client, json: bool) -> anyhow::Result<ExitCode> {
         .await
         .map_err(status)?
         .into_inner();
+    Ok(print_verify(&v, json))
+}
+
+/// Prints a verification, online or offline alike; exit code 1 when the chain is broken.
+fn print_verify(v: &pb::VerifyResult, json: bool) -> ExitCode {
     if json {
         println!(
             "{}",
@@ -243,7 +263,7 @@ async fn verify(mut client: Client, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         println!("chain intact: {} records, head {}", v.records, v.head_hash);
     }
-    Ok(passed(v.ok))
+    passed(v.ok)
 }
 
 async fn by_version(

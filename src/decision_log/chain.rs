@@ -1,7 +1,8 @@
 //! The hash chain over decision records, and its verification.
 //!
-//! `hash = sha256(prev_hash ‖ "\n" ‖ canonical JSON of the body)`; the first record's
-//! `prev_hash` is [`GENESIS`]. The sequence number is not hashed, so a swap of two records
+//! `hash = sha256(prev_hash ‖ "\n" ‖ the record's bytes)`: for format 2 (the journal's) the
+//! binary record of [`super::record`], for format 1 (a log written before the journal) the
+//! canonical JSON of the body. The first record's `prev_hash` is [`GENESIS`]. The sequence number is not hashed, so a swap of two records
 //! shows as broken links rather than as edits, and verification can say which it was.
 //!
 //! Retention: records older than a cut-off may be removed together with writing an *anchor*
@@ -15,14 +16,19 @@ use super::{DecisionRecord, RecordBody};
 /// The `prev_hash` of the first record.
 pub const GENESIS: &str = "genesis";
 
-/// The hash a record with this body must carry after `prev_hash`.
+/// The hash a format-1 record (canonical JSON) with this body must carry after `prev_hash`.
 pub fn link_hash(prev_hash: &str, body: &RecordBody) -> String {
     let canonical = serde_json::to_vec(body).expect("a record body always serialises");
+    hex::encode(link_hash_bytes(prev_hash, &canonical))
+}
+
+/// The hash of a record whose stored bytes are `record`, after `prev_hash`.
+pub fn link_hash_bytes(prev_hash: &str, record: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
-    h.update(&canonical);
-    hex::encode(h.finalize())
+    h.update(record);
+    h.finalize().into()
 }
 
 /// What is wrong at the first broken link.
@@ -36,6 +42,8 @@ pub enum BreakKind {
     Inserted,
     /// Records are out of their chain order.
     Reordered,
+    /// The stored bytes fail their checksum or cannot be read.
+    Corrupt,
 }
 
 impl BreakKind {
@@ -45,6 +53,7 @@ impl BreakKind {
             BreakKind::Deleted => "deleted",
             BreakKind::Inserted => "inserted",
             BreakKind::Reordered => "reordered",
+            BreakKind::Corrupt => "corrupt",
         }
     }
 }
@@ -99,14 +108,22 @@ impl<'a> Verifier<'a> {
         }
     }
 
-    /// Feeds the next record; returns false once the first break is known.
+    /// Feeds the next record (a format-1 one, its hash recomputed from the body); returns
+    /// false once the first break is known.
     pub fn push(&mut self, record: DecisionRecord) -> bool {
+        let actual = link_hash(&record.prev_hash, &record.body);
+        self.push_hashed(record, &actual)
+    }
+
+    /// Feeds the next record with `actual`, the hash its stored bytes have after its
+    /// `prev_hash`; returns false once the first break is known.
+    pub fn push_hashed(&mut self, record: DecisionRecord, actual: &str) -> bool {
         self.records += 1;
         if let Some(pending) = self.pending.take() {
             self.first_break = Some(self.classify(&pending, Some(&record)));
             return false;
         }
-        if link_hash(&record.prev_hash, &record.body) != record.hash {
+        if actual != record.hash {
             self.first_break = Some(Break {
                 seq: record.seq,
                 decision_id: record.body.decision_id.clone(),
@@ -128,6 +145,19 @@ impl<'a> Verifier<'a> {
         }
         self.before_prev = self.prev.replace(record);
         true
+    }
+
+    /// Ends the walk at a record that cannot be read: `seq` and `detail` name it.
+    pub fn corrupt(mut self, seq: i64, detail: String) -> VerifyReport {
+        if self.first_break.is_none() {
+            self.first_break = Some(Break {
+                seq,
+                decision_id: String::new(),
+                kind: BreakKind::Corrupt,
+                detail,
+            });
+        }
+        self.finish(None)
     }
 
     /// Ends the walk. `head` is the (seq, hash) the writer last committed, if recorded.

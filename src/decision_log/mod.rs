@@ -1,16 +1,25 @@
 //! The decision log: every decision, durable before it is answered, in a hash chain.
 //!
 //! A [`DecisionLog`] takes decisions from the request path and says when each is durable;
-//! the request answers only then. The embedded backend is [`SqliteLog`] (one WAL-mode SQLite
-//! file that reviewers can open with any SQLite tool), with one writer thread that commits the
-//! decisions of concurrent requests in one transaction and one fsync (group commit). Each
+//! the request answers only then. The embedded backend is [`JournalLog`]: decisions are
+//! acknowledged from an append-only [`journal`] of compact binary records ([`record`]), one
+//! write and one fdatasync per group of concurrent decisions ([`writer`]), and queried from
+//! a SQLite view ([`view`]) that reviewers can open with any SQLite tool, built off the
+//! request path; what the view does not hold yet is served from memory ([`tail`]). Each
 //! record carries the hash of the one before it, so [`chain`] can tell an edited, deleted,
-//! inserted or reordered record from an intact log.
+//! inserted or reordered record from an intact log. [`migrate`] owns the directory's
+//! formats.
 
 pub mod chain;
 pub mod journal;
+mod journaled;
+mod migrate;
+mod names;
 pub mod record;
-mod sqlite;
+mod seen;
+mod tail;
+mod view;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use chain::{Break, BreakKind, VerifyReport};
-pub use sqlite::SqliteLog;
+pub use journaled::{JournalLog, LogFiles, LogOptions, verify_offline};
 
 /// How hard a commit is pushed to disk before its requests are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -88,10 +97,10 @@ pub struct DecisionRecord {
 /// What became of an appended decision.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Appended {
-    /// Recorded now.
-    New(DecisionRecord),
+    /// Recorded now, at this seq.
+    New { seq: i64 },
     /// The request id was already recorded with the same inputs: the earlier decision stands.
-    Existing(DecisionRecord),
+    Existing(Box<DecisionRecord>),
 }
 
 /// Why the log refused or could not serve.
@@ -235,18 +244,6 @@ pub struct Unrecorded {
     healthy: watch::Receiver<bool>,
 }
 
-impl DecisionRecord {
-    /// What the benchmark baseline answers: the body, in no chain.
-    fn unrecorded(body: RecordBody) -> DecisionRecord {
-        DecisionRecord {
-            seq: 0,
-            body,
-            prev_hash: String::new(),
-            hash: String::new(),
-        }
-    }
-}
-
 impl Default for Unrecorded {
     fn default() -> Self {
         Unrecorded {
@@ -257,14 +254,15 @@ impl Default for Unrecorded {
 
 impl DecisionLog for Unrecorded {
     fn append(&self, body: RecordBody) -> AppendFuture {
-        Box::pin(async move { Ok(Appended::New(DecisionRecord::unrecorded(body))) })
+        let _ = body;
+        Box::pin(async move { Ok(Appended::New { seq: 0 }) })
     }
 
     fn append_all(&self, bodies: Vec<RecordBody>) -> AppendAllFuture {
         Box::pin(async move {
             Ok(bodies
                 .into_iter()
-                .map(|b| Appended::New(DecisionRecord::unrecorded(b)))
+                .map(|_| Appended::New { seq: 0 })
                 .collect())
         })
     }

@@ -359,6 +359,84 @@ fn rfc3339(us: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+/// The first byte of a format-1 record: its canonical JSON (`{`).
+const JSON_FORMAT: u8 = b'{';
+
+/// A journal entry: `prev_hash (32) | hash (32) | record`, where the record is format 2
+/// (binary, first byte 2) or format 1 (canonical JSON, first byte `{`: a migrated record, or
+/// a body that is not in canonical form). Genesis, the first record's `prev_hash`, is 32
+/// zero bytes.
+pub struct Entry<'a> {
+    pub prev_hash: String,
+    pub hash: String,
+    /// The bytes the hash covers.
+    pub record: &'a [u8],
+}
+
+/// Puts an entry together.
+pub fn encode_entry(prev_hash: &str, hash: &[u8; 32], record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + record.len());
+    if prev_hash == super::chain::GENESIS {
+        out.extend_from_slice(&[0u8; 32]);
+    } else {
+        let mut prev = [0u8; 32];
+        // Every hash the log writes is 64 lowercase hex digits.
+        hex::decode_to_slice(prev_hash, &mut prev).expect("a chain hash is 32 bytes of hex");
+        out.extend_from_slice(&prev);
+    }
+    out.extend_from_slice(hash);
+    out.extend_from_slice(record);
+    out
+}
+
+/// Takes an entry apart.
+pub fn decode_entry(payload: &[u8]) -> Result<Entry<'_>, RecordError> {
+    if payload.len() <= 64 {
+        return Err(RecordError::Truncated("entry"));
+    }
+    let prev = &payload[..32];
+    Ok(Entry {
+        prev_hash: if prev.iter().all(|&b| b == 0) {
+            super::chain::GENESIS.to_string()
+        } else {
+            hex::encode(prev)
+        },
+        hash: hex::encode(&payload[32..64]),
+        record: &payload[64..],
+    })
+}
+
+/// The bytes a body is stored and hashed as: format 2 when `names` (the feature names of
+/// the body's bundle, sorted) are given and the body is canonical, format 1 otherwise.
+pub fn body_bytes(body: &RecordBody, names: Option<&[String]>) -> Vec<u8> {
+    names
+        .and_then(|n| encode(body, n).ok())
+        .unwrap_or_else(|| serde_json::to_vec(body).expect("a record body always serialises"))
+}
+
+/// Reads a record in either format; `names` finds the feature names of a digest.
+pub fn decode_body(
+    bytes: &[u8],
+    names: impl FnOnce(&str) -> Option<std::sync::Arc<Vec<String>>>,
+) -> Result<RecordBody, RecordError> {
+    match bytes.first() {
+        Some(&JSON_FORMAT) => serde_json::from_slice(bytes).map_err(|e| RecordError::Invalid {
+            field: "record",
+            why: format!("format 1 JSON: {e}"),
+        }),
+        Some(&FORMAT) => {
+            let digest = digest_of(bytes)?;
+            let names = names(&digest).ok_or_else(|| RecordError::Invalid {
+                field: "digest",
+                why: format!("no feature names are stored for {digest}"),
+            })?;
+            decode(bytes, &names)
+        }
+        Some(&f) => Err(RecordError::Format(f)),
+        None => Err(RecordError::Truncated("format")),
+    }
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,

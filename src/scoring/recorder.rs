@@ -46,7 +46,7 @@ impl Pending {
     /// recorded request gets the decision first answered, and is not counted again.
     pub async fn durable(self) -> Result<Decision, ScoreError> {
         match self.durable.await? {
-            Appended::New(_) => {
+            Appended::New { .. } => {
                 let d = self.decided;
                 d.route.observe(d.decision.observation(d.latency));
                 Ok(d.decision)
@@ -108,7 +108,7 @@ impl Recorder {
         let mut out = Vec::with_capacity(decided.len());
         for (i, (d, appended)) in decided.into_iter().zip(appended).enumerate() {
             out.push(match appended {
-                Appended::New(_) => {
+                Appended::New { .. } => {
                     d.route.observe(d.decision.observation(d.latency));
                     d.decision
                 }

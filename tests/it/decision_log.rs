@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::harness::*;
+use riskserve::decision_log::{journal, record};
 use riskserve::grpc::pb;
 use tonic::Code;
 
@@ -226,15 +227,40 @@ async fn a_thousand_decisions_across_two_versions_replay_bit_for_bit() {
     server.stop().await.unwrap();
 }
 
-/// Copies a stopped server's data directory, applies `sql` to its log, and returns what a
-/// server started on the copy says of the chain.
-async fn verify_after(data: &Path, sql: &str) -> pb::VerifyResult {
+/// The journal's entries (prev hash, hash, record) of a stopped server, in seq order.
+fn journal_entries(data: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    journal::read_only(&data.join("journal"), |r| {
+        out.push(r.payload);
+        true
+    })
+    .unwrap();
+    out
+}
+
+/// Copies a stopped server's data directory and rewrites its journal as a forger would:
+/// `edit` changes the entries, every frame is made anew with a valid CRC, and the query view
+/// is removed (the server rebuilds it from the journal). Returns what a server started on
+/// the copy says of the chain.
+async fn verify_forged(data: &Path, edit: impl FnOnce(&mut Vec<Vec<u8>>)) -> pb::VerifyResult {
     let copy = tempfile::tempdir().unwrap();
     copy_dir(data, copy.path());
-    {
-        let db = rusqlite::Connection::open(copy.path().join("decisions.db")).unwrap();
-        db.execute_batch(sql).unwrap();
+    let mut entries = journal_entries(copy.path());
+    edit(&mut entries);
+    let dir = copy.path().join("journal");
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "seg") {
+            std::fs::remove_file(p).unwrap();
+        }
     }
+    for f in ["decisions.db", "decisions.db-wal", "decisions.db-shm"] {
+        let _ = std::fs::remove_file(copy.path().join(f));
+    }
+    let (mut j, _) =
+        journal::Journal::open(&dir, journal::JournalOptions::default(), None).unwrap();
+    j.append(&entries).unwrap();
+    drop(j);
     let server = TestServer::start(&repo().join("models"), copy.path()).await;
     let result = server
         .trace()
@@ -244,6 +270,25 @@ async fn verify_after(data: &Path, sql: &str) -> pb::VerifyResult {
         .into_inner();
     server.stop().await.unwrap();
     result
+}
+
+/// An entry with its record's granted limit raised, hashes untouched.
+fn raise_limit(data: &Path, entry: &[u8]) -> Vec<u8> {
+    let bytes = &entry[64..];
+    let digest = record::digest_of(bytes).unwrap();
+    let names: Vec<String> = serde_json::from_slice(
+        &std::fs::read(
+            data.join("journal/names")
+                .join(format!("{}.json", digest.trim_start_matches("sha256:"))),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut body = record::decode(bytes, &names).unwrap();
+    body.granted_limit += 1000;
+    let mut out = entry[..64].to_vec();
+    out.extend(record::encode(&body, &names).unwrap());
+    out
 }
 
 #[tokio::test]
@@ -267,64 +312,32 @@ async fn verify_names_an_edited_a_deleted_and_a_swapped_record() {
     assert!(intact.ok && intact.records == 30, "{intact:?}");
     server.stop().await.unwrap();
 
-    let edited = verify_after(
-        data.path(),
-        "UPDATE decisions SET granted_limit = granted_limit + 1000 WHERE seq = 10;",
-    )
-    .await;
+    // Re-framing alone changes nothing.
+    let reframed = verify_forged(data.path(), |_| {}).await;
+    assert!(reframed.ok && reframed.records == 30, "{reframed:?}");
+
+    let path = data.path().to_path_buf();
+    let edited = verify_forged(data.path(), |e| e[9] = raise_limit(&path, &e[9])).await;
     let b = edited.first_break.expect("edit found");
     assert_eq!((b.seq, b.kind.as_str()), (10, "edited"), "{}", b.detail);
 
-    let deleted = verify_after(data.path(), "DELETE FROM decisions WHERE seq = 12;").await;
-    let b = deleted.first_break.expect("deletion found");
-    assert_eq!((b.seq, b.kind.as_str()), (13, "deleted"), "{}", b.detail);
-
-    let swapped = verify_after(
-        data.path(),
-        "UPDATE decisions SET seq = -1 WHERE seq = 5; UPDATE decisions SET seq = 5 WHERE seq = 20; \
-         UPDATE decisions SET seq = 20 WHERE seq = -1;",
-    )
+    // The journal numbers its frames, so a forger renumbers: record 13 now sits at seq 12.
+    let deleted = verify_forged(data.path(), |e| {
+        e.remove(11);
+    })
     .await;
+    let b = deleted.first_break.expect("deletion found");
+    assert_eq!((b.seq, b.kind.as_str()), (12, "deleted"), "{}", b.detail);
+
+    let swapped = verify_forged(data.path(), |e| e.swap(4, 19)).await;
     let b = swapped.first_break.expect("swap found");
     assert_eq!((b.seq, b.kind.as_str()), (5, "reordered"), "{}", b.detail);
 
-    // Retention exactly as the README documents it, cutting before record 11.
-    let cutoff: String = rusqlite::Connection::open(data.path().join("decisions.db"))
-        .unwrap()
-        .query_row(
-            "SELECT recorded_at FROM decisions WHERE seq = 11",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let from = readme
-        .find("**Retention without breaking `verify`.**")
-        .unwrap();
-    let sql = readme[from..]
-        .split("```sql")
-        .nth(1)
-        .unwrap()
-        .split("```")
-        .next()
-        .unwrap();
-    assert!(sql.contains("'2025-11-28'"));
-    let retained = verify_after(
-        data.path(),
-        &sql.replace("'2025-11-28'", &format!("'{cutoff}'")),
-    )
+    let pruned_without_anchor = verify_forged(data.path(), |e| {
+        e.drain(..10);
+    })
     .await;
-    assert!(retained.ok, "{:?}", retained.first_break);
-    // Records 1–10 went (fewer if timestamps tie at the cut-off), the rest remain.
-    assert!((20..30).contains(&retained.records), "{}", retained.records);
-    let pruned_without_anchor =
-        verify_after(data.path(), "DELETE FROM decisions WHERE seq <= 10;").await;
     assert_eq!(pruned_without_anchor.first_break.unwrap().kind, "deleted");
-
-    let cut_short = verify_after(data.path(), "DELETE FROM decisions WHERE seq = 30;").await;
-    let b = cut_short.first_break.expect("tail deletion found");
-    assert_eq!(b.kind, "deleted", "{}", b.detail);
-    assert!(!cut_short.ok);
 }
 
 #[tokio::test]

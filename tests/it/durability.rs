@@ -171,8 +171,9 @@ async fn write_failures_fail_closed_and_the_server_recovers() {
         .unwrap()
         .into_inner();
 
-    // The disk refuses writes: every Score is UNAVAILABLE, nothing is served, health says so.
-    limit_file_size(server.pid(), Some(4096));
+    // The disk refuses writes (none past a segment's 64-byte header): every Score is
+    // UNAVAILABLE, nothing is served, health says so.
+    limit_file_size(server.pid(), Some(64));
     let status = client
         .score(request(&customers()[1], "fc-during-1"))
         .await
@@ -261,7 +262,14 @@ async fn a_log_file_removed_under_the_server_stops_scoring() {
         .score(request(&customers()[0], "rm-0"))
         .await
         .unwrap();
-    std::fs::remove_file(data.path().join("decisions.db")).unwrap();
+    // The journal's active segment: the newest one.
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(data.path().join("journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    std::fs::remove_file(segments.last().unwrap()).unwrap();
     let status = client
         .score(request(&customers()[1], "rm-1"))
         .await
@@ -310,11 +318,27 @@ async fn raw_customer_ids_appear_nowhere_in_the_data_or_the_logs() {
     server.kill();
 
     let mut haystack: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
-    for entry in std::fs::read_dir(data.path()).unwrap() {
-        let path = entry.unwrap().path();
-        haystack.insert(path.clone(), std::fs::read(&path).unwrap());
+    let mut dirs = vec![data.path().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                // A preallocated segment is mostly zeros: search only up to its data's end.
+                let mut bytes = std::fs::read(&path).unwrap();
+                let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+                bytes.truncate(end);
+                haystack.insert(path.clone(), bytes);
+            }
+        }
     }
     assert!(haystack.keys().any(|p| p.ends_with("decisions.db")));
+    assert!(
+        haystack
+            .keys()
+            .any(|p| p.extension().is_some_and(|x| x == "seg"))
+    );
     assert!(
         haystack[&log].len() > 100,
         "the server logged at debug level"

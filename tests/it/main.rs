@@ -18,6 +18,7 @@ mod durability;
 mod fuzz;
 mod hot_swap;
 mod inference;
+mod journal;
 mod lifecycle;
 mod limits;
 mod report;

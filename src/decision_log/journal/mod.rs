@@ -49,6 +49,12 @@ pub struct JournalOptions {
     /// [`Journal::probe`] fails while the file system has fewer free bytes than this
     /// (statvfs). 0 disables the check.
     pub min_free_bytes: u64,
+    /// The seq of the first record of a journal created now (a migrated log continues its
+    /// numbering); ignored when segments exist.
+    pub first_seq: u64,
+    /// fdatasync every group before `append` returns. Off, a group is written to the page
+    /// cache and synced by [`Journal::sync`] (and at every rotation).
+    pub sync_each_group: bool,
 }
 
 impl Default for JournalOptions {
@@ -56,6 +62,8 @@ impl Default for JournalOptions {
         JournalOptions {
             segment_size: 64 << 20,
             min_free_bytes: 0,
+            first_seq: 1,
+            sync_each_group: true,
         }
     }
 }
@@ -276,8 +284,12 @@ impl Journal {
                     what: "the journal is empty".into(),
                 });
             }
-            let capacity = journal.options.segment_size;
-            journal.add_segment(1, 0, capacity)?;
+            let (first, capacity) = (
+                journal.options.first_seq.max(1),
+                journal.options.segment_size,
+            );
+            journal.add_segment(first, 0, capacity)?;
+            journal.next_seq = first;
             return Ok((journal, None));
         }
         // Headers: valid, named right, and linked to the segment before.
@@ -527,6 +539,10 @@ impl Journal {
         }
         let (id, seg) = self.active();
         if self.tail + total > seg.capacity {
+            if !self.options.sync_each_group {
+                // What the old segment holds must be durable before the next one starts.
+                self.sync(id)?;
+            }
             let capacity = self.options.segment_size.max(HEADER_LEN + total);
             self.add_segment(self.next_seq, id, capacity)?;
         }
@@ -547,7 +563,13 @@ impl Journal {
             .file
             .write_all_at(&self.buf, self.tail)
             .map_err(io_err("write", &seg.path, self.tail))
-            .and_then(|()| self.sync(id));
+            .and_then(|()| {
+                if self.options.sync_each_group {
+                    self.sync(id)
+                } else {
+                    Ok(())
+                }
+            });
         if let Err(e) = written {
             self.poisoned = Some(Dirty {
                 segment: id,
@@ -649,6 +671,19 @@ impl Journal {
         Ok(())
     }
 
+    /// fdatasyncs the active segment: what `append` wrote without `sync_each_group` is
+    /// durable once this returns. A failure poisons nothing already synced, but the caller
+    /// must not count the unsynced groups as durable.
+    pub fn sync_active(&mut self) -> Result<()> {
+        let id = self.active().0;
+        self.sync(id)
+    }
+
+    /// The active segment's file: the writer checks it is still the file it writes.
+    pub fn active_path(&self) -> &Path {
+        &self.active().1.path
+    }
+
     /// True after a failed write or sync, until [`Journal::probe`] succeeds.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.is_some()
@@ -740,6 +775,93 @@ impl Journal {
         }
         Ok(removed)
     }
+}
+
+/// Reads the journal in `dir` without changing anything (a stopped server's files, or a live
+/// one's up to a seq it has made durable): every record from the oldest segment on, in order,
+/// each frame verified (CRC, seq), until `each` returns false. A torn tail is reported, not
+/// cut; anything else that fails to verify is [`JournalError::Corrupt`], naming the segment
+/// and offset. Returns the torn tail, if any.
+pub fn read_only(dir: &Path, mut each: impl FnMut(Record) -> bool) -> Result<Option<TornTail>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("read directory", dir, 0))? {
+        let name = entry
+            .map_err(io_err("read directory", dir, 0))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if let Some(stem) = name.strip_suffix(".seg")
+            && stem.len() == 20
+            && let Ok(id) = stem.parse::<u64>()
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    let mut expected = ids.first().copied().unwrap_or(1);
+    let mut stopped = false;
+    for (i, &id) in ids.iter().enumerate() {
+        let path = dir.join(segment_name(id));
+        let corrupt = |offset: u64, what: String| JournalError::Corrupt {
+            segment: path.clone(),
+            offset,
+            what,
+        };
+        let b = fs::read(&path).map_err(io_err("read", &path, 0))?;
+        let h = Header::decode(&b).map_err(|w| corrupt(0, w))?;
+        if h.first_seq != id || id != expected {
+            return Err(corrupt(
+                0,
+                format!(
+                    "segment starts at seq {}, but seq {expected} comes next",
+                    h.first_seq
+                ),
+            ));
+        }
+        let (end, next) = format::scan(&b, HEADER_LEN as usize, expected, |seq, off, payload| {
+            if !stopped {
+                let position = Position {
+                    seq,
+                    segment: id,
+                    offset: off,
+                };
+                stopped = !each(Record {
+                    position,
+                    payload: payload.to_vec(),
+                });
+            }
+        });
+        if stopped {
+            return Ok(None);
+        }
+        expected = next;
+        if let ScanEnd::Bad {
+            offset,
+            what,
+            maybe_torn,
+        } = end
+        {
+            if i + 1 != ids.len() {
+                return Err(corrupt(offset, format!("{what} (not the last segment)")));
+            }
+            return match format::classify_tail(
+                &b,
+                offset as usize,
+                &what,
+                maybe_torn,
+                expected,
+                h.capacity,
+            ) {
+                Verdict::Corrupt(what) => Err(corrupt(offset, what)),
+                Verdict::Torn { dropped } => Ok((dropped > 0).then(|| TornTail {
+                    segment: path.clone(),
+                    offset,
+                    bytes_dropped: dropped,
+                })),
+            };
+        }
+    }
+    Ok(None)
 }
 
 fn free_bytes(dir: &Path) -> Result<u64> {

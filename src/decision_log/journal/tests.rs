@@ -446,6 +446,7 @@ fn probe_checks_free_space_and_open_removes_leftover_tmp_files() {
     let o = JournalOptions {
         segment_size: 4096,
         min_free_bytes: u64::MAX,
+        ..JournalOptions::default()
     };
     let (mut j, _) = Journal::open(dir.path(), o, None).unwrap();
     j.append(&group(0, 2, 100)).unwrap();

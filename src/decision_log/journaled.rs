@@ -1,0 +1,618 @@
+//! The decision log as it serves: acknowledged from the journal, queried from the view.
+//!
+//! Three threads share it. The writer (see [`super::writer`]) makes each group durable in the
+//! journal and only then answers, and hands the group to the tail. The indexer, at nice 19,
+//! takes the tail in large batches into the SQLite view (one transaction each, with the
+//! journal checkpoint). Readers query the view and add what the tail holds after the view's
+//! checkpoint, so an acknowledged decision is visible at once. Aggregates and scans wait for
+//! the view to catch up with the durable head instead (they are reports, not lookups).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{oneshot, watch};
+
+use super::chain::{Verifier, link_hash_bytes};
+use super::journal::{self, Journal, JournalError, JournalOptions};
+use super::names::FeatureNames;
+use super::record::{decode_body, decode_entry};
+use super::seen::SeenIds;
+use super::tail::{Entry, Tail};
+use super::writer::{Head, Job, Msg, Writer, file_identity};
+use super::{
+    AppendAllFuture, AppendFuture, DecisionLog, DecisionRecord, Durability, LogError,
+    RolloutDecisions, VerifyReport, VersionStats, Window, chain, migrate, view,
+};
+
+/// Rows the indexer writes in one transaction at most.
+const INDEX_BATCH: usize = 8_192;
+/// How long the indexer waits for a batch to fill when nobody needs it sooner.
+const INDEX_LINGER: Duration = Duration::from_millis(50);
+/// How long an aggregate or a scan waits for the view to catch up.
+const CATCH_UP: Duration = Duration::from_secs(30);
+
+/// How the log is set up.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub durability: Durability,
+    /// Most decisions in one group.
+    pub max_batch: usize,
+    /// Jobs waiting for the writer before new ones are refused.
+    pub queue_capacity: usize,
+    /// Preallocated size of a journal segment.
+    pub segment_bytes: u64,
+    /// Free space the file system must keep for the writer to call itself healthy after a
+    /// failure (0: only the probe of a real group's size decides).
+    pub min_free_bytes: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            durability: Durability::Sync,
+            max_batch: 512,
+            queue_capacity: 16_384,
+            segment_bytes: 64 << 20,
+            min_free_bytes: 0,
+        }
+    }
+}
+
+/// The files of a data directory the log owns.
+#[derive(Debug, Clone)]
+pub struct LogFiles {
+    /// The query view (and the rollout store's tables).
+    pub view: PathBuf,
+    /// The journal's segments.
+    pub journal: PathBuf,
+    /// Feature names by bundle digest.
+    pub names: PathBuf,
+    /// The retention anchor: the seq and hash of the last record removed.
+    pub anchor: PathBuf,
+}
+
+impl LogFiles {
+    pub fn of(data_dir: &Path) -> LogFiles {
+        let journal = data_dir.join("journal");
+        LogFiles {
+            view: data_dir.join("decisions.db"),
+            names: journal.join("names"),
+            anchor: journal.join("anchor"),
+            journal,
+        }
+    }
+
+    /// The (seq, hash) verification starts after, if records were removed by retention.
+    pub fn read_anchor(&self) -> Result<Option<(i64, String)>, LogError> {
+        match std::fs::read_to_string(&self.anchor) {
+            Ok(text) => {
+                let mut parts = text.split_whitespace();
+                let seq = parts.next().and_then(|s| s.parse::<i64>().ok());
+                let hash = parts.next().map(str::to_string);
+                match (seq, hash) {
+                    (Some(seq), Some(hash)) => Ok(Some((seq, hash))),
+                    _ => Err(LogError::Damaged(format!(
+                        "{} is not `seq hash`",
+                        self.anchor.display()
+                    ))),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LogError::Damaged(format!("{}: {e}", self.anchor.display()))),
+        }
+    }
+
+    /// Writes the anchor (temp file, fsync, rename, fsync of the directory).
+    pub fn write_anchor(&self, seq: i64, hash: &str) -> Result<(), LogError> {
+        let io = |e: std::io::Error| LogError::Unavailable(format!("writing the anchor: {e}"));
+        std::fs::create_dir_all(&self.journal).map_err(io)?;
+        let tmp = self.anchor.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut f, format!("{seq} {hash}\n").as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.anchor).map_err(io)?;
+        std::fs::File::open(&self.journal)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+}
+
+fn journal_err(e: JournalError) -> LogError {
+    match e {
+        JournalError::Corrupt { .. } | JournalError::BadPosition { .. } => {
+            LogError::Damaged(e.to_string())
+        }
+        other => LogError::Unavailable(other.to_string()),
+    }
+}
+
+/// A journal record as the log reads it back.
+fn entry_of(names: &FeatureNames, r: journal::Record) -> Result<Entry, LogError> {
+    let damaged = |what: String| {
+        LogError::Damaged(format!(
+            "record seq {} (segment {}, offset {}): {what}",
+            r.position.seq, r.position.segment, r.position.offset
+        ))
+    };
+    let e = decode_entry(&r.payload).map_err(|e| damaged(e.to_string()))?;
+    let body = decode_body(e.record, |d| names.get(d)).map_err(|e| damaged(e.to_string()))?;
+    Ok(Entry {
+        record: DecisionRecord {
+            seq: r.position.seq as i64,
+            body,
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        },
+        position: r.position,
+    })
+}
+
+/// The decision log of a data directory.
+pub struct JournalLog {
+    files: LogFiles,
+    names: Arc<FeatureNames>,
+    queue: SyncSender<Msg>,
+    healthy: watch::Receiver<bool>,
+    tail: Arc<Tail>,
+    torn: Option<journal::TornTail>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    indexer: Mutex<Option<JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for JournalLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournalLog")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JournalLog {
+    /// Opens the log of `data_dir` (creating it, or migrating a log of the previous format),
+    /// recovers the journal from the view's checkpoint, and starts the writer and indexer.
+    /// A corrupt journal refuses to open, naming the segment and offset.
+    pub fn open(data_dir: &Path, options: LogOptions) -> Result<Arc<JournalLog>, LogError> {
+        let files = LogFiles::of(data_dir);
+        let mut conn = view::open_rw(&files.view)?;
+        migrate::prepare(&mut conn, &files)?;
+        let names = Arc::new(
+            FeatureNames::open(&files.names)
+                .map_err(|e| LogError::Damaged(format!("{}: {e}", files.names.display())))?,
+        );
+        let checkpoint = view::checkpoint(&conn)?;
+        let anchor = files.read_anchor()?;
+        let opts = JournalOptions {
+            segment_size: options.segment_bytes,
+            min_free_bytes: options.min_free_bytes,
+            first_seq: anchor.as_ref().map_or(1, |(seq, _)| *seq as u64 + 1),
+            sync_each_group: options.durability == Durability::Sync,
+        };
+        let mut recovered = Vec::new();
+        let mut bad = None;
+        let (journal, torn) = Journal::open_with(&files.journal, opts, checkpoint, |r| {
+            if bad.is_none() {
+                match entry_of(&names, r) {
+                    Ok(e) => recovered.push(Arc::new(e)),
+                    Err(e) => bad = Some(e),
+                }
+            }
+        })
+        .map_err(journal_err)?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        if let Some(t) = &torn {
+            tracing::warn!(
+                segment = %t.segment.display(),
+                offset = t.offset,
+                bytes_dropped = t.bytes_dropped,
+                "cut a torn tail off the journal: an incomplete group no client was told of"
+            );
+        }
+        let head = match journal.last() {
+            None => match &anchor {
+                Some((seq, hash)) => Head {
+                    seq: *seq,
+                    hash: hash.clone(),
+                },
+                None => Head {
+                    seq: 0,
+                    hash: chain::GENESIS.to_string(),
+                },
+            },
+            Some(last) => {
+                let r = journal.read_at(last).map_err(journal_err)?;
+                let e = decode_entry(&r.payload)
+                    .map_err(|e| LogError::Damaged(format!("the journal's last record: {e}")))?;
+                Head {
+                    seq: last.seq as i64,
+                    hash: e.hash,
+                }
+            }
+        };
+        let indexed = checkpoint.map_or(0, |c| c.seq as i64);
+        if indexed > head.seq {
+            return Err(LogError::Damaged(format!(
+                "the view holds records up to seq {indexed} but the journal ends at seq {}: \
+                 journal segments were removed or cut short",
+                head.seq
+            )));
+        }
+        let tail = Arc::new(Tail::new(indexed, indexed));
+        let mut seen = SeenIds::new(1 << 20);
+        view::each_request_id(&conn, |id| seen.insert(id))?;
+        for e in &recovered {
+            if e.record.body.arm != "shadow" {
+                seen.insert(&e.record.body.request_id);
+            }
+        }
+        if !recovered.is_empty() {
+            tracing::info!(
+                records = recovered.len(),
+                "journal records after the view's checkpoint, indexing"
+            );
+        }
+        tail.push(recovered);
+
+        let (queue, rx) = std::sync::mpsc::sync_channel(options.queue_capacity.max(1));
+        let (healthy_tx, healthy) = watch::channel(true);
+        let segment_file =
+            file_identity(journal.active_path()).map(|id| (active_segment(&journal), id));
+        let mut writer = Writer {
+            journal,
+            names: names.clone(),
+            seen,
+            tail: tail.clone(),
+            head,
+            view: view::open_ro(&files.view)?,
+            healthy: healthy_tx,
+            max_batch: options.max_batch.max(1),
+            durability: options.durability,
+            segment_file,
+            down: None,
+            unsynced: false,
+        };
+        let writer = std::thread::Builder::new()
+            .name("decision-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| LogError::Unavailable(format!("starting the writer: {e}")))?;
+        let indexer_tail = tail.clone();
+        let indexer = std::thread::Builder::new()
+            .name("decision-log-indexer".into())
+            .spawn(move || index(conn, &indexer_tail))
+            .map_err(|e| LogError::Unavailable(format!("starting the indexer: {e}")))?;
+        Ok(Arc::new(JournalLog {
+            files,
+            names,
+            queue,
+            healthy,
+            tail,
+            torn,
+            writer: Mutex::new(Some(writer)),
+            indexer: Mutex::new(Some(indexer)),
+            readers: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn files(&self) -> &LogFiles {
+        &self.files
+    }
+
+    /// The torn tail cut off the journal when it was opened, if there was one.
+    pub fn torn(&self) -> Option<&journal::TornTail> {
+        self.torn.as_ref()
+    }
+
+    /// How many durable records the view does not hold yet.
+    pub fn index_lag(&self) -> i64 {
+        self.tail.lag()
+    }
+
+    /// Runs `f` on a pooled read-only connection to the view.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, LogError>) -> Result<T, LogError> {
+        let pooled = self.readers.lock().expect("reader pool poisoned").pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => view::open_ro(&self.files.view)?,
+        };
+        let result = f(&conn);
+        self.readers
+            .lock()
+            .expect("reader pool poisoned")
+            .push(conn);
+        result
+    }
+
+    /// What the view says (`query`, in one read transaction) together with the tail's
+    /// records after the view's checkpoint that `keep` selects.
+    fn with_tail<T>(
+        &self,
+        query: impl Fn(&Connection) -> Result<T, LogError>,
+        keep: impl Fn(&DecisionRecord) -> bool,
+    ) -> Result<(T, Vec<Arc<Entry>>), LogError> {
+        loop {
+            let (found, c) = self.read(|conn| {
+                conn.execute_batch("BEGIN").map_err(view::query_err)?;
+                let result = view::indexed_seq(conn).and_then(|c| Ok((query(conn)?, c)));
+                let _ = conn.execute_batch("COMMIT");
+                result
+            })?;
+            if let Some(extra) = self.tail.after(c, &keep) {
+                return Ok((found, extra));
+            }
+        }
+    }
+
+    /// Waits until the view holds every record durable now.
+    fn catch_up(&self) -> Result<(), LogError> {
+        let head = self.tail.head();
+        if self.tail.wait_indexed(head, CATCH_UP) {
+            Ok(())
+        } else {
+            Err(LogError::Unavailable(format!(
+                "the query view is {} records behind the journal; try again",
+                self.tail.lag()
+            )))
+        }
+    }
+}
+
+/// The segment the journal appends to now (its name is its first seq).
+fn active_segment(journal: &Journal) -> u64 {
+    journal
+        .active_path()
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The indexer: the tail into the view, batch by batch, until the tail is closed and drained.
+fn index(mut conn: Connection, tail: &Tail) {
+    // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+    let mut failing = false;
+    loop {
+        let batch = tail.next_batch(INDEX_BATCH, INDEX_LINGER);
+        let Some(last) = batch.last() else {
+            return;
+        };
+        match view::insert(&mut conn, &batch) {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("the query view takes writes again");
+                    failing = false;
+                }
+                tail.indexed_to(last.record.seq);
+            }
+            Err(e) => {
+                // The journal has these records; the view catches up once it can.
+                if !failing {
+                    tracing::error!(error = %e, "indexing into the query view failed; retrying");
+                    failing = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+impl DecisionLog for JournalLog {
+    fn append(&self, body: super::RecordBody) -> AppendFuture {
+        let group = self.append_all(vec![body]);
+        Box::pin(async move {
+            let mut appended = group.await?;
+            Ok(appended.pop().expect("one answer for one decision"))
+        })
+    }
+
+    fn append_all(&self, bodies: Vec<super::RecordBody>) -> AppendAllFuture {
+        let (reply, rx) = oneshot::channel();
+        let queued = self
+            .queue
+            .try_send(Msg::Append(Box::new(Job { bodies, reply })));
+        Box::pin(async move {
+            match queued {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(LogError::Unavailable("the writer stopped".into()))),
+                Err(TrySendError::Full(_)) => {
+                    Err(LogError::Unavailable("the write queue is full".into()))
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    Err(LogError::Unavailable("the writer stopped".into()))
+                }
+            }
+        })
+    }
+
+    fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+
+    fn close(&self) {
+        // A full queue still drains: this send waits for room.
+        let _ = self.queue.send(Msg::Close);
+        if let Some(handle) = self.writer.lock().expect("writer handle poisoned").take() {
+            let _ = handle.join();
+        }
+        // The writer closed the tail; the indexer stops once the view holds all of it.
+        if let Some(handle) = self.indexer.lock().expect("indexer handle poisoned").take() {
+            let _ = handle.join();
+        }
+    }
+
+    fn get(&self, decision_id: &str) -> Result<Option<DecisionRecord>, LogError> {
+        let (found, extra) = self.with_tail(
+            |c| view::get(c, decision_id),
+            |r| r.body.decision_id == decision_id,
+        )?;
+        Ok(found.or_else(|| extra.first().map(|e| e.record.clone())))
+    }
+
+    fn by_customer(&self, refs: &[String]) -> Result<Vec<DecisionRecord>, LogError> {
+        let (mut found, extra) = self.with_tail(
+            |c| view::by_customer(c, refs),
+            |r| refs.contains(&r.body.customer_ref),
+        )?;
+        found.extend(extra.iter().map(|e| e.record.clone()));
+        found.sort_by_key(|r| r.seq);
+        found.dedup_by_key(|r| r.seq);
+        Ok(found)
+    }
+
+    fn previous(&self, refs: &[String], seq: i64) -> Result<Option<DecisionRecord>, LogError> {
+        let (found, extra) = self.with_tail(
+            |c| view::previous(c, refs, seq),
+            |r| r.seq < seq && r.body.arm != "shadow" && refs.contains(&r.body.customer_ref),
+        )?;
+        let later = extra.last().map(|e| e.record.clone());
+        Ok(match (found, later) {
+            (Some(a), Some(b)) => Some(if b.seq > a.seq { b } else { a }),
+            (a, b) => a.or(b),
+        })
+    }
+
+    fn version_stats(
+        &self,
+        model: &str,
+        version: &str,
+        window: &Window,
+    ) -> Result<VersionStats, LogError> {
+        self.catch_up()?;
+        self.read(|c| view::version_stats(c, model, version, window))
+    }
+
+    fn rollout_decisions(
+        &self,
+        rollout_id: &str,
+        since: &str,
+    ) -> Result<RolloutDecisions, LogError> {
+        self.catch_up()?;
+        self.read(|c| view::rollout_decisions(c, rollout_id, since))
+    }
+
+    fn scan(
+        &self,
+        window: &Window,
+        visit: &mut dyn FnMut(DecisionRecord) -> bool,
+    ) -> Result<(), LogError> {
+        self.catch_up()?;
+        self.read(|c| view::scan(c, window, visit))
+    }
+
+    fn verify(&self) -> Result<VerifyReport, LogError> {
+        // The view finds records by hash when a broken link needs classifying.
+        self.catch_up()?;
+        let head = self.tail.head();
+        self.read(|c| verify_journal(&self.files, &self.names, Some(head), Some(c)))
+    }
+}
+
+/// Walks the journal (up to `upto`, or all of it) and checks every record: its frame, its
+/// bytes against its hash, its link to the one before. `view`, if given, finds a record by
+/// hash when a broken link needs classifying.
+pub fn verify_journal(
+    files: &LogFiles,
+    names: &FeatureNames,
+    upto: Option<i64>,
+    view: Option<&Connection>,
+) -> Result<VerifyReport, LogError> {
+    let mut lookup = view
+        .map(|c| c.prepare("SELECT seq FROM decisions WHERE hash = ?1 LIMIT 1"))
+        .transpose()
+        .map_err(view::query_err)?;
+    let mut find = |hash: &str| {
+        lookup.as_mut().and_then(|s| {
+            use rusqlite::OptionalExtension as _;
+            s.query_row([hash], |r| r.get::<_, i64>(0))
+                .optional()
+                .ok()
+                .flatten()
+        })
+    };
+    let anchor = files.read_anchor()?;
+    let mut verifier = Verifier::new(&mut find, anchor);
+    let mut unreadable: Option<(i64, String)> = None;
+    let mut last_seq = 0;
+    let walked = journal::read_only(&files.journal, |r| {
+        let seq = r.position.seq as i64;
+        if upto.is_some_and(|u| seq > u) {
+            return false;
+        }
+        last_seq = seq;
+        let at = format!(
+            "segment {}, offset {}",
+            r.position.segment, r.position.offset
+        );
+        let entry = match decode_entry(&r.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                unreadable = Some((seq, format!("record seq {seq} ({at}) is unreadable: {e}")));
+                return false;
+            }
+        };
+        let actual = hex::encode(link_hash_bytes(&entry.prev_hash, entry.record));
+        let body = match decode_body(entry.record, |d| names.get(d)) {
+            Ok(b) => b,
+            Err(e) => {
+                unreadable = Some((seq, format!("record seq {seq} ({at}) is unreadable: {e}")));
+                return false;
+            }
+        };
+        verifier.push_hashed(
+            DecisionRecord {
+                seq,
+                body,
+                prev_hash: entry.prev_hash,
+                hash: entry.hash,
+            },
+            &actual,
+        )
+    });
+    match walked {
+        Err(JournalError::Corrupt {
+            segment,
+            offset,
+            what,
+        }) => Ok(verifier.corrupt(
+            last_seq + 1,
+            format!(
+                "the journal is corrupt after seq {last_seq}: {} at offset {offset}: {what}",
+                segment.display()
+            ),
+        )),
+        Err(e) => Err(LogError::Query(e.to_string())),
+        Ok(_) => Ok(match unreadable {
+            Some((seq, detail)) => verifier.corrupt(seq, detail),
+            None => verifier.finish(None),
+        }),
+    }
+}
+
+/// Verifies the log of a stopped server's data directory from its files alone.
+pub fn verify_offline(data_dir: &Path) -> Result<VerifyReport, LogError> {
+    let files = LogFiles::of(data_dir);
+    if !files.journal.is_dir() {
+        return Err(LogError::Query(format!(
+            "{} holds no journal (a log of the previous format is migrated when a server \
+             first starts on it)",
+            data_dir.display()
+        )));
+    }
+    let names = FeatureNames::open(&files.names)
+        .map_err(|e| LogError::Damaged(format!("{}: {e}", files.names.display())))?;
+    let view = files
+        .view
+        .exists()
+        .then(|| view::open_ro(&files.view))
+        .transpose()?;
+    verify_journal(&files, &names, None, view.as_ref())
+}

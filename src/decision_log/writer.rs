@@ -1,0 +1,459 @@
+//! The journal's writer: one thread that turns queued decisions into chained records and
+//! makes each group durable with one write and one fdatasync before anyone is answered.
+//!
+//! Per group: take the first queued job and whatever else is queued (up to `max_batch`
+//! decisions); for each served decision check its request id (this group, the tail, then —
+//! only if the Bloom filter says it may be there — the view); give each new record its seq,
+//! its bytes (format 2) and its chain hash; append them all; then answer. A failed append
+//! fails every job of the group, and the writer accepts nothing until a probe proves the
+//! disk takes a group of the failed group's size at the place it would go (see
+//! [`Journal::probe`]); a journal file removed or replaced underneath is damage no probe
+//! heals.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio::sync::{oneshot, watch};
+
+use super::chain;
+use super::journal::Journal;
+use super::names::FeatureNames;
+use super::record;
+use super::seen::SeenIds;
+use super::tail::{Entry, Tail};
+use super::{Appended, DecisionRecord, Durability, LogError, RecordBody, view};
+
+/// How long an unhealthy writer waits between recovery attempts when no decision arrives.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// With `durability = "async"`, how often written groups are fdatasynced.
+const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(200);
+/// The smallest probe: a group of one record.
+const MIN_PROBE: usize = 4096;
+
+/// What a job is answered: every decision of its group, or why none was recorded.
+pub(super) type GroupAnswer = Result<Vec<Appended>, LogError>;
+
+/// Decisions to record together: one for `append`, several for `append_all`, which are
+/// recorded all or none.
+pub(super) struct Job {
+    pub bodies: Vec<RecordBody>,
+    pub reply: oneshot::Sender<GroupAnswer>,
+}
+
+pub(super) enum Msg {
+    Append(Box<Job>),
+    Close,
+}
+
+/// The end of the chain.
+#[derive(Debug, Clone)]
+pub(super) struct Head {
+    pub seq: i64,
+    pub hash: String,
+}
+
+pub(super) struct Writer {
+    pub journal: Journal,
+    pub names: Arc<FeatureNames>,
+    pub seen: SeenIds,
+    pub tail: Arc<Tail>,
+    pub head: Head,
+    /// The view, read when the filter says a request id may be recorded already.
+    pub view: Connection,
+    pub healthy: watch::Sender<bool>,
+    pub max_batch: usize,
+    pub durability: Durability,
+    /// The active segment and its file's (device, inode) as the writer created or opened it.
+    pub segment_file: Option<(u64, (u64, u64))>,
+    /// Why the writer stopped accepting decisions, while it has.
+    pub down: Option<Down>,
+    /// Groups written but not yet synced (async durability).
+    pub unsynced: bool,
+}
+
+/// An unusable writer: the failed group's size (what a probe must prove), or damage.
+#[derive(Debug, Clone)]
+pub(super) enum Down {
+    Failed { group_bytes: usize },
+    Damaged(String),
+}
+
+/// A decision that passed its request-id check, on its way into the group.
+struct Fresh {
+    record: DecisionRecord,
+    payload: Vec<u8>,
+}
+
+/// (device, inode) of a file: a file removed or replaced under the writer shows.
+pub(super) fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Writer {
+    pub fn run(&mut self, rx: Receiver<Msg>) {
+        let mut last_sync = Instant::now();
+        loop {
+            let wait = if self.down.is_some() {
+                Some(PROBE_EVERY)
+            } else if self.unsynced {
+                Some(ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed()))
+            } else {
+                None
+            };
+            let first = match wait {
+                None => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+                Some(d) => match rx.recv_timeout(d) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if self.down.is_some() {
+                            self.recover();
+                        } else {
+                            self.sync_written();
+                            last_sync = Instant::now();
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+            };
+            let mut batch = Vec::new();
+            let mut closing = false;
+            match first {
+                Msg::Append(job) => batch.push(*job),
+                Msg::Close => closing = true,
+            }
+            // Gather what is queued; when the queue runs dry, yield once so that requests
+            // already on their way (on this core or another) can join this group.
+            let mut yielded = false;
+            let mut decisions: usize = batch.iter().map(|j| j.bodies.len()).sum();
+            while !closing && decisions < self.max_batch {
+                match rx.try_recv() {
+                    Ok(Msg::Append(job)) => {
+                        decisions += job.bodies.len();
+                        batch.push(*job);
+                    }
+                    Ok(Msg::Close) => closing = true,
+                    Err(_) if !yielded => {
+                        yielded = true;
+                        std::thread::yield_now();
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+            if self.unsynced && last_sync.elapsed() >= ASYNC_SYNC_EVERY {
+                self.sync_written();
+                last_sync = Instant::now();
+            }
+            if closing {
+                // Whatever was queued before Close is recorded; refuse the rest.
+                while let Ok(Msg::Append(job)) = rx.try_recv() {
+                    let _ = job.reply.send(Err(LogError::Unavailable(
+                        "the server is shutting down".into(),
+                    )));
+                }
+                self.sync_written();
+                self.tail.close();
+                return;
+            }
+        }
+    }
+
+    fn sync_written(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        match self.journal.sync_active() {
+            Ok(()) => self.unsynced = false,
+            Err(e) => {
+                tracing::error!(error = %e, "decision log sync failed");
+                self.go_down(Down::Failed {
+                    group_bytes: MIN_PROBE,
+                });
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Job>) {
+        if self.down.is_some() {
+            self.recover();
+        }
+        if let Some(down) = &self.down {
+            let why = match down {
+                Down::Damaged(d) => format!("the decision log is damaged: {d}"),
+                Down::Failed { .. } => {
+                    "the log cannot be written; waiting for the disk to recover".into()
+                }
+            };
+            for job in batch {
+                let _ = job.reply.send(Err(LogError::Unavailable(why.clone())));
+            }
+            return;
+        }
+        let started = Instant::now();
+        let mut head = self.head.clone();
+        // Served request ids new in this group, to their record (a retry within the group).
+        let mut in_group: HashMap<String, usize> = HashMap::new();
+        let mut fresh: Vec<Fresh> = Vec::new();
+        let mut answers: Vec<Result<Vec<Answer>, LogError>> = Vec::with_capacity(batch.len());
+        for job in &batch {
+            let (job_head, job_fresh) = (head.clone(), fresh.len());
+            let mut out = Vec::with_capacity(job.bodies.len());
+            let mut refused = None;
+            for body in &job.bodies {
+                if body.arm != "shadow" {
+                    match self.recorded(body, &in_group, &fresh) {
+                        Ok(Some(a)) => {
+                            out.push(a);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            refused = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match self.chain(&head, body) {
+                    Ok(f) => {
+                        head = Head {
+                            seq: f.record.seq,
+                            hash: f.record.hash.clone(),
+                        };
+                        if body.arm != "shadow" {
+                            in_group.insert(body.request_id.clone(), fresh.len());
+                        }
+                        out.push(Answer::New(fresh.len()));
+                        fresh.push(f);
+                    }
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            match refused {
+                Some(e) => {
+                    // All or none: undo what this job added.
+                    head = job_head;
+                    for f in fresh.drain(job_fresh..) {
+                        in_group.remove(&f.record.body.request_id);
+                    }
+                    answers.push(Err(e));
+                }
+                None => answers.push(Ok(out)),
+            }
+        }
+        let group_bytes: usize = fresh.iter().map(|f| f.payload.len() + 16).sum();
+        let written = if fresh.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let payloads: Vec<&[u8]> = fresh.iter().map(|f| f.payload.as_slice()).collect();
+            self.journal.append(&payloads).map_err(|e| e.to_string())
+        };
+        let written = written.and_then(|positions| {
+            // Written, but to the file the journal opened? One removed or replaced
+            // underneath took these decisions with it. A rotation made a new file.
+            let Some(last) = positions.last() else {
+                return Ok(positions);
+            };
+            let found = file_identity(self.journal.active_path());
+            match self.segment_file {
+                Some((segment, id)) if segment == last.segment && found != Some(id) => {
+                    Err(format!(
+                        "{} was removed or replaced while open",
+                        self.journal.active_path().display()
+                    ))
+                }
+                Some((segment, _)) if segment == last.segment => Ok(positions),
+                _ => {
+                    self.segment_file = found.map(|id| (last.segment, id));
+                    Ok(positions)
+                }
+            }
+        });
+        match written {
+            Ok(positions) => {
+                if self.durability == Durability::Async && !fresh.is_empty() {
+                    self.unsynced = true;
+                }
+                let decisions = fresh.len();
+                let entries: Vec<Arc<Entry>> = fresh
+                    .into_iter()
+                    .zip(positions)
+                    .map(|(f, position)| {
+                        if f.record.body.arm != "shadow" {
+                            self.seen.insert(&f.record.body.request_id);
+                        }
+                        Arc::new(Entry {
+                            record: f.record,
+                            position,
+                        })
+                    })
+                    .collect();
+                self.head = head;
+                let answers: Vec<GroupAnswer> = answers
+                    .into_iter()
+                    .map(|answer| {
+                        answer.map(|list| {
+                            list.into_iter()
+                                .map(|a| match a {
+                                    Answer::New(i) => Appended::New {
+                                        seq: entries[i].record.seq,
+                                    },
+                                    Answer::Again(i) => {
+                                        Appended::Existing(Box::new(entries[i].record.clone()))
+                                    }
+                                    Answer::Existing(r) => Appended::Existing(r),
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                // Readable before anyone is answered: read-your-writes.
+                self.tail.push(entries);
+                for (job, answer) in batch.into_iter().zip(answers) {
+                    let _ = job.reply.send(answer);
+                }
+                crate::telemetry::metrics().log_commit(decisions, started.elapsed());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = batch.len(), "decision log append failed; failing the group");
+                // Unhealthy before anyone hears of the failure.
+                let down = if e.contains("removed or replaced") {
+                    Down::Damaged(e.clone())
+                } else {
+                    Down::Failed {
+                        group_bytes: group_bytes.max(MIN_PROBE),
+                    }
+                };
+                self.go_down(down);
+                for job in batch {
+                    let _ = job.reply.send(Err(LogError::Unavailable(e.clone())));
+                }
+                self.recover();
+            }
+        }
+    }
+
+    /// The answer for a served request id recorded before (in this group, the tail or the
+    /// view), None if it is new.
+    fn recorded(
+        &self,
+        body: &RecordBody,
+        in_group: &HashMap<String, usize>,
+        fresh: &[Fresh],
+    ) -> Result<Option<Answer>, LogError> {
+        let same = |r: &DecisionRecord| -> Result<(), LogError> {
+            if r.body.request_hash == body.request_hash {
+                Ok(())
+            } else {
+                Err(LogError::RequestIdReused(body.request_id.clone()))
+            }
+        };
+        if let Some(&i) = in_group.get(&body.request_id) {
+            same(&fresh[i].record)?;
+            return Ok(Some(Answer::Again(i)));
+        }
+        if let Some(e) = self.tail.find_request(&body.request_id) {
+            same(&e.record)?;
+            return Ok(Some(Answer::Existing(Box::new(e.record.clone()))));
+        }
+        if !self.seen.may_contain(&body.request_id) {
+            return Ok(None);
+        }
+        match view::by_request(&self.view, &body.request_id)
+            .map_err(|e| LogError::Unavailable(format!("looking up a request id: {e}")))?
+        {
+            Some(r) => {
+                same(&r)?;
+                Ok(Some(Answer::Existing(Box::new(r))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The next record of the chain after `head`.
+    fn chain(&self, head: &Head, body: &RecordBody) -> Result<Fresh, LogError> {
+        let names = match self.names.get(&body.digest) {
+            Some(n) => Some(n),
+            // Without stored names the record keeps format 1 (JSON): still chained and
+            // verifiable, only larger.
+            None => match self
+                .names
+                .ensure(&body.digest, body.features.keys().cloned().collect())
+            {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, digest = %body.digest, "feature names not stored; recording as JSON");
+                    None
+                }
+            },
+        };
+        let bytes = record::body_bytes(body, names.as_deref().map(|n| n.as_slice()));
+        let hash = chain::link_hash_bytes(&head.hash, &bytes);
+        let payload = record::encode_entry(&head.hash, &hash, &bytes);
+        Ok(Fresh {
+            record: DecisionRecord {
+                seq: head.seq + 1,
+                body: body.clone(),
+                prev_hash: head.hash.clone(),
+                hash: hex::encode(hash),
+            },
+            payload,
+        })
+    }
+
+    fn go_down(&mut self, down: Down) {
+        if let (Some(Down::Damaged(_)), Down::Failed { .. }) = (&self.down, &down) {
+            return;
+        }
+        self.down = Some(down);
+        self.healthy
+            .send_if_modified(|h| std::mem::replace(h, false));
+    }
+
+    /// Proves the journal takes a group like the one that failed; healthy again only then.
+    fn recover(&mut self) {
+        let Some(Down::Failed { group_bytes }) = self.down.clone() else {
+            return;
+        };
+        let active = self.journal.active_path().to_path_buf();
+        if self.segment_file.map(|(_, id)| id) != file_identity(&active) {
+            self.down = Some(Down::Damaged(format!(
+                "{} was removed or replaced while open",
+                active.display()
+            )));
+            return;
+        }
+        match self.journal.probe(group_bytes) {
+            Ok(()) => {
+                tracing::info!(dir = %self.journal.dir().display(), probe_bytes = group_bytes, "decision log writable again");
+                self.down = None;
+                self.healthy
+                    .send_if_modified(|h| !std::mem::replace(h, true));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "decision log still unavailable");
+            }
+        }
+    }
+}
+
+/// An answer before the group's seqs are known.
+enum Answer {
+    /// The i-th fresh record of the group.
+    New(usize),
+    /// A retry, within the group, of its i-th fresh record.
+    Again(usize),
+    Existing(Box<DecisionRecord>),
+}

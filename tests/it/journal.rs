@@ -1,0 +1,387 @@
+//! The journal under the decision log, through real files: a torn last group cut at every
+//! byte, a flipped byte refused by name, a full disk (a real size-limited tmpfs), and the
+//! migration of a log written in the previous release's format.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use riskserve::decision_log::{DecisionLog, JournalLog, LogError, LogOptions, chain, journal};
+use riskserve::grpc::pb;
+use tonic::Code;
+
+/// A server whose journal rotates every 64 KiB, so that its files are small to copy.
+async fn small_segments(data: &Path) -> TestServer {
+    let mut c = config(&repo().join("models"), data);
+    c.log_segment_bytes = 64 << 10;
+    TestServer::start_with(c).await
+}
+
+fn options() -> LogOptions {
+    LogOptions {
+        segment_bytes: 64 << 10,
+        ..LogOptions::default()
+    }
+}
+
+/// (seq, segment path, offset, frame length) of every record.
+fn frames(data: &Path) -> Vec<(u64, PathBuf, u64, u64)> {
+    let dir = data.join("journal");
+    let mut out = Vec::new();
+    journal::read_only(&dir, |r| {
+        let p = r.position;
+        out.push((
+            p.seq,
+            dir.join(format!("{:020}.seg", p.segment)),
+            p.offset,
+            16 + r.payload.len() as u64,
+        ));
+        true
+    })
+    .unwrap();
+    out
+}
+
+fn remove_view(data: &Path) {
+    for f in ["decisions.db", "decisions.db-wal", "decisions.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_group_is_cut_at_every_byte_and_nothing_before_it_is_lost() {
+    let data = tempfile::tempdir().unwrap();
+    let server = small_segments(data.path()).await;
+    for i in 0..6 {
+        server
+            .scoring()
+            .score(request(&customers()[i], &format!("torn-{i}")))
+            .await
+            .unwrap();
+    }
+    server.stop().await.unwrap();
+    let all = frames(data.path());
+    assert_eq!(all.len(), 6);
+    // The last acknowledged decision is the group a crash could tear: cut its segment at
+    // every byte of it. The view is removed too, as after a crash before it was indexed.
+    let (_, segment, start, len) = all.last().unwrap().clone();
+    let name = segment.file_name().unwrap().to_owned();
+    for cut in start..start + len {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(data.path(), copy.path());
+        remove_view(copy.path());
+        let seg = copy.path().join("journal").join(&name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let log = JournalLog::open(copy.path(), options()).unwrap();
+        let torn = log.torn().map(|t| (t.offset, t.bytes_dropped));
+        if cut == start {
+            assert_eq!(torn, None, "a cut at a frame boundary is a clean end");
+        } else {
+            // The frame's length comes first and is never zero in its low byte here.
+            let (at, dropped) = torn.unwrap_or_else(|| panic!("cut at {cut} not reported"));
+            assert_eq!(at, start, "cut at {cut}");
+            assert!(
+                (1..=cut - start).contains(&dropped),
+                "cut at {cut}: {dropped}"
+            );
+        }
+        let report = log.verify().unwrap();
+        assert!(report.first_break.is_none(), "cut at {cut}: {report:?}");
+        assert_eq!(report.records, 5, "cut at {cut}: every earlier record kept");
+        log.close();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_refuses_the_start_and_verify_names_segment_and_offset() {
+    let data = tempfile::tempdir().unwrap();
+    let server = small_segments(data.path()).await;
+    for i in 0..5 {
+        server
+            .scoring()
+            .score(request(&customers()[i], &format!("flip-{i}")))
+            .await
+            .unwrap();
+    }
+    server.stop().await.unwrap();
+    let (_, segment, offset, len) = frames(data.path())[2].clone();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[(offset + len / 2) as usize] ^= 0x10;
+    std::fs::write(&segment, bytes).unwrap();
+    let name = segment.file_name().unwrap().to_string_lossy().into_owned();
+
+    // The journal is scanned from the view's checkpoint; without a view, from the start.
+    remove_view(data.path());
+    match JournalLog::open(data.path(), options()) {
+        Err(LogError::Damaged(why)) => {
+            assert!(why.contains(&name), "{why}");
+            assert!(why.contains(&format!("offset {offset}")), "{why}");
+        }
+        other => panic!("a corrupt journal opened: {other:?}"),
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_riskserve"))
+        .args(["trace", "verify", "--json", "--data"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "verify fails on a broken chain");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &v["first_break"];
+    assert_eq!(
+        (b["seq"].as_i64(), b["kind"].as_str()),
+        (Some(3), Some("corrupt"))
+    );
+    let detail = b["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&name) && detail.contains(&format!("offset {offset}")),
+        "{detail}"
+    );
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+async fn ready(server: &TestServer) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    HealthClient::new(server.channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_readiness_down_until_space_is_freed_and_loses_nothing() {
+    let base = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&base.path().join("mnt"), "3m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Room the test gives back once the disk is full.
+    let filler = fs.0.join("filler");
+    std::fs::write(&filler, vec![1u8; 1 << 20]).unwrap();
+    let data = fs.0.join("data");
+    let server = small_segments(&data).await;
+    let mut client = server.scoring();
+    let mut acked = Vec::new();
+    let mut i = 0;
+    let status = loop {
+        let req = request(&customers()[i % customers().len()], &format!("full-{i}"));
+        i += 1;
+        match client.score(req).await {
+            Ok(r) => acked.push(r.into_inner().decision_id),
+            Err(s) => break s,
+        }
+        assert!(i < 100_000, "the disk never filled");
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(!acked.is_empty());
+    let start = Instant::now();
+    while ready(&server).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "readiness never went down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While the disk stays full: every Score refused, readiness down the whole time.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(
+            !ready(&server).await,
+            "readiness flapped back on a full disk"
+        );
+        let s = client
+            .score(request(&customers()[1], &format!("full-{i}")))
+            .await
+            .unwrap_err();
+        i += 1;
+        assert_eq!(s.code(), Code::Unavailable);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let start = Instant::now();
+    while !ready(&server).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = client
+        .score(request(&customers()[2], "full-after"))
+        .await
+        .unwrap()
+        .into_inner();
+    acked.push(after.decision_id);
+    for id in &acked {
+        server
+            .trace()
+            .get_decision(pb::DecisionRef {
+                decision_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {id} lost: {e}"));
+    }
+    assert_eq!(server.records().await, acked.len() as u64);
+    server.stop().await.unwrap();
+}
+
+/// The previous release's `decisions.db`: the table was the log, hashed over JSON.
+const OLD_SCHEMA: &str = "
+CREATE TABLE decisions (
+    seq INTEGER PRIMARY KEY, decision_id TEXT NOT NULL UNIQUE, recorded_at TEXT NOT NULL,
+    request_id TEXT NOT NULL, request_hash TEXT NOT NULL, customer_ref TEXT NOT NULL,
+    key_id TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+    rollout_id TEXT, arm TEXT NOT NULL, features TEXT NOT NULL, pd REAL NOT NULL,
+    grade TEXT NOT NULL, decision TEXT NOT NULL, current_limit INTEGER,
+    granted_limit INTEGER NOT NULL, reasons TEXT NOT NULL, caller TEXT, trace_id TEXT,
+    prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE UNIQUE INDEX decisions_request ON decisions(request_id) WHERE arm != 'shadow';
+CREATE INDEX decisions_customer ON decisions(customer_ref, seq);
+CREATE INDEX decisions_version ON decisions(model, version, recorded_at);
+CREATE INDEX decisions_time ON decisions(recorded_at);
+CREATE TABLE chain_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE chain_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL, pruned_at TEXT NOT NULL);
+CREATE TABLE writer_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL);
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_boundary() {
+    // Real decisions first, then rewritten as the previous release stored them: rows in
+    // the old schema, chained over their JSON, no journal.
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    for i in 0..12 {
+        server
+            .scoring()
+            .score(request(&customers()[i % 4], &format!("old-{i}")))
+            .await
+            .unwrap();
+    }
+    server.stop().await.unwrap();
+    let old = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        data.path().join("customer-dev.key"),
+        old.path().join("customer-dev.key"),
+    )
+    .unwrap();
+    {
+        let src = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+        let dst = rusqlite::Connection::open(old.path().join("decisions.db")).unwrap();
+        dst.execute_batch(OLD_SCHEMA).unwrap();
+        dst.execute_batch(&format!(
+            "ATTACH '{}' AS src",
+            data.path().join("decisions.db").display()
+        ))
+        .unwrap();
+        dst.execute_batch(
+            "INSERT INTO decisions SELECT * FROM src.decisions ORDER BY seq; DETACH src;",
+        )
+        .unwrap();
+        drop(src);
+        let log = JournalLog::open(data.path(), LogOptions::default()).unwrap();
+        let mut prev = chain::GENESIS.to_string();
+        let mut seq = 0;
+        log.scan(&Default::default(), &mut |r| {
+            let hash = chain::link_hash(&prev, &r.body);
+            dst.execute(
+                "UPDATE decisions SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+                rusqlite::params![prev, hash, r.seq],
+            )
+            .unwrap();
+            prev = hash;
+            seq = r.seq;
+            true
+        })
+        .unwrap();
+        log.close();
+        dst.execute(
+            "INSERT INTO chain_head (id, seq, hash) VALUES (1, ?1, ?2)",
+            rusqlite::params![seq, prev],
+        )
+        .unwrap();
+    }
+    assert!(!old.path().join("journal").exists());
+
+    let server = TestServer::start(&repo().join("models"), old.path()).await;
+    assert_eq!(
+        server.records().await,
+        12,
+        "every old record migrated and verified"
+    );
+    let history = server
+        .trace()
+        .customer_history(pb::CustomerRef {
+            customer_id: customers()[1].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    assert_eq!(history.len(), 3);
+    for r in &history {
+        let replay = server
+            .trace()
+            .replay(pb::DecisionRef {
+                decision_id: r.decision_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(replay.identical, "{replay:?}");
+    }
+    // A retry of an old request is answered from the migrated log, not decided again.
+    let again = server
+        .scoring()
+        .score(request(&customers()[1], "old-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.iter().any(|r| r.decision_id == again.decision_id));
+    // New decisions chain on from the old head, in the new format.
+    for i in 0..5 {
+        server
+            .scoring()
+            .score(request(&customers()[i], &format!("new-{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        server.records().await,
+        17,
+        "verify passes across the boundary"
+    );
+    server.stop().await.unwrap();
+    // The stopped server's files verify offline too.
+    let report = riskserve::decision_log::verify_offline(old.path()).unwrap();
+    assert!(
+        report.first_break.is_none() && report.records == 17,
+        "{report:?}"
+    );
+}
