@@ -62,3 +62,22 @@ if "served-during-backtest" in rows:
 if "backtest-alone" in rows:
     print(f"backtest alone: {med('backtest-alone', 'rescored'):,.0f} decisions in "
           f"{med('backtest-alone', 'duration_s'):.1f} s = {med('backtest-alone', 'decisions_per_s'):,.0f}/s")
+for c in (1, 32):
+    if f"sync-c{c}" in rows and f"off-c{c}" in rows:
+        line = f"c={c}: sync / off throughput {ratio(f'sync-c{c}', f'off-c{c}'):.2f}"
+        if f"base-sync-c{c}" in rows:
+            line += (f", previous log (SQLite) / off {ratio(f'base-sync-c{c}', f'off-c{c}'):.2f}, "
+                     f"journal / previous {ratio(f'sync-c{c}', f'base-sync-c{c}'):.2f}")
+        print(line)
+if "sync-v2-c32" in rows:
+    line = f"ModelInfer c=32: sync / off {ratio('sync-v2-c32', 'off-v2-c32'):.2f}"
+    if "base-sync-v2-c32" in rows:
+        line += f", previous / off {ratio('base-sync-v2-c32', 'off-v2-c32'):.2f}"
+    print(line)
+if "sync-c32-long" in rows:
+    r = rows["sync-c32-long"][0]
+    print(f"long run c=32: p99 {r['p99_us']} µs, p99.9 {r['p999_us']} µs, p99.9/p99 {r['p999_us'] / r['p99_us']:.2f}")
+if "log-cpu" in rows:
+    r = rows["log-cpu"][0]
+    print(f"log CPU per decision: writer {r['writer_us_per_decision']} µs, indexer {r['indexer_us_per_decision']} µs "
+          f"({r['decisions']:,} decisions)")

@@ -31,7 +31,10 @@ use super::{
 /// Rows the indexer writes in one transaction at most.
 const INDEX_BATCH: usize = 8_192;
 /// How long the indexer waits for a batch to fill when nobody needs it sooner.
-const INDEX_LINGER: Duration = Duration::from_millis(50);
+const INDEX_LINGER: Duration = Duration::from_millis(200);
+/// Records the view may trail the journal by before the indexer gives up its low priority:
+/// at nice 19 on a saturated core it would otherwise fall behind without bound.
+const BOOST_LAG: i64 = 50_000;
 /// How long an aggregate or a scan waits for the view to catch up.
 const CATCH_UP: Duration = Duration::from_secs(30);
 
@@ -372,14 +375,39 @@ fn active_segment(journal: &Journal) -> u64 {
         .unwrap_or(0)
 }
 
+/// Sets the calling thread's nice value (Linux: PRIO_PROCESS with who = 0 is this thread).
+/// Raising priority back needs CAP_SYS_NICE or a soft RLIMIT_NICE that allows it; without, the
+/// call fails and the thread keeps its priority, which is logged once.
+fn set_nice(nice: i32) -> bool {
+    // SAFETY: setpriority on the calling thread has no memory effects.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}
+
 /// The indexer: the tail into the view, batch by batch, until the tail is closed and drained.
+/// It runs at nice 19 (the acknowledgement path comes first) unless the view trails by more
+/// than [`BOOST_LAG`] records or a reader waits for it.
 fn index(mut conn: Connection, tail: &Tail) {
-    // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
+    let mut nice = 19;
+    set_nice(nice);
     let mut failing = false;
+    let mut warned = false;
     loop {
+        let want = if tail.lag() > BOOST_LAG || tail.readers_waiting() {
+            0
+        } else {
+            19
+        };
+        if want != nice {
+            if set_nice(want) {
+                nice = want;
+            } else if !warned {
+                tracing::warn!(
+                    lag = tail.lag(),
+                    "the indexer cannot raise its priority; the view may trail the journal under sustained load"
+                );
+                warned = true;
+            }
+        }
         let batch = tail.next_batch(INDEX_BATCH, INDEX_LINGER);
         let Some(last) = batch.last() else {
             return;

@@ -112,6 +112,11 @@ impl Tail {
         self.lock().head
     }
 
+    /// Whether a reader waits for the view to reach a seq.
+    pub fn readers_waiting(&self) -> bool {
+        self.lock().waiting > 0
+    }
+
     /// How many durable records the view does not hold yet.
     pub fn lag(&self) -> i64 {
         let t = self.lock();

@@ -85,9 +85,13 @@ pub(super) fn open_rw(path: &Path) -> Result<Connection, LogError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| LogError::Unavailable(format!("opening {}: {e}", path.display())))?;
+    // temp_store = MEMORY: an INSERT into a table with unique indexes keeps a statement
+    // journal, which on disk was 30% of the indexer's time (perf). A larger checkpoint
+    // interval checkpoints each index page once per many batches rather than once per batch.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; \
-         PRAGMA cache_size = -16384;",
+         PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; \
+         PRAGMA wal_autocheckpoint = 16384;",
     )
     .map_err(|e| LogError::Unavailable(format!("configuring {}: {e}", path.display())))?;
     Ok(conn)
@@ -141,7 +145,7 @@ pub(super) fn insert(
     {
         let mut insert = tx
             .prepare_cached(
-                "INSERT OR REPLACE INTO decisions (seq, decision_id, recorded_at, request_id, \
+                "INSERT INTO decisions (seq, decision_id, recorded_at, request_id, \
                  request_hash, customer_ref, key_id, model, version, digest, rollout_id, arm, \
                  features, pd, grade, decision, current_limit, granted_limit, reasons, caller, \
                  trace_id, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \

@@ -183,7 +183,9 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: Vec<Job>) {
+    /// Records a group. The jobs' bodies move into their records: nothing is copied on the
+    /// acknowledgement path.
+    fn commit(&mut self, mut batch: Vec<Job>) {
         if self.down.is_some() {
             self.recover();
         }
@@ -205,13 +207,13 @@ impl Writer {
         let mut in_group: HashMap<String, usize> = HashMap::new();
         let mut fresh: Vec<Fresh> = Vec::new();
         let mut answers: Vec<Result<Vec<Answer>, LogError>> = Vec::with_capacity(batch.len());
-        for job in &batch {
+        for job in &mut batch {
             let (job_head, job_fresh) = (head.clone(), fresh.len());
             let mut out = Vec::with_capacity(job.bodies.len());
             let mut refused = None;
-            for body in &job.bodies {
+            for body in std::mem::take(&mut job.bodies) {
                 if body.arm != "shadow" {
-                    match self.recorded(body, &in_group, &fresh) {
+                    match self.recorded(&body, &in_group, &fresh) {
                         Ok(Some(a)) => {
                             out.push(a);
                             continue;
@@ -223,23 +225,16 @@ impl Writer {
                         }
                     }
                 }
-                match self.chain(&head, body) {
-                    Ok(f) => {
-                        head = Head {
-                            seq: f.record.seq,
-                            hash: f.record.hash.clone(),
-                        };
-                        if body.arm != "shadow" {
-                            in_group.insert(body.request_id.clone(), fresh.len());
-                        }
-                        out.push(Answer::New(fresh.len()));
-                        fresh.push(f);
-                    }
-                    Err(e) => {
-                        refused = Some(e);
-                        break;
-                    }
+                let f = self.chain(&head, body);
+                head = Head {
+                    seq: f.record.seq,
+                    hash: f.record.hash.clone(),
+                };
+                if f.record.body.arm != "shadow" {
+                    in_group.insert(f.record.body.request_id.clone(), fresh.len());
                 }
+                out.push(Answer::New(fresh.len()));
+                fresh.push(f);
             }
             match refused {
                 Some(e) => {
@@ -383,7 +378,7 @@ impl Writer {
     }
 
     /// The next record of the chain after `head`.
-    fn chain(&self, head: &Head, body: &RecordBody) -> Result<Fresh, LogError> {
+    fn chain(&self, head: &Head, body: RecordBody) -> Fresh {
         let names = match self.names.get(&body.digest) {
             Some(n) => Some(n),
             // Without stored names the record keeps format 1 (JSON): still chained and
@@ -399,18 +394,18 @@ impl Writer {
                 }
             },
         };
-        let bytes = record::body_bytes(body, names.as_deref().map(|n| n.as_slice()));
+        let bytes = record::body_bytes(&body, names.as_deref().map(|n| n.as_slice()));
         let hash = chain::link_hash_bytes(&head.hash, &bytes);
         let payload = record::encode_entry(&head.hash, &hash, &bytes);
-        Ok(Fresh {
+        Fresh {
             record: DecisionRecord {
                 seq: head.seq + 1,
-                body: body.clone(),
+                body,
                 prev_hash: head.hash.clone(),
                 hash: hex::encode(hash),
             },
             payload,
-        })
+        }
     }
 
     fn go_down(&mut self, down: Down) {
