@@ -19,7 +19,7 @@ type Client = TraceClient<Conn>;
 pub(crate) struct TraceArgs {
     #[command(flatten)]
     server: ServerArg,
-    /// Read a stopped server's data directory instead of asking a server (verify only).
+    /// Read a stopped server's data directory instead of asking a server (verify and export).
     #[arg(long, global = true)]
     data: Option<std::path::PathBuf>,
     /// Print JSON lines instead of tables.
@@ -329,21 +329,43 @@ async fn export(
     csv: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut stream = client.export(request).await.map_err(status)?.into_inner();
-    let mut writer = csv.then(|| csv::Writer::from_writer(std::io::stdout()));
-    if let Some(w) = writer.as_mut() {
-        w.write_record(EXPORT_COLUMNS)?;
-    }
+    let mut out = Exporter::new(csv)?;
     while let Some(r) = stream.next().await {
-        let r = r.map_err(status)?;
-        match writer.as_mut() {
-            None => println!("{}", record_json(&r)),
-            Some(w) => w.write_record(csv_row(&r))?,
-        }
+        out.push(&r.map_err(status)?)?;
     }
-    if let Some(mut w) = writer {
-        w.flush()?;
-    }
+    out.finish()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes exported records to stdout as JSON lines or CSV (header first), online or offline
+/// alike.
+struct Exporter {
+    csv: Option<csv::Writer<std::io::Stdout>>,
+}
+
+impl Exporter {
+    fn new(csv: bool) -> anyhow::Result<Exporter> {
+        let mut csv = csv.then(|| csv::Writer::from_writer(std::io::stdout()));
+        if let Some(w) = csv.as_mut() {
+            w.write_record(EXPORT_COLUMNS)?;
+        }
+        Ok(Exporter { csv })
+    }
+
+    fn push(&mut self, r: &pb::DecisionRecord) -> anyhow::Result<()> {
+        match self.csv.as_mut() {
+            None => println!("{}", record_json(r)),
+            Some(w) => w.write_record(csv_row(r))?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        if let Some(mut w) = self.csv {
+            w.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// A record as one `export --format csv` row, in [`EXPORT_COLUMNS`] order.

@@ -625,8 +625,8 @@ pub fn verify_journal(
     }
 }
 
-/// Verifies the log of a stopped server's data directory from its files alone.
-pub fn verify_offline(data_dir: &Path) -> Result<VerifyReport, LogError> {
+/// The files and feature names of a stopped server's journal.
+fn offline(data_dir: &Path) -> Result<(LogFiles, FeatureNames), LogError> {
     let files = LogFiles::of(data_dir);
     if !files.journal.is_dir() {
         return Err(LogError::Query(format!(
@@ -637,6 +637,38 @@ pub fn verify_offline(data_dir: &Path) -> Result<VerifyReport, LogError> {
     }
     let names = FeatureNames::open(&files.names)
         .map_err(|e| LogError::Damaged(format!("{}: {e}", files.names.display())))?;
+    Ok((files, names))
+}
+
+/// Visits the records of a stopped server's journal in the window (`recorded_at`, as
+/// [`DecisionLog::scan`]), in chain order, until `visit` returns false. Frames are checked
+/// as they are read; a damaged one ends the walk with its error.
+pub fn scan_offline(
+    data_dir: &Path,
+    window: &Window,
+    visit: &mut dyn FnMut(DecisionRecord) -> bool,
+) -> Result<(), LogError> {
+    let (files, names) = offline(data_dir)?;
+    let mut bad = None;
+    journal::read_only(&files.journal, |r| match entry_of(&names, r) {
+        Ok(e) => {
+            let at = e.record.body.recorded_at.as_str();
+            let inside = window.since.as_deref().is_none_or(|s| at >= s)
+                && window.until.as_deref().is_none_or(|u| at < u);
+            !inside || visit(e.record)
+        }
+        Err(e) => {
+            bad = Some(e);
+            false
+        }
+    })
+    .map_err(journal_err)?;
+    bad.map_or(Ok(()), Err)
+}
+
+/// Verifies the log of a stopped server's data directory from its files alone.
+pub fn verify_offline(data_dir: &Path) -> Result<VerifyReport, LogError> {
+    let (files, names) = offline(data_dir)?;
     let view = files
         .view
         .exists()

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use chain::{Break, BreakKind, VerifyReport};
-pub use journaled::{JournalLog, LogFiles, LogOptions, verify_offline};
+pub use journaled::{JournalLog, LogFiles, LogOptions, scan_offline, verify_offline};
 
 /// How hard a commit is pushed to disk before its requests are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
