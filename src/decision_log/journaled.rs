@@ -421,7 +421,12 @@ fn index(mut conn: Connection, tail: &Tail) {
                 tail.indexed_to(last.record.seq);
             }
             Err(e) => {
-                // The journal has these records; the view catches up once it can.
+                // The journal has these records; the view catches up once it can, or on the
+                // next start: a shutdown does not wait for a view that cannot be written.
+                if tail.is_closed() {
+                    tracing::warn!(error = %e, lag = tail.lag(), "stopping with the query view behind the journal; it catches up on the next start");
+                    return;
+                }
                 if !failing {
                     tracing::error!(error = %e, "indexing into the query view failed; retrying");
                     failing = true;

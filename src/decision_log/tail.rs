@@ -195,6 +195,11 @@ impl Tail {
         reached
     }
 
+    /// Whether [`Tail::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// No more pushes: the indexer drains what is left and stops.
     pub fn close(&self) {
         self.lock().closed = true;

@@ -222,6 +222,41 @@ async fn write_failures_fail_closed_and_the_server_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_cannot_write_still_stops_within_its_grace_period() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("server.log");
+    let mut server = ChildServer::start(data.path(), &log).await;
+    let mut client = ScoringClient::new(server.channel.clone());
+    for i in 0..20 {
+        client
+            .score(request(&customers()[i], &format!("stop-{i}")))
+            .await
+            .unwrap();
+    }
+    // Nothing can be written any more: not the journal, not the query view.
+    limit_file_size(server.pid(), Some(64));
+    client
+        .score(request(&customers()[0], "stop-refused"))
+        .await
+        .unwrap_err();
+    let rc = unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM (grace period 10 s); see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_at_random_moments_under_load_never_acknowledge_a_lost_decision() {
     let data = tempfile::tempdir().unwrap();
     let log = data.path().join("server.log");
