@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 .ci/deps > /dev/null
 CRASH_CYCLES=${CRASH_CYCLES:-1000} cargo test --quiet --test it \
   durability::sigkill_under_load_loses_no_acknowledged_decision -- --exact --nocapture 2>&1 \
-  | grep -E '^\{"label":"crash-loop"|panicked|FAILED' | tee -a bench/out/crash-loop.jsonl
+  | grep -oE '\{"label":"crash-loop"[^}]*\}|panicked.*|FAILED.*' | tee -a bench/out/crash-loop.jsonl
