@@ -52,6 +52,36 @@ CREATE TABLE IF NOT EXISTS rollout_readings (
 CREATE INDEX IF NOT EXISTS rollout_readings_rollout ON rollout_readings(rollout_id, id);
 ";
 
+/// The version of the JSON the store writes into its text columns (plan, backtest,
+/// figures): `{"v": 1, "data": …}`. A row written before the envelope holds the bare value
+/// and reads as version 1. Every field added to a stored type takes a serde default, so that
+/// rows written before it still read (`stored_rows_of_version_1_still_read` pins literal
+/// rows); a change that cannot be expressed so gets version 2 and a conversion here.
+const STORED_VERSION: u64 = 1;
+
+fn to_stored<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(&serde_json::json!({ "v": STORED_VERSION, "data": value })).map_err(err)
+}
+
+fn from_stored<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(err)?;
+    let data = match value.as_object_mut() {
+        Some(o) if o.len() == 2 && o.contains_key("v") && o.contains_key("data") => {
+            match o["v"].as_u64() {
+                Some(STORED_VERSION) => o.remove("data").expect("checked"),
+                v => {
+                    return Err(err(format!(
+                        "a stored row has format {v:?}; this release reads {STORED_VERSION} \
+                         (was it written by a newer release?)"
+                    )));
+                }
+            }
+        }
+        _ => value,
+    };
+    serde_json::from_value(data).map_err(err)
+}
+
 /// Why the store failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("rollout store: {0}")]
@@ -144,16 +174,12 @@ impl RolloutStore {
                 r.model,
                 r.champion,
                 r.candidate,
-                serde_json::to_string(&r.plan).map_err(err)?,
+                to_stored(&r.plan)?,
                 r.state.as_str(),
                 r.step as i64,
                 r.step_started_at,
                 r.created_at,
-                r.backtest
-                    .as_ref()
-                    .map(serde_json::to_string)
-                    .transpose()
-                    .map_err(err)?
+                r.backtest.as_ref().map(to_stored).transpose()?
             ],
         )
         .map_err(err)?;
@@ -169,7 +195,7 @@ impl RolloutStore {
                 t.to_step as i64,
                 t.actor,
                 t.reason,
-                serde_json::to_string(&t.figures).map_err(err)?
+                to_stored(&t.figures)?
             ],
         )
         .map_err(err)?;
@@ -214,15 +240,12 @@ impl RolloutStore {
                 model,
                 champion,
                 candidate,
-                plan: serde_json::from_str(&plan).map_err(err)?,
+                plan: from_stored(&plan)?,
                 state,
                 step: step as usize,
                 step_started_at: started,
                 created_at: created,
-                backtest: backtest
-                    .map(|b| serde_json::from_str(&b))
-                    .transpose()
-                    .map_err(err)?,
+                backtest: backtest.as_deref().map(from_stored).transpose()?,
             });
         }
         Ok(out)
@@ -266,7 +289,7 @@ impl RolloutStore {
                 to_step: to_step as usize,
                 actor,
                 reason,
-                figures: serde_json::from_str(&figures).map_err(err)?,
+                figures: from_stored(&figures)?,
             });
         }
         Ok(out)
@@ -283,7 +306,7 @@ impl RolloutStore {
                 s.at,
                 s.step as i64,
                 s.share_bp,
-                serde_json::to_string(&s.figures).map_err(err)?
+                to_stored(&s.figures)?
             ],
         )
         .map_err(err)?;
@@ -316,7 +339,7 @@ impl RolloutStore {
                 at,
                 step: step as usize,
                 share_bp,
-                figures: serde_json::from_str(&figures).map_err(err)?,
+                figures: from_stored(&figures)?,
             });
         }
         Ok(out)
@@ -339,6 +362,32 @@ impl RolloutStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::rollout::guardrails::Thresholds;
+
+    /// Rows as this release writes them (version 1) and as releases before the envelope did,
+    /// literally: a field added to a stored type without a default fails here.
+    #[test]
+    fn stored_rows_of_version_1_still_read() {
+        let plan = r#"{"v":1,"data":{"steps":[{"share_bp":0,"shadow":true,"min_bake_secs":300,"min_decisions":500},{"share_bp":100,"shadow":false,"min_bake_secs":60,"min_decisions":200}],"auto_advance":false}}"#;
+        let plan: Plan = from_stored(plan).unwrap();
+        assert_eq!(plan.steps.len(), 2);
+        assert!(!plan.auto_advance);
+        assert_eq!(plan.guardrails, Thresholds::default());
+        let bare = r#"{"steps":[{"share_bp":100}]}"#;
+        let plan: Plan = from_stored(bare).unwrap();
+        assert_eq!(plan.steps[0].min_decisions, 500);
+        let figures = r#"{"v":1,"data":[{"name":"decline_rate","value":0.02,"threshold":0.05,"p_value":0.3,"candidate_n":250,"champion_n":2400,"breached":false,"note":""}]}"#;
+        let figures: Vec<GuardrailReading> = from_stored(figures).unwrap();
+        assert_eq!(figures[0].candidate_n, 250);
+        let newer = r#"{"v":2,"data":{}}"#;
+        let e = from_stored::<Plan>(newer).unwrap_err();
+        assert!(e.0.contains("newer release"), "{e}");
+        assert_eq!(
+            from_stored::<Plan>(&to_stored(&plan).unwrap()).unwrap(),
+            plan
+        );
+    }
 
     #[test]
     fn a_rollout_and_its_transitions_round_trip() {
