@@ -17,6 +17,21 @@ async fn small_segments(data: &Path) -> TestServer {
     TestServer::start_with(c).await
 }
 
+/// Scores `n` requests one after another (each its own group), customers taken in turn
+/// from the first `customers`, request ids `tag-0` …
+async fn score_each(server: &TestServer, n: usize, customers_used: usize, tag: &str) {
+    for i in 0..n {
+        server
+            .scoring()
+            .score(request(
+                &customers()[i % customers_used],
+                &format!("{tag}-{i}"),
+            ))
+            .await
+            .unwrap();
+    }
+}
+
 fn options() -> LogOptions {
     LogOptions {
         segment_bytes: 64 << 10,
@@ -52,13 +67,7 @@ fn remove_view(data: &Path) {
 async fn a_torn_last_group_is_cut_at_every_byte_and_nothing_before_it_is_lost() {
     let data = tempfile::tempdir().unwrap();
     let server = small_segments(data.path()).await;
-    for i in 0..6 {
-        server
-            .scoring()
-            .score(request(&customers()[i], &format!("torn-{i}")))
-            .await
-            .unwrap();
-    }
+    score_each(&server, 6, 6, "torn").await;
     server.stop().await.unwrap();
     let all = frames(data.path());
     assert_eq!(all.len(), 6);
@@ -101,13 +110,7 @@ async fn a_torn_last_group_is_cut_at_every_byte_and_nothing_before_it_is_lost() 
 async fn a_flipped_byte_refuses_the_start_and_verify_names_segment_and_offset() {
     let data = tempfile::tempdir().unwrap();
     let server = small_segments(data.path()).await;
-    for i in 0..5 {
-        server
-            .scoring()
-            .score(request(&customers()[i], &format!("flip-{i}")))
-            .await
-            .unwrap();
-    }
+    score_each(&server, 5, 5, "flip").await;
     server.stop().await.unwrap();
     let (_, segment, offset, len) = frames(data.path())[2].clone();
     let mut bytes = std::fs::read(&segment).unwrap();
@@ -277,13 +280,7 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
     // the old schema, chained over their JSON, no journal.
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(&repo().join("models"), data.path()).await;
-    for i in 0..12 {
-        server
-            .scoring()
-            .score(request(&customers()[i % 4], &format!("old-{i}")))
-            .await
-            .unwrap();
-    }
+    score_each(&server, 12, 4, "old").await;
     server.stop().await.unwrap();
     let old = tempfile::tempdir().unwrap();
     std::fs::copy(
@@ -365,13 +362,7 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
         .into_inner();
     assert!(history.iter().any(|r| r.decision_id == again.decision_id));
     // New decisions chain on from the old head, in the new format.
-    for i in 0..5 {
-        server
-            .scoring()
-            .score(request(&customers()[i], &format!("new-{i}")))
-            .await
-            .unwrap();
-    }
+    score_each(&server, 5, 5, "new").await;
     assert_eq!(
         server.records().await,
         17,
