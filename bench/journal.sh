@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The journal-backed decision log (issue 16) in one run: Score and ModelInfer with durable
 # (sync) logging against the same binary with logging off, and, if BASE_BIN is given, against
-# a build of the previous log (SQLite acknowledged) in the same run; then one long run for the
-# p99.9 / p99 ratio, with the CPU the writer and indexer threads spent per decision.
+# a build of an earlier log in the same run; ModelInfer one row per call (c=32) and 64 rows per
+# call (c=8); then one long run per binary for the p99.9 / p99 ratio, with the CPU the writer
+# and indexer threads spent per decision; last, bytes per decision of a filled log.
 # Servers on core 0, load on core 1.
 # Usage: [BASE_BIN=/path/to/old/riskserve] bench/journal.sh
-# env: DURATION=10 WARMUP=2 ROUNDS=3 LONG=60
+# env: DURATION=10 WARMUP=2 ROUNDS=3 LONG=60 FILL=200000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -23,39 +24,30 @@ start 50082 "$OUT/off" --unrecorded-benchmark-only
 if [ -n "${BASE_BIN:-}" ]; then
   NEW_BIN=$BIN; BIN=$BASE_BIN
   start 50083 "$OUT/base"
+  BASE_PID=${PIDS[-1]}
   BIN=$NEW_BIN
 fi
 
-# utime + stime, in clock ticks, of the sync server's thread named $1 (comm, 15 characters).
+# utime + stime, in clock ticks, of process $1's thread named $2 (comm, 15 characters).
 ticks() {
-  for t in /proc/$SYNC_PID/task/*; do
-    if [ "$(cat "$t/comm")" = "$1" ]; then awk '{print $14 + $15}' "$t/stat"; return; fi
+  for t in /proc/$1/task/*; do
+    if [ "$(cat "$t/comm")" = "$2" ]; then awk '{print $14 + $15}' "$t/stat"; return; fi
   done
   echo 0
 }
 
-for round in $(seq "$ROUNDS"); do
-  for c in 1 32; do
-    load "off-c$c" 50082 "$c"
-    load "sync-c$c" 50081 "$c"
-    [ -n "${BASE_BIN:-}" ] && load "base-sync-c$c" 50083 "$c"
-  done
-  load "off-v2-c32" 50082 32 --protocol v2
-  load "sync-v2-c32" 50081 32 --protocol v2
-  [ -n "${BASE_BIN:-}" ] && load "base-sync-v2-c32" 50083 32 --protocol v2
-done
-
-before=$("$BIN" trace verify --json --server 127.0.0.1:50081 | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
-w0=$(ticks decision-log-wr); i0=$(ticks decision-log-in)
-DURATION=$LONG load "sync-c32-long" 50081 32
-sleep 2 # the indexer catches up
-w1=$(ticks decision-log-wr); i1=$(ticks decision-log-in)
-after=$("$BIN" trace verify --json --server 127.0.0.1:50081 | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
-python3 - "$w0" "$w1" "$i0" "$i1" "$((after - before))" "$(getconf CLK_TCK)" <<'PY' | tee -a "$RESULTS"
-import json, sys
-w0, w1, i0, i1, n, hz = map(int, sys.argv[1:])
-us = lambda a, b: round((b - a) / hz * 1e6 / n, 2)
-print(json.dumps({"label": "log-cpu", "decisions": n,
-                  "writer_us_per_decision": us(w0, w1), "indexer_us_per_decision": us(i0, i1)}))
-PY
+# The long run against server $2 (pid $3) labelled $1: latency tails, and the CPU its writer
+# and indexer threads spent per decision recorded meanwhile.
+long_run() {
+  local label=$1 port=$2 pid=$3
+  local before after w0 w1 i0 i1
+  long_run sync-c32-long 50081 "$SYNC_PID"
+[ -n "${BASE_BIN:-}" ] && long_run base-sync-c32-long 50083 "$BASE_PID"
+# Bytes per decision: a log filled through the recorder, its view caught up.
+FILL=${FILL:-200000}
+"$BIN" bench-fill-log --data "$OUT/fill" --decisions "$FILL" --customers 20000 | tee -a "$RESULTS"
+if [ -n "${BASE_BIN:-}" ]; then
+  "$BASE_BIN" bench-fill-log --data "$OUT/base-fill" --decisions "$FILL" --customers 20000 \
+    | sed 's/"label":"fill"/"label":"base-fill"/' | tee -a "$RESULTS"
+fi
 python3 bench/summarize.py "$RESULTS"

@@ -69,15 +69,25 @@ for c in (1, 32):
             line += (f", previous log (SQLite) / off {ratio(f'base-sync-c{c}', f'off-c{c}'):.2f}, "
                      f"journal / previous {ratio(f'sync-c{c}', f'base-sync-c{c}'):.2f}")
         print(line)
-if "sync-v2-c32" in rows:
-    line = f"ModelInfer c=32: sync / off {ratio('sync-v2-c32', 'off-v2-c32'):.2f}"
-    if "base-sync-v2-c32" in rows:
-        line += f", previous / off {ratio('base-sync-v2-c32', 'off-v2-c32'):.2f}"
-    print(line)
-if "sync-c32-long" in rows:
-    r = rows["sync-c32-long"][0]
-    print(f"long run c=32: p99 {r['p99_us']} µs, p99.9 {r['p999_us']} µs, p99.9/p99 {r['p999_us'] / r['p99_us']:.2f}")
-if "log-cpu" in rows:
-    r = rows["log-cpu"][0]
-    print(f"log CPU per decision: writer {r['writer_us_per_decision']} µs, indexer {r['indexer_us_per_decision']} µs "
-          f"({r['decisions']:,} decisions)")
+for proto, unit in (("v2-c32", "throughput_rps"), ("v2b64-c8", "rows_per_s")):
+    if f"sync-{proto}" in rows:
+        line = f"ModelInfer {proto}: sync / off {ratio(f'sync-{proto}', f'off-{proto}', unit):.2f}"
+        if f"base-sync-{proto}" in rows:
+            line += (f", previous / off {ratio(f'base-sync-{proto}', f'off-{proto}', unit):.2f}, "
+                     f"this / previous {ratio(f'sync-{proto}', f'base-sync-{proto}', unit):.2f}")
+        print(line + f" ({med(f'sync-{proto}', unit):,.0f} vs {med(f'off-{proto}', unit):,.0f} {unit})")
+for who in ("sync", "base-sync"):
+    label = f"{who}-c32-long"
+    if label in rows:
+        r = rows[label][0]
+        print(f"{label}: p99 {r['p99_us']} µs, p99.9 {r['p999_us']} µs, p99.9/p99 {r['p999_us'] / r['p99_us']:.2f}")
+    for cpu in (f"{label}-cpu", "log-cpu" if who == "sync" else None):
+        if cpu in rows:
+            r = rows[cpu][0]
+            print(f"{cpu}: writer {r['writer_us_per_decision']} µs, indexer {r['indexer_us_per_decision']} µs "
+                  f"per decision ({r['decisions']:,} decisions)")
+for label in ("fill", "base-fill"):
+    if label in rows:
+        r = rows[label][0]
+        print(f"{label}: {r['decisions']:,} decisions, journal {r.get('journal_bytes_per_decision', 0):,.0f} + "
+              f"view {r.get('view_bytes_per_decision', 0):,.0f} = {r['bytes_per_decision']:,.0f} bytes per decision")

@@ -87,9 +87,13 @@ pub struct BenchArgs {
     #[arg(long)]
     honour_pushback: bool,
     /// The protocol the load speaks: riskserve's Score, or the inference protocol's
-    /// ModelInfer (one row per call, as Score).
+    /// ModelInfer (one row per call, as Score, unless `--batch`).
     #[arg(long, value_enum, default_value_t = Protocol::Score)]
     protocol: Protocol,
+    /// Rows per ModelInfer call (`--protocol v2` only): consecutive customers in one
+    /// `[batch, n_features]` tensor, decided and recorded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// A free-form label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -108,12 +112,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         Some(_) => Vec::new(),
         None => requests(&args.bundle, &args.data, &args.model)?,
     });
+    anyhow::ensure!(
+        args.batch >= 1 && (args.batch == 1 || args.protocol == Protocol::V2),
+        "--batch takes a number of rows from 1, with --protocol v2"
+    );
+    let batch = args.batch;
     let inference = Arc::new(match args.protocol {
         Protocol::V2 => {
             let columns = schema_columns(&args.bundle)?;
-            requests
-                .iter()
-                .map(|r| infer_request(r, &columns))
+            // Each customer once: the calls step through the CSV `batch` rows at a time.
+            (0..requests.len().div_ceil(batch))
+                .map(|i| {
+                    let rows: Vec<&pb::ScoreRequest> = (0..batch)
+                        .map(|k| &requests[(i * batch + k) % requests.len()])
+                        .collect();
+                    infer_request(&rows, &columns)
+                })
                 .collect()
         }
         Protocol::Score => Vec::new(),
@@ -239,8 +253,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "connections": args.connections,
         "duration_s": elapsed,
         "requests": hist.len(),
+        "batch": batch,
         "errors": errors.load(Ordering::Relaxed),
         "throughput_rps": hist.len() as f64 / elapsed,
+        "rows_per_s": (hist.len() * batch as u64) as f64 / elapsed,
         "p50_us": hist.value_at_quantile(0.50),
         "p90_us": hist.value_at_quantile(0.90),
         "p99_us": hist.value_at_quantile(0.99),
@@ -277,39 +293,56 @@ fn schema_columns(bundle_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
     Ok(bundle.schema.names())
 }
 
-/// The same one-customer request as a ModelInfer call: one FP64 row in schema order, the
-/// customer and current limit as single-row parameters.
-fn infer_request(req: &pb::ScoreRequest, columns: &[String]) -> v2::ModelInferRequest {
+/// The same customers' requests as one ModelInfer call: an FP64 `[rows, n_features]` tensor
+/// in schema order; the customer and current limit as single-row parameters for one row, as
+/// the `customer_ids` and `current_limits` JSON arrays for more.
+fn infer_request(rows: &[&pb::ScoreRequest], columns: &[String]) -> v2::ModelInferRequest {
     use v2::infer_parameter::ParameterChoice;
-    let value = |name: &String| match req.features.get(name).and_then(|v| v.kind.clone()) {
+    let value = |req: &pb::ScoreRequest, name: &String| match req
+        .features
+        .get(name)
+        .and_then(|v| v.kind.clone())
+    {
         Some(pb::feature_value::Kind::Number(x)) => x,
         _ => f64::NAN,
     };
-    let raw = columns
+    let raw = rows
         .iter()
-        .flat_map(|c| value(c).to_le_bytes())
+        .flat_map(|r| columns.iter().flat_map(|c| value(r, c).to_le_bytes()))
         .collect();
-    let mut parameters = BTreeMap::from([(
-        "customer_id".to_string(),
-        v2::InferParameter {
-            parameter_choice: Some(ParameterChoice::StringParam(req.customer_id.clone())),
-        },
-    )]);
-    if let Some(limit) = req.current_limit {
+    let string = |s: String| v2::InferParameter {
+        parameter_choice: Some(ParameterChoice::StringParam(s)),
+    };
+    let mut parameters = BTreeMap::new();
+    if let [req] = rows {
+        parameters.insert("customer_id".to_string(), string(req.customer_id.clone()));
+        if let Some(limit) = req.current_limit {
+            parameters.insert(
+                "current_limit".to_string(),
+                v2::InferParameter {
+                    parameter_choice: Some(ParameterChoice::Int64Param(limit)),
+                },
+            );
+        }
+    } else {
+        let ids: Vec<&str> = rows.iter().map(|r| r.customer_id.as_str()).collect();
+        let limits: Vec<Option<i64>> = rows.iter().map(|r| r.current_limit).collect();
         parameters.insert(
-            "current_limit".to_string(),
-            v2::InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(limit)),
-            },
+            "customer_ids".to_string(),
+            string(serde_json::to_string(&ids).expect("strings serialise")),
+        );
+        parameters.insert(
+            "current_limits".to_string(),
+            string(serde_json::to_string(&limits).expect("numbers serialise")),
         );
     }
     v2::ModelInferRequest {
-        model_name: req.model.clone(),
+        model_name: rows[0].model.clone(),
         parameters,
         inputs: vec![v2::model_infer_request::InferInputTensor {
             name: "features".into(),
             datatype: "FP64".into(),
-            shape: vec![1, columns.len() as i64],
+            shape: vec![rows.len() as i64, columns.len() as i64],
             ..Default::default()
         }],
         raw_input_contents: vec![raw],

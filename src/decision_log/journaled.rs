@@ -144,6 +144,7 @@ fn entry_of(names: &FeatureNames, r: journal::Record) -> Result<Entry, LogError>
     let e = decode_entry(&r.payload).map_err(|e| damaged(e.to_string()))?;
     let body = decode_body(e.record, |d| names.get(d)).map_err(|e| damaged(e.to_string()))?;
     Ok(Entry {
+        compact: e.record.first() == Some(&super::record::FORMAT),
         record: DecisionRecord {
             seq: r.position.seq as i64,
             body,
@@ -285,9 +286,10 @@ impl JournalLog {
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Unavailable(format!("starting the writer: {e}")))?;
         let indexer_tail = tail.clone();
+        let view_writer = view::ViewWriter::new(conn, names.clone())?;
         let indexer = std::thread::Builder::new()
             .name("decision-log-indexer".into())
-            .spawn(move || index(conn, &indexer_tail))
+            .spawn(move || index(view_writer, &indexer_tail))
             .map_err(|e| LogError::Unavailable(format!("starting the indexer: {e}")))?;
         Ok(Arc::new(JournalLog {
             files,
@@ -386,7 +388,7 @@ fn set_nice(nice: i32) -> bool {
 /// The indexer: the tail into the view, batch by batch, until the tail is closed and drained.
 /// It runs at nice 19 (the acknowledgement path comes first) unless the view trails by more
 /// than [`BOOST_LAG`] records or a reader waits for it.
-fn index(mut conn: Connection, tail: &Tail) {
+fn index(mut view: view::ViewWriter, tail: &Tail) {
     let mut nice = 19;
     set_nice(nice);
     let mut failing = false;
@@ -412,7 +414,7 @@ fn index(mut conn: Connection, tail: &Tail) {
         let Some(last) = batch.last() else {
             return;
         };
-        match view::insert(&mut conn, &batch) {
+        match view.insert(&batch) {
             Ok(()) => {
                 if failing {
                     tracing::info!("the query view takes writes again");
@@ -484,7 +486,7 @@ impl DecisionLog for JournalLog {
 
     fn get(&self, decision_id: &str) -> Result<Option<DecisionRecord>, LogError> {
         let (found, extra) = self.with_tail(
-            |c| view::get(c, decision_id),
+            |c| view::get(c, &self.names, decision_id),
             |r| r.body.decision_id == decision_id,
         )?;
         Ok(found.or_else(|| extra.first().map(|e| e.record.clone())))
@@ -492,7 +494,7 @@ impl DecisionLog for JournalLog {
 
     fn by_customer(&self, refs: &[String]) -> Result<Vec<DecisionRecord>, LogError> {
         let (mut found, extra) = self.with_tail(
-            |c| view::by_customer(c, refs),
+            |c| view::by_customer(c, &self.names, refs),
             |r| refs.contains(&r.body.customer_ref),
         )?;
         found.extend(extra.iter().map(|e| e.record.clone()));
@@ -503,7 +505,7 @@ impl DecisionLog for JournalLog {
 
     fn previous(&self, refs: &[String], seq: i64) -> Result<Option<DecisionRecord>, LogError> {
         let (found, extra) = self.with_tail(
-            |c| view::previous(c, refs, seq),
+            |c| view::previous(c, &self.names, refs, seq),
             |r| r.seq < seq && r.body.arm != "shadow" && refs.contains(&r.body.customer_ref),
         )?;
         let later = extra.last().map(|e| e.record.clone());
@@ -538,7 +540,7 @@ impl DecisionLog for JournalLog {
         visit: &mut dyn FnMut(DecisionRecord) -> bool,
     ) -> Result<(), LogError> {
         self.catch_up()?;
-        self.read(|c| view::scan(c, window, visit))
+        self.read(|c| view::scan(c, &self.names, window, visit))
     }
 
     fn verify(&self) -> Result<VerifyReport, LogError> {
@@ -558,19 +560,7 @@ pub fn verify_journal(
     upto: Option<i64>,
     view: Option<&Connection>,
 ) -> Result<VerifyReport, LogError> {
-    let mut lookup = view
-        .map(|c| c.prepare("SELECT seq FROM decisions WHERE hash = ?1 LIMIT 1"))
-        .transpose()
-        .map_err(view::query_err)?;
-    let mut find = |hash: &str| {
-        lookup.as_mut().and_then(|s| {
-            use rusqlite::OptionalExtension as _;
-            s.query_row([hash], |r| r.get::<_, i64>(0))
-                .optional()
-                .ok()
-                .flatten()
-        })
-    };
+    let mut find = |hash: &str| view.and_then(|c| view::seq_of_hash(c, hash));
     let anchor = files.read_anchor()?;
     let mut verifier = Verifier::new(&mut find, anchor);
     let mut unreadable: Option<(i64, String)> = None;

@@ -8,12 +8,16 @@
 //!   keeps the rows as the query view, and sets the checkpoint and `user_version = 2` in one
 //!   transaction at the end. Interrupted, it starts over on the next open: the journal is
 //!   only trusted once `user_version` says so.
-//! - 0 without one: a new directory; 2: the current layout. Anything newer was written by a
+//!   (The rows it kept are dropped again at once by the step to layout 3, below.)
+//! - 2: the journal's first view, one wide `decisions` table. The view is a cache of the
+//!   journal, so the step to layout 3 drops it (and its checkpoint) and the indexer rebuilds
+//!   it from the journal on this start.
+//! - 0 without one: a new directory; 3: the current layout. Anything newer was written by a
 //!   later release and is refused rather than guessed at.
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::journal::{Journal, JournalOptions, Position};
+use super::journal::{Journal, JournalOptions};
 use super::journaled::LogFiles;
 use super::record::encode_entry;
 use super::{DecisionRecord, LogError, view};
@@ -45,12 +49,69 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
         )
         .map_err(q)?;
     if old_log {
-        migrate_v0(conn, files)?;
+        return migrate_v0(conn, files);
     }
-    conn.execute_batch(view::SCHEMA).map_err(q)?;
-    conn.execute_batch(view::REQUEST_INDEX).map_err(q)?;
-    conn.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))
-        .map_err(q)
+    if version == 2 {
+        tracing::info!("dropping the wide query view of layout 2; it is rebuilt from the journal");
+    }
+    // Layout 2's wide table and its checkpoint go (a cache of the journal) in the same
+    // transaction as the new layout: interrupted, this starts over. The rollout store's
+    // tables in the file stay.
+    let tx = conn.transaction().map_err(q)?;
+    if version == 2 {
+        tx.execute_batch(
+            "DROP TABLE IF EXISTS decisions; DROP TABLE IF EXISTS journal_checkpoint;",
+        )
+        .map_err(q)?;
+    }
+    tx.execute_batch(view::SCHEMA).map_err(q)?;
+    tx.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))
+        .map_err(q)?;
+    tx.commit().map_err(q)
+}
+
+/// The columns of the `decisions` table of layouts 0 and 2, in the order [`legacy_record`]
+/// reads them.
+pub(super) const LEGACY_COLUMNS: &str = "seq, decision_id, recorded_at, request_id, request_hash, \
+    customer_ref, key_id, model, version, digest, rollout_id, arm, features, pd, grade, \
+    decision, current_limit, granted_limit, reasons, caller, trace_id, prev_hash, hash";
+
+fn legacy_json<T: serde::de::DeserializeOwned>(i: usize, text: String) -> rusqlite::Result<T> {
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A row of a layout-0 or layout-2 `decisions` table (features and reasons as JSON), or of
+/// layout 3's `decisions` view, which shows the same columns.
+pub(super) fn legacy_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<DecisionRecord> {
+    Ok(DecisionRecord {
+        seq: r.get(0)?,
+        body: super::RecordBody {
+            decision_id: r.get(1)?,
+            recorded_at: r.get(2)?,
+            request_id: r.get(3)?,
+            request_hash: r.get(4)?,
+            customer_ref: r.get(5)?,
+            key_id: r.get(6)?,
+            model: r.get(7)?,
+            version: r.get(8)?,
+            digest: r.get(9)?,
+            rollout_id: r.get(10)?,
+            arm: r.get(11)?,
+            features: legacy_json(12, r.get(12)?)?,
+            probability_of_default: r.get(13)?,
+            grade: r.get(14)?,
+            decision: r.get(15)?,
+            current_limit: r.get(16)?,
+            granted_limit: r.get(17)?,
+            reasons: legacy_json(18, r.get(18)?)?,
+            caller: r.get(19)?,
+            trace_id: r.get(20)?,
+        },
+        prev_hash: r.get(21)?,
+        hash: r.get(22)?,
+    })
 }
 
 /// The previous release's log → journal + view.
@@ -81,32 +142,27 @@ fn migrate_v0(conn: &mut Connection, files: &LogFiles) -> Result<(), LogError> {
     };
     let (mut journal, _) = Journal::open(&files.journal, options, None)
         .map_err(|e| LogError::Unavailable(e.to_string()))?;
-    let mut last: Option<Position> = None;
     let mut copied = 0u64;
     {
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT {} FROM decisions ORDER BY seq",
-                view::COLUMNS
+                "SELECT {LEGACY_COLUMNS} FROM decisions ORDER BY seq"
             ))
             .map_err(q)?;
         let mut rows = stmt.query([]).map_err(q)?;
         let mut group: Vec<Vec<u8>> = Vec::with_capacity(MIGRATE_GROUP);
         let mut expected = first_seq;
-        let flush = |group: &mut Vec<Vec<u8>>,
-                     journal: &mut Journal|
-         -> Result<Option<Position>, LogError> {
-            if group.is_empty() {
-                return Ok(None);
+        let flush = |group: &mut Vec<Vec<u8>>, journal: &mut Journal| -> Result<(), LogError> {
+            if !group.is_empty() {
+                journal
+                    .append(group)
+                    .map_err(|e| LogError::Unavailable(format!("migrating the log: {e}")))?;
+                group.clear();
             }
-            let positions = journal
-                .append(group)
-                .map_err(|e| LogError::Unavailable(format!("migrating the log: {e}")))?;
-            group.clear();
-            Ok(positions.last().copied())
+            Ok(())
         };
         while let Some(row) = rows.next().map_err(q)? {
-            let r: DecisionRecord = view::row_to_record(row)
+            let r: DecisionRecord = legacy_record(row)
                 .map_err(|e| LogError::Damaged(format!("migrating: a row is unreadable: {e}")))?;
             if r.seq != expected {
                 return Err(LogError::Damaged(format!(
@@ -130,27 +186,22 @@ fn migrate_v0(conn: &mut Connection, files: &LogFiles) -> Result<(), LogError> {
             }
             group.push(encode_entry(&r.prev_hash, &hash, &json));
             copied += 1;
-            if group.len() == MIGRATE_GROUP
-                && let Some(p) = flush(&mut group, &mut journal)?
-            {
-                last = Some(p);
+            if group.len() == MIGRATE_GROUP {
+                flush(&mut group, &mut journal)?;
             }
         }
-        if let Some(p) = flush(&mut group, &mut journal)? {
-            last = Some(p);
-        }
+        flush(&mut group, &mut journal)?;
     }
+    // The journal is trusted once this commits: the old table goes, and the view is built
+    // from the journal on this start.
     let tx = conn.transaction().map_err(q)?;
     tx.execute_batch(
         "DROP INDEX IF EXISTS decisions_request; DROP TABLE IF EXISTS chain_head; \
-         DROP TABLE IF EXISTS writer_probe;",
+         DROP TABLE IF EXISTS writer_probe; DROP TABLE IF EXISTS decisions; \
+         DROP TABLE IF EXISTS journal_checkpoint;",
     )
     .map_err(q)?;
     tx.execute_batch(view::SCHEMA).map_err(q)?;
-    tx.execute_batch(view::REQUEST_INDEX).map_err(q)?;
-    if let Some(p) = last {
-        view::set_checkpoint(&tx, p)?;
-    }
     tx.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))
         .map_err(q)?;
     tx.commit().map_err(q)?;

@@ -491,11 +491,11 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// The shipped v1's feature names, in schema order.
-    fn schema() -> Vec<String> {
+    pub(crate) fn schema() -> Vec<String> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/credit-limit/v1");
         let bundle = crate::bundle::Bundle::load(&dir, None).expect("the shipped v1");
         bundle
@@ -508,7 +508,7 @@ mod tests {
 
     /// A body as the recorder writes one: canonical text, a Taiwan-like vector, four reasons
     /// whose values are the vector's.
-    fn body(schema: &[String]) -> RecordBody {
+    pub(crate) fn body(schema: &[String]) -> RecordBody {
         let features: BTreeMap<String, f64> = schema
             .iter()
             .enumerate()

@@ -19,6 +19,9 @@ use super::journal::Position;
 pub struct Entry {
     pub record: DecisionRecord,
     pub position: Position,
+    /// Stored in format 2: its fields are in canonical form, so the view keeps them as
+    /// bytes and numbers (a format-1 record keeps its JSON there).
+    pub compact: bool,
 }
 
 struct Inner {

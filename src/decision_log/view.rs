@@ -1,44 +1,71 @@
 //! The query view: the SQLite file reviewers open with any SQLite tool, built from the
-//! journal off the request path. Its `decisions` table has one row per durable record with
-//! every field readable (features and reasons as JSON); `journal_checkpoint` says which
-//! journal record it holds up to, written in the same transaction as the rows, so that after
-//! a crash the indexer resumes exactly after it.
+//! journal off the request path (issue 16, item 4).
 //!
-//! The view is a cache of the journal: it is written without fsync (`synchronous = NORMAL`;
-//! a power loss can only take rows the journal still has), and any row it lacks is re-read
-//! from the journal on start. Queries here see only what the view holds; [`super::JournalLog`]
-//! adds the tail.
+//! Layout 3. The rows live in `decision_rows`, kept narrow because the indexer writes one
+//! per decision: ids and hashes as bytes, the time as µs, the model, version, digest,
+//! rollout and arm as one small integer into `arms`, the vector as a JSON array of numbers
+//! in the order of its bundle's names (`feature_names`), reasons as `[index, contribution]`
+//! pairs. The `decisions` view shows the same rows with the columns and text forms of the
+//! earlier layouts (features and reasons as JSON objects by name), so reviewers' queries
+//! keep working. A record the journal holds in format 1 (migrated, or not canonical) keeps
+//! its JSON in `body_json`, which the view and the readers then take as it is.
+//!
+//! `prev_hash` is stored only where it is not the hash of the row before (the first row,
+//! the first after a retention cut, a broken link): every other row's is that hash.
+//!
+//! `journal_checkpoint` says which journal record the view holds up to, written in the same
+//! transaction as the rows, so that after a crash the indexer resumes exactly after it. The
+//! view is a cache of the journal: it is written without fsync (`synchronous = NORMAL`; a
+//! power loss can only take rows the journal still has), any row it lacks is re-read from
+//! the journal on start, and a file of an older layout is dropped and rebuilt. Queries here
+//! see only what the view holds; [`super::JournalLog`] adds the tail.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
 use super::journal::Position;
+use super::names::FeatureNames;
 use super::tail::Entry;
 use super::{
-    ArmSummary, ArmTraffic, DecisionRecord, LogError, PD_BINS, RecordBody, RolloutDecisions,
-    VersionStats, Window,
+    ArmSummary, ArmTraffic, DecisionRecord, LogError, PD_BINS, RecordBody, RecordedReason,
+    RolloutDecisions, VersionStats, Window,
 };
 
 /// `PRAGMA user_version` of a file in this layout. 0 is the log before the journal (its
-/// `decisions` table was the log itself, with `chain_head`); see [`super::migrate`].
-pub const USER_VERSION: i64 = 2;
+/// `decisions` table was the log itself, with `chain_head`), 2 the first view of the journal
+/// (one wide `decisions` table); see [`super::migrate`].
+pub const USER_VERSION: i64 = 3;
 
 pub(super) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS decisions (
+CREATE TABLE IF NOT EXISTS arms (
+    id          INTEGER PRIMARY KEY,
+    model       TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    rollout_id  TEXT,
+    arm         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feature_names (
+    digest  TEXT NOT NULL,
+    idx     INTEGER NOT NULL,
+    name    TEXT NOT NULL,
+    PRIMARY KEY (digest, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS decision_rows (
     seq            INTEGER PRIMARY KEY,
-    decision_id    TEXT NOT NULL UNIQUE,
-    recorded_at    TEXT NOT NULL,
+    decision_id    BLOB NOT NULL,
+    at             INTEGER NOT NULL,
     request_id     TEXT NOT NULL,
-    request_hash   TEXT NOT NULL,
-    customer_ref   TEXT NOT NULL,
+    request_key    INTEGER NOT NULL,
+    request_hash   BLOB NOT NULL,
+    customer_ref   BLOB NOT NULL,
     key_id         TEXT NOT NULL,
-    model          TEXT NOT NULL,
-    version        TEXT NOT NULL,
-    digest         TEXT NOT NULL,
-    rollout_id     TEXT,
-    arm            TEXT NOT NULL,
+    arm_id         INTEGER NOT NULL REFERENCES arms(id),
     features       TEXT NOT NULL,
     pd             REAL NOT NULL,
     grade          TEXT NOT NULL,
@@ -47,13 +74,16 @@ CREATE TABLE IF NOT EXISTS decisions (
     granted_limit  INTEGER NOT NULL,
     reasons        TEXT NOT NULL,
     caller         TEXT,
-    trace_id       TEXT,
-    prev_hash      TEXT NOT NULL,
-    hash           TEXT NOT NULL
+    trace_id       BLOB,
+    prev_hash      BLOB,
+    hash           BLOB NOT NULL,
+    body_json      TEXT
 );
-CREATE INDEX IF NOT EXISTS decisions_customer ON decisions(customer_ref, seq);
-CREATE INDEX IF NOT EXISTS decisions_version ON decisions(model, version, recorded_at);
-CREATE INDEX IF NOT EXISTS decisions_time ON decisions(recorded_at);
+CREATE INDEX IF NOT EXISTS decision_rows_id ON decision_rows(decision_id);
+CREATE INDEX IF NOT EXISTS decision_rows_customer ON decision_rows(customer_ref, seq);
+CREATE INDEX IF NOT EXISTS decision_rows_request ON decision_rows(request_key);
+CREATE INDEX IF NOT EXISTS decision_rows_arm ON decision_rows(arm_id, at);
+CREATE INDEX IF NOT EXISTS decision_rows_time ON decision_rows(at);
 -- The journal record the view holds up to (seq, and where the journal has it).
 CREATE TABLE IF NOT EXISTS journal_checkpoint (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
@@ -61,16 +91,66 @@ CREATE TABLE IF NOT EXISTS journal_checkpoint (
     segment INTEGER NOT NULL,
     offset  INTEGER NOT NULL
 );
+CREATE VIEW IF NOT EXISTS decisions AS
+SELECT
+    d.seq AS seq,
+    CASE WHEN d.body_json IS NULL THEN lower(
+        substr(hex(d.decision_id), 1, 8) || '-' || substr(hex(d.decision_id), 9, 4) || '-' ||
+        substr(hex(d.decision_id), 13, 4) || '-' || substr(hex(d.decision_id), 17, 4) || '-' ||
+        substr(hex(d.decision_id), 21, 12))
+        ELSE json_extract(d.body_json, '$.decision_id') END AS decision_id,
+    CASE WHEN d.body_json IS NULL THEN
+        strftime('%Y-%m-%dT%H:%M:%S', d.at / 1000000, 'unixepoch') || '.' ||
+        printf('%06d', d.at % 1000000) || 'Z'
+        ELSE json_extract(d.body_json, '$.recorded_at') END AS recorded_at,
+    d.request_id AS request_id,
+    CASE WHEN d.body_json IS NULL THEN lower(hex(d.request_hash))
+        ELSE json_extract(d.body_json, '$.request_hash') END AS request_hash,
+    CASE WHEN d.body_json IS NULL THEN lower(hex(d.customer_ref))
+        ELSE json_extract(d.body_json, '$.customer_ref') END AS customer_ref,
+    d.key_id AS key_id,
+    a.model AS model,
+    a.version AS version,
+    a.digest AS digest,
+    a.rollout_id AS rollout_id,
+    a.arm AS arm,
+    CASE WHEN d.body_json IS NULL THEN (
+        SELECT json_group_object(name, value) FROM (
+            SELECT n.name AS name, j.value AS value FROM json_each(d.features) j
+            JOIN feature_names n ON n.digest = a.digest AND n.idx = j.key ORDER BY n.name))
+        ELSE json_extract(d.body_json, '$.features') END AS features,
+    d.pd AS pd,
+    d.grade AS grade,
+    d.decision AS decision,
+    d.current_limit AS current_limit,
+    d.granted_limit AS granted_limit,
+    CASE WHEN d.body_json IS NULL THEN (
+        SELECT json_group_array(json(reason)) FROM (
+            SELECT json_object(
+                'feature', n.name,
+                'contribution', json_extract(r.value, '$[1]'),
+                'value', json_extract(d.features, '$[' || json_extract(r.value, '$[0]') || ']'))
+                AS reason
+            FROM json_each(d.reasons) r
+            JOIN feature_names n ON n.digest = a.digest AND n.idx = json_extract(r.value, '$[0]')
+            ORDER BY r.key))
+        ELSE json_extract(d.body_json, '$.reasons') END AS reasons,
+    d.caller AS caller,
+    CASE WHEN d.body_json IS NOT NULL THEN json_extract(d.body_json, '$.trace_id')
+        WHEN d.trace_id IS NOT NULL THEN lower(hex(d.trace_id)) END AS trace_id,
+    CASE WHEN typeof(d.prev_hash) = 'text' THEN d.prev_hash
+        ELSE lower(hex(COALESCE(d.prev_hash,
+            (SELECT p.hash FROM decision_rows p WHERE p.seq = d.seq - 1)))) END AS prev_hash,
+    lower(hex(d.hash)) AS hash
+FROM decision_rows d JOIN arms a ON a.id = d.arm_id;
 ";
 
-/// Request ids are unique among served records, but the journal's writer enforces that; the
-/// view's index only finds them (a unique index here could wedge the indexer on a row the
-/// journal already holds).
-pub(super) const REQUEST_INDEX: &str = "CREATE INDEX IF NOT EXISTS decisions_request_id ON decisions(request_id) WHERE arm != 'shadow';";
-
-pub(super) const COLUMNS: &str = "seq, decision_id, recorded_at, request_id, request_hash, customer_ref, \
-    key_id, model, version, digest, rollout_id, arm, features, pd, grade, decision, \
-    current_limit, granted_limit, reasons, caller, trace_id, prev_hash, hash";
+/// What the readers select: the row, its arm, and the hash of the row before.
+const SELECT: &str = "SELECT d.seq, d.decision_id, d.at, d.request_id, d.request_hash, \
+    d.customer_ref, d.key_id, a.model, a.version, a.digest, a.rollout_id, a.arm, d.features, \
+    d.pd, d.grade, d.decision, d.current_limit, d.granted_limit, d.reasons, d.caller, \
+    d.trace_id, COALESCE(d.prev_hash, (SELECT p.hash FROM decision_rows p WHERE p.seq = d.seq - 1)), \
+    d.hash, d.body_json FROM decision_rows d JOIN arms a ON a.id = d.arm_id";
 
 pub(super) fn query_err(e: rusqlite::Error) -> LogError {
     LogError::Query(e.to_string())
@@ -85,8 +165,7 @@ pub(super) fn open_rw(path: &Path) -> Result<Connection, LogError> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| LogError::Unavailable(format!("opening {}: {e}", path.display())))?;
-    // temp_store = MEMORY: an INSERT into a table with unique indexes keeps a statement
-    // journal, which on disk was 30% of the indexer's time (perf). A larger checkpoint
+    // temp_store = MEMORY: statement journals stay off the disk. A larger checkpoint
     // interval checkpoints each index page once per many batches rather than once per batch.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; \
@@ -131,63 +210,6 @@ pub(super) fn indexed_seq(c: &Connection) -> Result<i64, LogError> {
     Ok(checkpoint(c)?.map_or(0, |p| p.seq as i64))
 }
 
-/// Writes a batch of records and the new checkpoint in one transaction.
-pub(super) fn insert(
-    conn: &mut Connection,
-    batch: &[std::sync::Arc<Entry>],
-) -> Result<(), LogError> {
-    let Some(last) = batch.last() else {
-        return Ok(());
-    };
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(query_err)?;
-    {
-        let mut insert = tx
-            .prepare_cached(
-                "INSERT INTO decisions (seq, decision_id, recorded_at, request_id, \
-                 request_hash, customer_ref, key_id, model, version, digest, rollout_id, arm, \
-                 features, pd, grade, decision, current_limit, granted_limit, reasons, caller, \
-                 trace_id, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-                 ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
-            )
-            .map_err(query_err)?;
-        for e in batch {
-            let r = &e.record;
-            let b = &r.body;
-            insert
-                .execute(params![
-                    r.seq,
-                    b.decision_id,
-                    b.recorded_at,
-                    b.request_id,
-                    b.request_hash,
-                    b.customer_ref,
-                    b.key_id,
-                    b.model,
-                    b.version,
-                    b.digest,
-                    b.rollout_id,
-                    b.arm,
-                    serde_json::to_string(&b.features).expect("features serialise"),
-                    b.probability_of_default,
-                    b.grade,
-                    b.decision,
-                    b.current_limit,
-                    b.granted_limit,
-                    serde_json::to_string(&b.reasons).expect("reasons serialise"),
-                    b.caller,
-                    b.trace_id,
-                    r.prev_hash,
-                    r.hash,
-                ])
-                .map_err(query_err)?;
-        }
-    }
-    set_checkpoint(&tx, last.position)?;
-    tx.commit().map_err(query_err)
-}
-
 pub(super) fn set_checkpoint(c: &Connection, p: Position) -> Result<(), LogError> {
     c.execute(
         "INSERT INTO journal_checkpoint (id, seq, segment, offset) VALUES (1, ?1, ?2, ?3) \
@@ -199,34 +221,370 @@ pub(super) fn set_checkpoint(c: &Connection, p: Position) -> Result<(), LogError
     Ok(())
 }
 
-pub(super) fn get(c: &Connection, decision_id: &str) -> Result<Option<DecisionRecord>, LogError> {
-    c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM decisions WHERE decision_id = ?1"
-    ))
-    .map_err(query_err)?
-    .query_row([decision_id], row_to_record)
-    .optional()
-    .map_err(query_err)
+/// A text field as the view stores it: its bytes when it is the canonical text of `N`
+/// bytes (lowercase hex, or a lowercase hyphenated UUID when `N` is 16), the text itself
+/// otherwise. The same text always gives the same value and different texts different
+/// values, so lookups convert their argument the same way.
+pub(super) enum Key<'a> {
+    Bytes(Vec<u8>),
+    Text(&'a str),
+}
+
+impl<'a> Key<'a> {
+    pub fn hex<const N: usize>(s: &'a str) -> Key<'a> {
+        let mut out = [0u8; N];
+        if s.len() == 2 * N
+            && !s.bytes().any(|b| b.is_ascii_uppercase())
+            && hex::decode_to_slice(s, &mut out).is_ok()
+        {
+            Key::Bytes(out.to_vec())
+        } else {
+            Key::Text(s)
+        }
+    }
+
+    pub fn uuid(s: &'a str) -> Key<'a> {
+        match uuid::Uuid::parse_str(s) {
+            Ok(id) if id.hyphenated().to_string() == s => Key::Bytes(id.as_bytes().to_vec()),
+            _ => Key::Text(s),
+        }
+    }
+}
+
+impl Key<'_> {
+    fn value(&self) -> Value {
+        match self {
+            Key::Bytes(b) => Value::Blob(b.clone()),
+            Key::Text(s) => Value::Text(s.to_string()),
+        }
+    }
+}
+
+impl ToSql for Key<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Key::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Key::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        })
+    }
+}
+
+/// The text a [`Key`] was made from.
+fn key_text(v: ValueRef<'_>, uuid: bool) -> rusqlite::Result<String> {
+    match v {
+        ValueRef::Blob(b) if uuid => uuid::Uuid::from_slice(b)
+            .map(|u| u.to_string())
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, v.data_type(), Box::new(e))),
+        ValueRef::Blob(b) => Ok(hex::encode(b)),
+        ValueRef::Text(t) => Ok(String::from_utf8_lossy(t).into_owned()),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            0,
+            "key".into(),
+            other.data_type(),
+        )),
+    }
+}
+
+/// The index key of a request id: FNV-1a, 64 bits. Stable across releases (it is stored);
+/// a collision only costs a comparison.
+pub(super) fn request_key(request_id: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in request_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// µs since the epoch of an RFC 3339 time (as the log writes it, or a window bound).
+fn micros_of(t: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339_weak(t).ok()?;
+    i64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_micros()).ok()
+}
+
+fn rfc3339_micros(us: i64) -> String {
+    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us.max(0) as u64))
+        .to_string()
+}
+
+/// A JSON array of numbers, as serde_json writes each one (shortest round-trip form).
+fn json_numbers(out: &mut String, values: impl Iterator<Item = f64>) {
+    out.push('[');
+    let mut buf = ryu::Buffer::new();
+    for (i, v) in values.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(buf.format(v));
+    }
+    out.push(']');
+}
+
+/// The vector of `b` as a JSON array in the order of `names`, its reasons as `[index,
+/// contribution]` pairs; false (and `features`, `reasons` unusable) when a feature is not
+/// one of `names` or a reason's value is not the vector's.
+fn compact_columns(
+    b: &RecordBody,
+    names: &[String],
+    features: &mut String,
+    reasons: &mut String,
+) -> bool {
+    use std::fmt::Write as _;
+    features.clear();
+    reasons.clear();
+    if names.len() != b.features.len() {
+        return false;
+    }
+    let mut x = Vec::with_capacity(names.len());
+    for n in names {
+        match b.features.get(n) {
+            Some(v) => x.push(*v),
+            None => return false,
+        }
+    }
+    json_numbers(features, x.iter().copied());
+    let mut buf = ryu::Buffer::new();
+    reasons.push('[');
+    for (i, reason) in b.reasons.iter().enumerate() {
+        let Some(idx) = names.iter().position(|n| *n == reason.feature) else {
+            return false;
+        };
+        if x[idx].to_bits() != reason.value.to_bits() {
+            return false;
+        }
+        if i > 0 {
+            reasons.push(',');
+        }
+        let _ = write!(reasons, "[{idx},{}]", buf.format(reason.contribution));
+    }
+    reasons.push(']');
+    true
+}
+
+/// The indexer's side of the view: writes batches of journal records as rows.
+pub(super) struct ViewWriter {
+    conn: Connection,
+    names: Arc<FeatureNames>,
+    /// `arms.id` by (model, version, digest, rollout_id, arm).
+    arms: HashMap<(String, String, String, Option<String>, String), i64>,
+    /// Digests whose names `feature_names` holds.
+    named: std::collections::HashSet<String>,
+    /// The view's last row: its seq and hash, so a row whose prev_hash is that hash need
+    /// not store it.
+    last: Option<(i64, Value)>,
+}
+
+impl ViewWriter {
+    pub fn new(conn: Connection, names: Arc<FeatureNames>) -> Result<ViewWriter, LogError> {
+        let last = conn
+            .query_row(
+                "SELECT seq, hash FROM decision_rows ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(query_err)?;
+        Ok(ViewWriter {
+            conn,
+            names,
+            arms: HashMap::new(),
+            named: std::collections::HashSet::new(),
+            last,
+        })
+    }
+
+    /// The arm row of `b`, added (with its bundle's names) if new.
+    fn arm_id(
+        tx: &rusqlite::Transaction<'_>,
+        names: &FeatureNames,
+        named: &mut std::collections::HashSet<String>,
+        arms: &mut HashMap<(String, String, String, Option<String>, String), i64>,
+        b: &RecordBody,
+    ) -> Result<i64, LogError> {
+        let key = (
+            b.model.clone(),
+            b.version.clone(),
+            b.digest.clone(),
+            b.rollout_id.clone(),
+            b.arm.clone(),
+        );
+        if let Some(id) = arms.get(&key) {
+            return Ok(*id);
+        }
+        let found: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM arms WHERE model = ?1 AND version = ?2 AND digest = ?3 \
+                 AND rollout_id IS ?4 AND arm = ?5",
+                params![b.model, b.version, b.digest, b.rollout_id, b.arm],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(query_err)?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                tx.execute(
+                    "INSERT INTO arms (model, version, digest, rollout_id, arm) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![b.model, b.version, b.digest, b.rollout_id, b.arm],
+                )
+                .map_err(query_err)?;
+                tx.last_insert_rowid()
+            }
+        };
+        if !named.contains(&b.digest) {
+            if let Some(list) = names.get(&b.digest) {
+                let mut put = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO feature_names (digest, idx, name) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(query_err)?;
+                for (i, n) in list.iter().enumerate() {
+                    put.execute(params![b.digest, i as i64, n])
+                        .map_err(query_err)?;
+                }
+            }
+            named.insert(b.digest.clone());
+        }
+        arms.insert(key, id);
+        Ok(id)
+    }
+
+    /// Writes a batch of records and the new checkpoint in one transaction.
+    pub fn insert(&mut self, batch: &[Arc<Entry>]) -> Result<(), LogError> {
+        let written = self.insert_batch(batch);
+        if written.is_err() {
+            // The transaction rolled back, and with it any arm or names it added: forget
+            // what was learnt in it, or later rows would point at arms that do not exist.
+            self.arms.clear();
+            self.named.clear();
+        }
+        written
+    }
+
+    fn insert_batch(&mut self, batch: &[Arc<Entry>]) -> Result<(), LogError> {
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(query_err)?;
+        let mut prev_row = self.last.clone();
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO decision_rows (seq, decision_id, at, request_id, request_key, \
+                     request_hash, customer_ref, key_id, arm_id, features, pd, grade, decision, \
+                     current_limit, granted_limit, reasons, caller, trace_id, prev_hash, hash, \
+                     body_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
+                     ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                )
+                .map_err(query_err)?;
+            let mut features = String::with_capacity(512);
+            let mut reasons = String::with_capacity(256);
+            for e in batch {
+                let r = &e.record;
+                let b = &r.body;
+                let arm = Self::arm_id(&tx, &self.names, &mut self.named, &mut self.arms, b)?;
+                let hash = Key::hex::<32>(&r.hash);
+                let prev = Key::hex::<32>(&r.prev_hash);
+                // Stored only where the row before does not say it.
+                let prev_is_row_before = matches!(
+                    (&prev, &prev_row),
+                    (Key::Bytes(p), Some((seq, Value::Blob(h)))) if *seq == r.seq - 1 && p == h
+                );
+                let compact = e.compact
+                    && self
+                        .names
+                        .get(&b.digest)
+                        .is_some_and(|list| compact_columns(b, &list, &mut features, &mut reasons));
+                let body_json = if compact {
+                    None
+                } else {
+                    features.clear();
+                    reasons.clear();
+                    features.push_str("[]");
+                    reasons.push_str("[]");
+                    Some(serde_json::to_string(b).expect("a record body always serialises"))
+                };
+                insert
+                    .execute(params![
+                        r.seq,
+                        Key::uuid(&b.decision_id),
+                        micros_of(&b.recorded_at).unwrap_or(0),
+                        b.request_id,
+                        request_key(&b.request_id),
+                        Key::hex::<32>(&b.request_hash),
+                        Key::hex::<32>(&b.customer_ref),
+                        b.key_id,
+                        arm,
+                        features,
+                        b.probability_of_default,
+                        b.grade,
+                        b.decision,
+                        b.current_limit,
+                        b.granted_limit,
+                        reasons,
+                        b.caller,
+                        b.trace_id.as_deref().map(Key::hex::<16>),
+                        (!prev_is_row_before).then_some(prev),
+                        hash,
+                        body_json,
+                    ])
+                    .map_err(query_err)?;
+                prev_row = Some((r.seq, hash.value()));
+            }
+        }
+        set_checkpoint(&tx, last.position)?;
+        tx.commit().map_err(query_err)?;
+        self.last = prev_row;
+        Ok(())
+    }
+}
+
+fn select_one(
+    c: &Connection,
+    names: &FeatureNames,
+    filter: &str,
+    p: impl rusqlite::Params,
+) -> Result<Option<DecisionRecord>, LogError> {
+    c.prepare_cached(&format!("{SELECT} WHERE {filter}"))
+        .map_err(query_err)?
+        .query_row(p, |r| row_to_record(r, names))
+        .optional()
+        .map_err(query_err)
+}
+
+pub(super) fn get(
+    c: &Connection,
+    names: &FeatureNames,
+    decision_id: &str,
+) -> Result<Option<DecisionRecord>, LogError> {
+    select_one(c, names, "d.decision_id = ?1", [Key::uuid(decision_id)])
 }
 
 /// The served record of a request id.
 pub(super) fn by_request(
     c: &Connection,
+    names: &FeatureNames,
     request_id: &str,
 ) -> Result<Option<DecisionRecord>, LogError> {
-    c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM decisions WHERE request_id = ?1 AND arm != 'shadow' LIMIT 1"
-    ))
-    .map_err(query_err)?
-    .query_row([request_id], row_to_record)
-    .optional()
-    .map_err(query_err)
+    select_one(
+        c,
+        names,
+        "d.request_key = ?1 AND d.request_id = ?2 AND a.arm != 'shadow' LIMIT 1",
+        params![request_key(request_id), request_id],
+    )
 }
 
 /// Every served request id, for the writer's filter.
 pub(super) fn each_request_id(c: &Connection, mut each: impl FnMut(&str)) -> Result<(), LogError> {
     let mut stmt = c
-        .prepare("SELECT request_id FROM decisions WHERE arm != 'shadow'")
+        .prepare(
+            "SELECT d.request_id FROM decision_rows d JOIN arms a ON a.id = d.arm_id \
+             WHERE a.arm != 'shadow'",
+        )
         .map_err(query_err)?;
     let mut rows = stmt.query([]).map_err(query_err)?;
     while let Some(row) = rows.next().map_err(query_err)? {
@@ -240,18 +598,31 @@ pub(super) fn each_request_id(c: &Connection, mut each: impl FnMut(&str)) -> Res
     Ok(())
 }
 
+/// The seq of the record with `hash`, for classifying a broken link (a full scan: rare).
+pub(super) fn seq_of_hash(c: &Connection, hash: &str) -> Option<i64> {
+    c.prepare_cached("SELECT seq FROM decision_rows WHERE hash = ?1 LIMIT 1")
+        .ok()?
+        .query_row([Key::hex::<32>(hash)], |r| r.get(0))
+        .optional()
+        .ok()
+        .flatten()
+}
+
 pub(super) fn by_customer(
     c: &Connection,
+    names: &FeatureNames,
     refs: &[String],
 ) -> Result<Vec<DecisionRecord>, LogError> {
     let mut out = Vec::new();
     let mut stmt = c
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM decisions WHERE customer_ref = ?1 ORDER BY seq"
+            "{SELECT} WHERE d.customer_ref = ?1 ORDER BY d.seq"
         ))
         .map_err(query_err)?;
     for r in refs {
-        let rows = stmt.query_map([r], row_to_record).map_err(query_err)?;
+        let rows = stmt
+            .query_map([Key::hex::<32>(r)], |row| row_to_record(row, names))
+            .map_err(query_err)?;
         for row in rows {
             out.push(row.map_err(query_err)?);
         }
@@ -262,19 +633,22 @@ pub(super) fn by_customer(
 
 pub(super) fn previous(
     c: &Connection,
+    names: &FeatureNames,
     refs: &[String],
     seq: i64,
 ) -> Result<Option<DecisionRecord>, LogError> {
     let mut best: Option<DecisionRecord> = None;
     let mut stmt = c
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM decisions WHERE customer_ref = ?1 AND seq < ?2 \
-             AND arm != 'shadow' ORDER BY seq DESC LIMIT 1"
+            "{SELECT} WHERE d.customer_ref = ?1 AND d.seq < ?2 AND a.arm != 'shadow' \
+             ORDER BY d.seq DESC LIMIT 1"
         ))
         .map_err(query_err)?;
     for r in refs {
         let found = stmt
-            .query_row(params![r, seq], row_to_record)
+            .query_row(params![Key::hex::<32>(r), seq], |row| {
+                row_to_record(row, names)
+            })
             .optional()
             .map_err(query_err)?;
         if let Some(f) = found
@@ -286,19 +660,32 @@ pub(super) fn previous(
     Ok(best)
 }
 
+/// A window's bounds in µs (inclusive, exclusive).
+fn bounds(w: &Window) -> Result<(i64, i64), LogError> {
+    let bound = |s: &Option<String>, open: i64| match s {
+        None => Ok(open),
+        Some(t) => {
+            micros_of(t).ok_or_else(|| LogError::Query(format!("not an RFC 3339 time: {t}")))
+        }
+    };
+    Ok((bound(&w.since, i64::MIN)?, bound(&w.until, i64::MAX)?))
+}
+
 pub(super) fn version_stats(
     c: &Connection,
     model: &str,
     version: &str,
     window: &Window,
 ) -> Result<VersionStats, LogError> {
+    let (since, until) = bounds(window)?;
     c.query_row(
         &format!(
-            "SELECT {STATS} FROM decisions
-             WHERE model = ?1 AND version = ?2 AND arm != 'shadow'
-               AND recorded_at >= ?3 AND recorded_at < ?4"
+            "SELECT {STATS} FROM decision_rows
+             WHERE arm_id IN (SELECT id FROM arms WHERE model = ?1 AND version = ?2
+                              AND arm != 'shadow')
+               AND at >= ?3 AND at < ?4"
         ),
-        params![model, version, since(window), until(window)],
+        params![model, version, since, until],
         |r| stats_from_row(r, 0),
     )
     .map_err(query_err)
@@ -309,27 +696,28 @@ pub(super) fn rollout_decisions(
     rollout_id: &str,
     since: &str,
 ) -> Result<RolloutDecisions, LogError> {
-    // Every query reads the time index from the rollout's start, then filters by id.
-    const SCOPE: &str = "recorded_at >= ?1 AND rollout_id = ?2";
+    let since = micros_of(since)
+        .ok_or_else(|| LogError::Query(format!("not an RFC 3339 time: {since}")))?;
     c.execute_batch("BEGIN").map_err(query_err)?;
-    let result = rollout_snapshot(c, SCOPE, rollout_id, since);
+    let result = rollout_snapshot(c, rollout_id, since);
     let _ = c.execute_batch("COMMIT");
     result
 }
 
 pub(super) fn scan(
     c: &Connection,
+    names: &FeatureNames,
     window: &Window,
     visit: &mut dyn FnMut(DecisionRecord) -> bool,
 ) -> Result<(), LogError> {
+    let (since, until) = bounds(window)?;
     let mut stmt = c
         .prepare(&format!(
-            "SELECT {COLUMNS} FROM decisions WHERE recorded_at >= ?1 AND recorded_at < ?2 \
-             ORDER BY seq"
+            "{SELECT} WHERE d.at >= ?1 AND d.at < ?2 ORDER BY d.seq"
         ))
         .map_err(query_err)?;
     let rows = stmt
-        .query_map(params![since(window), until(window)], row_to_record)
+        .query_map(params![since, until], |r| row_to_record(r, names))
         .map_err(query_err)?;
     for row in rows {
         if !visit(row.map_err(query_err)?) {
@@ -368,15 +756,15 @@ fn stats_from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<VersionStats> {
 /// series agree with each other.
 fn rollout_snapshot(
     c: &Connection,
-    scope: &str,
     rollout_id: &str,
-    since: &str,
+    since: i64,
 ) -> Result<RolloutDecisions, LogError> {
+    // Every query reads the rollout's arms from its start on.
+    const SCOPE: &str = "FROM decision_rows d JOIN arms a ON a.id = d.arm_id \
+        WHERE d.arm_id IN (SELECT id FROM arms WHERE rollout_id = ?2) AND d.at >= ?1";
     let mut out = RolloutDecisions::default();
     let mut stmt = c
-        .prepare(&format!(
-            "SELECT arm, {STATS} FROM decisions WHERE {scope} GROUP BY arm"
-        ))
+        .prepare(&format!("SELECT a.arm, {STATS} {SCOPE} GROUP BY a.arm"))
         .map_err(query_err)?;
     let rows = stmt
         .query_map(params![since, rollout_id], |r| {
@@ -400,8 +788,8 @@ fn rollout_snapshot(
 
     let mut stmt = c
         .prepare(&format!(
-            "SELECT arm, MIN(MAX(CAST(pd * {PD_BINS} AS INTEGER), 0), {last}), COUNT(*)
-             FROM decisions WHERE {scope} GROUP BY 1, 2",
+            "SELECT a.arm, MIN(MAX(CAST(d.pd * {PD_BINS} AS INTEGER), 0), {last}), COUNT(*)
+             {SCOPE} GROUP BY 1, 2",
             last = PD_BINS - 1
         ))
         .map_err(query_err)?;
@@ -421,57 +809,52 @@ fn rollout_snapshot(
         }
     }
 
-    let span: Option<(String, String)> = c
+    let span: Option<(i64, i64)> = c
         .query_row(
-            &format!("SELECT MIN(recorded_at), MAX(recorded_at) FROM decisions WHERE {scope}"),
+            &format!("SELECT MIN(d.at), MAX(d.at) {SCOPE}"),
             params![since, rollout_id],
-            |r| {
-                Ok(r.get::<_, Option<String>>(0)?
-                    .zip(r.get::<_, Option<String>>(1)?))
-            },
+            |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
         )
         .map_err(query_err)?;
     let Some((first, last)) = span else {
         return Ok(out);
     };
-    let secs = match (
-        humantime::parse_rfc3339(&first),
-        humantime::parse_rfc3339(&last),
-    ) {
-        (Ok(a), Ok(b)) => b.duration_since(a).map_or(0, |d| d.as_secs()),
-        _ => 0,
-    };
-    // recorded_at is fixed-width RFC 3339, so a prefix is a stretch of time: up to the
-    // seconds (19 characters), minutes (16), hours (13) or the day (10).
+    // Whole seconds between the first and the last, as the stretch is chosen from.
+    let secs = (last.div_euclid(1_000_000) - first.div_euclid(1_000_000)).max(0) as u64;
     const MOST: u64 = 600;
-    let (prefix, pad, stretch) = if secs <= MOST {
-        (19, "Z", 1)
+    let stretch: u64 = if secs <= MOST {
+        1
     } else if secs <= MOST * 60 {
-        (16, ":00Z", 60)
+        60
     } else if secs <= MOST * 3_600 {
-        (13, ":00:00Z", 3_600)
+        3_600
     } else {
-        (10, "T00:00:00Z", 86_400)
+        86_400
     };
     out.stretch_secs = stretch;
     let mut stmt = c
         .prepare(&format!(
-            "SELECT substr(recorded_at, 1, {prefix}), arm, COUNT(*)
-             FROM decisions WHERE {scope} GROUP BY 1, 2 ORDER BY 1"
+            "SELECT d.at / ?3, a.arm, COUNT(*) {SCOPE} GROUP BY 1, 2 ORDER BY 1"
         ))
         .map_err(query_err)?;
     let rows = stmt
-        .query_map(params![since, rollout_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })
+        .query_map(
+            params![since, rollout_id, stretch as i64 * 1_000_000],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )
         .map_err(query_err)?;
     for row in rows {
-        let (start, arm, n) = row.map_err(query_err)?;
-        let start = format!("{start}{pad}");
+        let (bucket, arm, n) = row.map_err(query_err)?;
+        let start = humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + Duration::from_secs(bucket.max(0) as u64 * stretch),
+        )
+        .to_string();
         if out.traffic.last().is_none_or(|t| t.start != start) {
             out.traffic.push(ArmTraffic {
                 start,
@@ -488,47 +871,312 @@ fn rollout_snapshot(
     Ok(out)
 }
 
-fn since(w: &Window) -> String {
-    w.since.clone().unwrap_or_default()
+fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
 }
 
-fn until(w: &Window) -> String {
-    // Every RFC 3339 timestamp sorts below this.
-    w.until.clone().unwrap_or_else(|| "9999".into())
-}
-
-fn json<T: serde::de::DeserializeOwned>(i: usize, text: String) -> rusqlite::Result<T> {
-    serde_json::from_str(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
-    })
-}
-
-pub(super) fn row_to_record(r: &Row<'_>) -> rusqlite::Result<DecisionRecord> {
+/// A row of [`SELECT`] as the record it holds.
+fn row_to_record(r: &Row<'_>, names: &FeatureNames) -> rusqlite::Result<DecisionRecord> {
+    let seq: i64 = r.get(0)?;
+    let prev_hash = match r.get_ref(21)? {
+        ValueRef::Null => super::chain::GENESIS.to_string(),
+        v => key_text(v, false)?,
+    };
+    let hash = key_text(r.get_ref(22)?, false)?;
+    if let Some(json) = r.get_ref(23)?.as_str_or_null()? {
+        return Ok(DecisionRecord {
+            seq,
+            body: serde_json::from_str(json).map_err(|e| conversion(23, e))?,
+            prev_hash,
+            hash,
+        });
+    }
+    let digest: String = r.get(9)?;
+    let schema = names.get(&digest).ok_or_else(|| {
+        conversion(
+            9,
+            std::io::Error::other(format!("no feature names are stored for {digest}")),
+        )
+    })?;
+    let x: Vec<f64> =
+        serde_json::from_str(r.get_ref(12)?.as_str()?).map_err(|e| conversion(12, e))?;
+    if x.len() != schema.len() {
+        return Err(conversion(
+            12,
+            std::io::Error::other(format!(
+                "{} features, the bundle has {}",
+                x.len(),
+                schema.len()
+            )),
+        ));
+    }
+    let pairs: Vec<(usize, f64)> =
+        serde_json::from_str(r.get_ref(18)?.as_str()?).map_err(|e| conversion(18, e))?;
+    let reasons = pairs
+        .into_iter()
+        .map(|(i, contribution)| {
+            let feature = schema.get(i).ok_or_else(|| {
+                conversion(18, std::io::Error::other(format!("feature index {i}")))
+            })?;
+            Ok(RecordedReason {
+                feature: feature.clone(),
+                contribution,
+                value: x[i],
+            })
+        })
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let trace_id = match r.get_ref(20)? {
+        ValueRef::Null => None,
+        v => Some(key_text(v, false)?),
+    };
     Ok(DecisionRecord {
-        seq: r.get(0)?,
+        seq,
         body: RecordBody {
-            decision_id: r.get(1)?,
-            recorded_at: r.get(2)?,
+            decision_id: key_text(r.get_ref(1)?, true)?,
+            recorded_at: rfc3339_micros(r.get(2)?),
             request_id: r.get(3)?,
-            request_hash: r.get(4)?,
-            customer_ref: r.get(5)?,
+            request_hash: key_text(r.get_ref(4)?, false)?,
+            customer_ref: key_text(r.get_ref(5)?, false)?,
             key_id: r.get(6)?,
             model: r.get(7)?,
             version: r.get(8)?,
-            digest: r.get(9)?,
+            digest,
             rollout_id: r.get(10)?,
             arm: r.get(11)?,
-            features: json(12, r.get(12)?)?,
+            features: schema.iter().cloned().zip(x).collect(),
             probability_of_default: r.get(13)?,
             grade: r.get(14)?,
             decision: r.get(15)?,
             current_limit: r.get(16)?,
             granted_limit: r.get(17)?,
-            reasons: json(18, r.get(18)?)?,
+            reasons,
             caller: r.get(19)?,
-            trace_id: r.get(20)?,
+            trace_id,
         },
-        prev_hash: r.get(21)?,
-        hash: r.get(22)?,
+        prev_hash,
+        hash,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision_log::migrate;
+    use crate::decision_log::record::tests::{body, schema};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        names: Arc<FeatureNames>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("decisions.db");
+        let conn = open_rw(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let names = Arc::new(FeatureNames::open(&dir.path().join("names")).unwrap());
+        Fixture {
+            _dir: dir,
+            path,
+            names,
+        }
+    }
+
+    fn entry(seq: i64, body: RecordBody, prev: &str, compact: bool) -> Arc<Entry> {
+        Arc::new(Entry {
+            record: DecisionRecord {
+                seq,
+                body,
+                prev_hash: prev.to_string(),
+                hash: format!("{seq:02x}").repeat(32),
+            },
+            position: Position {
+                seq: seq as u64,
+                segment: 1,
+                offset: 64 * seq as u64,
+            },
+            compact,
+        })
+    }
+
+    /// Records of every shape the journal holds: compact ones, one kept as JSON because its
+    /// text is not canonical, one after a broken link, one without optional fields.
+    fn records(names: &FeatureNames) -> Vec<Arc<Entry>> {
+        let schema = schema();
+        let mut sorted = schema.clone();
+        sorted.sort();
+        let mut b = body(&schema);
+        // Reasons keep their order (by weight), which is not the order of their names.
+        b.reasons.reverse();
+        names.ensure(&b.digest, sorted).unwrap();
+        let bare = RecordBody {
+            rollout_id: None,
+            current_limit: None,
+            caller: None,
+            trace_id: None,
+            reasons: Vec::new(),
+            arm: "champion".into(),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            ..b.clone()
+        };
+        let odd = RecordBody {
+            customer_ref: "0F".repeat(32),
+            recorded_at: "2026-12-02T10:00:00.5Z".into(),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            ..b.clone()
+        };
+        let later = RecordBody {
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            request_id: "req-000124".into(),
+            ..b.clone()
+        };
+        vec![
+            entry(1, b, crate::decision_log::chain::GENESIS, true),
+            entry(2, bare, &"01".repeat(32), true),
+            entry(3, odd, &"02".repeat(32), false),
+            entry(4, later, &"ee".repeat(32), true),
+        ]
+    }
+
+    #[test]
+    fn every_record_reads_back_as_it_was_written() {
+        let f = fixture();
+        let records = records(&f.names);
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(&records[..2]).unwrap();
+        // A second writer resumes from the file, as the indexer does after a restart.
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(&records[2..]).unwrap();
+        let c = open_ro(&f.path).unwrap();
+        assert_eq!(indexed_seq(&c).unwrap(), 4);
+        let mut all = Vec::new();
+        scan(&c, &f.names, &Window::default(), &mut |r| {
+            all.push(r);
+            true
+        })
+        .unwrap();
+        let want: Vec<DecisionRecord> = records.iter().map(|e| e.record.clone()).collect();
+        assert_eq!(all, want);
+        for r in &want {
+            let got = get(&c, &f.names, &r.body.decision_id).unwrap();
+            assert_eq!(got.as_ref(), Some(r));
+        }
+        let customer = by_customer(&c, &f.names, &[want[0].body.customer_ref.clone()]).unwrap();
+        assert_eq!(
+            customer.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 4]
+        );
+        let odd = by_customer(&c, &f.names, &[want[2].body.customer_ref.clone()]).unwrap();
+        assert_eq!(odd, [want[2].clone()]);
+        assert_eq!(
+            by_request(&c, &f.names, "req-000124")
+                .unwrap()
+                .map(|r| r.seq),
+            Some(4)
+        );
+        assert_eq!(
+            previous(&c, &f.names, &[want[0].body.customer_ref.clone()], 4)
+                .unwrap()
+                .map(|r| r.seq),
+            Some(2)
+        );
+        assert_eq!(seq_of_hash(&c, &"03".repeat(32)), Some(3));
+        // Only the first row and the one after the broken link store their prev_hash.
+        let stored: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM decision_rows WHERE prev_hash IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 2);
+    }
+
+    #[test]
+    fn a_batch_that_fails_leaves_no_arm_behind_that_later_rows_would_miss() {
+        let f = fixture();
+        let records = records(&f.names);
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(&records[..1]).unwrap();
+        // Record 2 brings a new arm (no rollout, champion); seq 1 again fails the batch.
+        let failing = [records[1].clone(), records[0].clone()];
+        assert!(w.insert(&failing).is_err());
+        w.insert(&records[1..]).unwrap();
+        let c = open_ro(&f.path).unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM decisions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn the_decisions_view_shows_the_columns_and_text_of_the_wide_layout() {
+        let f = fixture();
+        let records = records(&f.names);
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(&records).unwrap();
+        let c = open_ro(&f.path).unwrap();
+        let rows: Vec<DecisionRecord> = c
+            .prepare(&format!(
+                "SELECT {} FROM decisions ORDER BY seq",
+                migrate::LEGACY_COLUMNS
+            ))
+            .unwrap()
+            .query_map([], migrate::legacy_record)
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let want: Vec<DecisionRecord> = records.iter().map(|e| e.record.clone()).collect();
+        assert_eq!(rows, want);
+        // Features read by name, as reviewers' queries do.
+        let name = want[0].body.features.keys().nth(1).unwrap().clone();
+        let v: f64 = c
+            .query_row(
+                &format!("SELECT json_extract(features, '$.{name}') FROM decisions WHERE seq = 1"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, want[0].body.features[&name]);
+    }
+
+    #[test]
+    fn window_bounds_and_rollout_aggregates_use_the_time_column() {
+        let f = fixture();
+        let records = records(&f.names);
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(&records).unwrap();
+        let c = open_ro(&f.path).unwrap();
+        let rollout = records[0].record.body.rollout_id.clone().unwrap();
+        let r = rollout_decisions(&c, &rollout, "2000-01-01T00:00:00Z").unwrap();
+        let arms: Vec<(&str, u64)> = r
+            .arms
+            .iter()
+            .map(|a| (a.arm.as_str(), a.stats.decisions))
+            .collect();
+        // Rows 1, 3 and 4 are the candidate arm of the rollout; row 2 has no rollout.
+        assert_eq!(arms, [("candidate", 3)]);
+        assert_eq!(r.traffic.iter().map(|t| t.candidate).sum::<u64>(), 3);
+        let odd = Window {
+            since: Some("2026-12-02T10:00:00.000000Z".into()),
+            until: Some("2026-12-02T10:00:01.000000Z".into()),
+        };
+        let mut seen = Vec::new();
+        scan(&c, &f.names, &odd, &mut |r| {
+            seen.push(r.seq);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, [3]);
+        let stats = version_stats(&c, "credit-limit", "v1", &Window::default()).unwrap();
+        assert_eq!(stats.decisions, 4);
+        assert!(matches!(
+            bounds(&Window {
+                since: Some("yesterday".into()),
+                until: None
+            }),
+            Err(LogError::Query(_))
+        ));
+    }
 }

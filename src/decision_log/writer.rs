@@ -290,6 +290,7 @@ impl Writer {
                             self.seen.insert(&f.record.body.request_id);
                         }
                         Arc::new(Entry {
+                            compact: f.payload.get(64) == Some(&super::record::FORMAT),
                             record: f.record,
                             position,
                         })
@@ -366,7 +367,7 @@ impl Writer {
         if !self.seen.may_contain(&body.request_id) {
             return Ok(None);
         }
-        match view::by_request(&self.view, &body.request_id)
+        match view::by_request(&self.view, &self.names, &body.request_id)
             .map_err(|e| LogError::Unavailable(format!("looking up a request id: {e}")))?
         {
             Some(r) => {

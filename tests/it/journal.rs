@@ -32,6 +32,19 @@ async fn score_each(server: &TestServer, n: usize, customers_used: usize, tag: &
     }
 }
 
+/// The recorded history of the `i`-th test customer.
+async fn history(server: &TestServer, i: usize) -> Vec<pb::DecisionRecord> {
+    server
+        .trace()
+        .customer_history(pb::CustomerRef {
+            customer_id: customers()[i].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
 fn options() -> LogOptions {
     LogOptions {
         segment_bytes: 64 << 10,
@@ -332,15 +345,7 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
         12,
         "every old record migrated and verified"
     );
-    let history = server
-        .trace()
-        .customer_history(pb::CustomerRef {
-            customer_id: customers()[1].id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let history = history(&server, 1).await;
     assert_eq!(history.len(), 3);
     for r in &history {
         let replay = server
@@ -375,4 +380,58 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
         report.first_break.is_none() && report.records == 17,
         "{report:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal() {
+    // The first journal release kept one wide `decisions` table (layout 2) beside the same
+    // journal. Make one from real decisions: the rows as that table held them, its
+    // checkpoint, user_version 2.
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    score_each(&server, 9, 3, "wide").await;
+    let before = history(&server, 2).await;
+    server.stop().await.unwrap();
+    {
+        let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+        db.execute_batch(&format!(
+            "BEGIN;
+             CREATE TABLE wide AS SELECT * FROM decisions;
+             CREATE TABLE checkpoint_v2 AS SELECT * FROM journal_checkpoint;
+             DROP VIEW decisions; DROP TABLE decision_rows; DROP TABLE arms;
+             DROP TABLE feature_names; DROP TABLE journal_checkpoint;
+             {}
+             INSERT INTO decisions SELECT * FROM wide; DROP TABLE wide;
+             CREATE TABLE journal_checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1),
+                 seq INTEGER NOT NULL, segment INTEGER NOT NULL, offset INTEGER NOT NULL);
+             INSERT INTO journal_checkpoint SELECT * FROM checkpoint_v2; DROP TABLE checkpoint_v2;
+             PRAGMA user_version = 2;
+             COMMIT;",
+            OLD_SCHEMA
+                .split(';')
+                .filter(|s| s.contains("TABLE decisions") || s.contains("INDEX decisions_"))
+                .map(|s| format!("{s};"))
+                .collect::<String>()
+        ))
+        .unwrap();
+        let n: i64 = db
+            .query_row("SELECT COUNT(*) FROM decisions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 9);
+    }
+
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    assert_eq!(server.records().await, 9);
+    let after = history(&server, 2).await;
+    assert_eq!(after, before, "the rebuilt view answers as the old one did");
+    server.stop().await.unwrap();
+    let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+    let (version, rows): (i64, i64) = db
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version), COUNT(*) FROM decision_rows",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, rows), (3, 9));
 }

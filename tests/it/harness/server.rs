@@ -58,9 +58,16 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(riskserve::serve(listener, config, async {
+        let mut handle = tokio::spawn(riskserve::serve(listener, config, async {
             let _ = rx.await;
         }));
+        // A server that stops before it answers says why, rather than leaving a refused
+        // connection to puzzle over.
+        tokio::task::yield_now().await;
+        if handle.is_finished() {
+            let why = (&mut handle).await;
+            panic!("the server stopped as it started: {why:?}");
+        }
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -71,6 +78,10 @@ impl TestServer {
         for _ in 0..200 {
             if models.list_models(pb::ListModelsRequest {}).await.is_ok() {
                 break;
+            }
+            if handle.is_finished() {
+                let why = (&mut handle).await;
+                panic!("the server stopped as it started: {why:?}");
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
@@ -98,7 +109,7 @@ impl TestServer {
             .await
             .unwrap()
             .into_inner();
-        assert!(verified.ok, "the decision log verifies");
+        assert!(verified.ok, "the decision log verifies: {verified:?}");
         verified.records
     }
 
