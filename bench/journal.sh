@@ -41,7 +41,37 @@ ticks() {
 long_run() {
   local label=$1 port=$2 pid=$3
   local before after w0 w1 i0 i1
-  long_run sync-c32-long 50081 "$SYNC_PID"
+  before=$("$BIN" trace verify --json --server 127.0.0.1:$port | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
+  w0=$(ticks "$pid" decision-log-wr); i0=$(ticks "$pid" decision-log-in)
+  DURATION=$LONG load "$label" "$port" 32
+  sleep 2 # the indexer catches up
+  w1=$(ticks "$pid" decision-log-wr); i1=$(ticks "$pid" decision-log-in)
+  after=$("$BIN" trace verify --json --server 127.0.0.1:$port | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
+  python3 - "$label" "$w0" "$w1" "$i0" "$i1" "$((after - before))" "$(getconf CLK_TCK)" <<'PY' | tee -a "$RESULTS"
+import json, sys
+label = sys.argv[1]
+w0, w1, i0, i1, n, hz = map(int, sys.argv[2:])
+us = lambda a, b: round((b - a) / hz * 1e6 / n, 2)
+print(json.dumps({"label": f"{label}-cpu", "decisions": n,
+                  "writer_us_per_decision": us(w0, w1), "indexer_us_per_decision": us(i0, i1)}))
+PY
+}
+
+for round in $(seq "$ROUNDS"); do
+  for c in 1 32; do
+    load "off-c$c" 50082 "$c"
+    load "sync-c$c" 50081 "$c"
+    [ -n "${BASE_BIN:-}" ] && load "base-sync-c$c" 50083 "$c"
+  done
+  load "off-v2-c32" 50082 32 --protocol v2
+  load "sync-v2-c32" 50081 32 --protocol v2
+  [ -n "${BASE_BIN:-}" ] && load "base-sync-v2-c32" 50083 32 --protocol v2
+  load "off-v2b64-c8" 50082 8 --protocol v2 --batch 64
+  load "sync-v2b64-c8" 50081 8 --protocol v2 --batch 64
+  [ -n "${BASE_BIN:-}" ] && load "base-sync-v2b64-c8" 50083 8 --protocol v2 --batch 64
+done
+
+long_run sync-c32-long 50081 "$SYNC_PID"
 [ -n "${BASE_BIN:-}" ] && long_run base-sync-c32-long 50083 "$BASE_PID"
 # Bytes per decision: a log filled through the recorder, its view caught up.
 FILL=${FILL:-200000}

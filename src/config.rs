@@ -61,6 +61,10 @@ pub struct Config {
     /// After a failed write, the writer is healthy again only once a probe of the failed
     /// group's size succeeds and, if this is set, the file system has this many bytes free.
     pub log_min_free_bytes: u64,
+    /// Retention of the decision log, e.g. "7years" or "400days": whole journal segments
+    /// whose decisions are all older are removed, with their rows in the query view; the
+    /// chain stays verifiable from the anchor. Unset keeps every decision.
+    pub log_retention: Option<String>,
     /// Files holding the customer HMAC keys, current first (older ones for lookups after a
     /// rotation). Empty: a server on loopback generates a development key in the data
     /// directory; any other server refuses to start.
@@ -111,6 +115,7 @@ impl Default for Config {
             log_queue: 16_384,
             log_segment_bytes: 64 << 20,
             log_min_free_bytes: 0,
+            log_retention: None,
             customer_key_files: Vec::new(),
             rollout_eval_interval_ms: 1_000,
             rollout_snapshot_interval_ms: 10_000,
@@ -185,6 +190,7 @@ impl Config {
                 "log_segment_bytes must be at least 65536".into(),
             ));
         }
+        self.log_retention()?;
         if self.log_batch == 0 || self.log_queue == 0 {
             return Err(ConfigError::Invalid(
                 "log_batch and log_queue must be at least 1".into(),
@@ -234,6 +240,19 @@ impl Config {
         Ok(())
     }
 
+    /// `log_retention` as a duration (at least a second), if set.
+    pub fn log_retention(&self) -> Result<Option<Duration>, ConfigError> {
+        let Some(text) = &self.log_retention else {
+            return Ok(None);
+        };
+        match humantime::parse_duration(text) {
+            Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+            _ => Err(ConfigError::Invalid(format!(
+                "log_retention must be a duration of at least 1s, e.g. \"7years\" or \"400days\" (got {text:?})"
+            ))),
+        }
+    }
+
     pub fn watch_interval(&self) -> Duration {
         Duration::from_millis(self.watch_interval_ms)
     }
@@ -269,5 +288,22 @@ mod tests {
         std::fs::write(&path, "lisen = \"0.0.0.0:6000\"\n").unwrap();
         let err = Config::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn log_retention_is_a_duration_of_at_least_a_second() {
+        let with = |r: &str| Config {
+            log_retention: Some(r.into()),
+            ..Config::default()
+        };
+        assert_eq!(Config::default().log_retention().unwrap(), None);
+        assert_eq!(
+            with("400days").log_retention().unwrap(),
+            Some(Duration::from_secs(400 * 86_400))
+        );
+        for bad in ["forever", "500ms", ""] {
+            let err = with(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("log_retention"), "{bad}: {err}");
+        }
     }
 }

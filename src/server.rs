@@ -103,6 +103,7 @@ pub async fn serve(
                 queue_capacity: config.log_queue,
                 segment_bytes: config.log_segment_bytes,
                 min_free_bytes: config.log_min_free_bytes,
+                retention: config.log_retention()?,
             },
         )?
     };

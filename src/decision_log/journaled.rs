@@ -51,6 +51,10 @@ pub struct LogOptions {
     /// Free space the file system must keep for the writer to call itself healthy after a
     /// failure (0: only the probe of a real group's size decides).
     pub min_free_bytes: u64,
+    /// Retention: whole segments whose records are all older than this are removed (and
+    /// their rows from the view), the chain kept verifiable from the anchor. None keeps
+    /// everything.
+    pub retention: Option<Duration>,
 }
 
 impl Default for LogOptions {
@@ -61,6 +65,7 @@ impl Default for LogOptions {
             queue_capacity: 16_384,
             segment_bytes: 64 << 20,
             min_free_bytes: 0,
+            retention: None,
         }
     }
 }
@@ -165,6 +170,8 @@ pub struct JournalLog {
     torn: Option<journal::TornTail>,
     writer: Mutex<Option<JoinHandle<()>>>,
     indexer: Mutex<Option<JoinHandle<()>>>,
+    /// The retention thread and the sender whose drop stops it.
+    retainer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -280,6 +287,7 @@ impl JournalLog {
             segment_file,
             down: None,
             unsynced: false,
+            files: files.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("decision-log-writer".into())
@@ -291,6 +299,18 @@ impl JournalLog {
             .name("decision-log-indexer".into())
             .spawn(move || index(view_writer, &indexer_tail))
             .map_err(|e| LogError::Unavailable(format!("starting the indexer: {e}")))?;
+        let retainer = match options.retention {
+            None => None,
+            Some(keep) => {
+                let (stop, stopped) = std::sync::mpsc::channel();
+                let (queue, files) = (queue.clone(), files.clone());
+                let handle = std::thread::Builder::new()
+                    .name("decision-log-retention".into())
+                    .spawn(move || retain(&queue, &files, keep, &stopped))
+                    .map_err(|e| LogError::Unavailable(format!("starting retention: {e}")))?;
+                Some((stop, handle))
+            }
+        };
         Ok(Arc::new(JournalLog {
             files,
             names,
@@ -300,6 +320,7 @@ impl JournalLog {
             torn,
             writer: Mutex::new(Some(writer)),
             indexer: Mutex::new(Some(indexer)),
+            retainer: Mutex::new(retainer),
             readers: Mutex::new(Vec::new()),
         }))
     }
@@ -375,6 +396,70 @@ fn active_segment(journal: &Journal) -> u64 {
         .and_then(|s| s.to_str())
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// The retention thread: every `keep / 10` (1 s to 1 h), asks the writer to remove the
+/// segments older than `keep`, then deletes their rows from the view (also rows a crash
+/// left behind an anchor). Stops when `stop`'s sender is dropped or the writer is gone.
+fn retain(
+    queue: &SyncSender<Msg>,
+    files: &LogFiles,
+    keep: Duration,
+    stop: &std::sync::mpsc::Receiver<()>,
+) {
+    let every = (keep / 10).clamp(Duration::from_secs(1), Duration::from_secs(3_600));
+    let mut conn = None;
+    loop {
+        match stop.recv_timeout(every) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let Some(before) = std::time::SystemTime::now()
+            .checked_sub(keep)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        else {
+            continue;
+        };
+        let (reply, answer) = std::sync::mpsc::channel();
+        let before_us = i64::try_from(before.as_micros()).unwrap_or(i64::MAX);
+        if queue.send(Msg::Prune { before_us, reply }).is_err() {
+            return;
+        }
+        match answer.recv() {
+            Ok(Ok(Some(p))) => tracing::info!(
+                through_seq = p.through_seq,
+                segments = p.segments,
+                "retention removed journal segments; the chain verifies from the anchor"
+            ),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed; trying again later"),
+            Err(_) => return,
+        }
+        let anchor = match files.read_anchor() {
+            Ok(Some((seq, _))) => seq,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention cannot read the anchor");
+                continue;
+            }
+        };
+        if conn.is_none() {
+            conn = view::open_rw(&files.view)
+                .map_err(|e| tracing::warn!(error = %e, "retention cannot open the view"))
+                .ok();
+        }
+        if let Some(c) = &conn {
+            match view::delete_through(c, anchor) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    rows = n,
+                    through_seq = anchor,
+                    "retention removed view rows"
+                ),
+                Err(e) => tracing::warn!(error = %e, "retention could not delete view rows"),
+            }
+        }
+    }
 }
 
 /// Sets the calling thread's nice value (Linux: PRIO_PROCESS with who = 0 is this thread).
@@ -473,6 +558,11 @@ impl DecisionLog for JournalLog {
     }
 
     fn close(&self) {
+        // Retention first: it talks to the writer.
+        if let Some((stop, handle)) = self.retainer.lock().expect("retainer poisoned").take() {
+            drop(stop);
+            let _ = handle.join();
+        }
         // A full queue still drains: this send waits for room.
         let _ = self.queue.send(Msg::Close);
         if let Some(handle) = self.writer.lock().expect("writer handle poisoned").take() {
@@ -562,6 +652,9 @@ pub fn verify_journal(
 ) -> Result<VerifyReport, LogError> {
     let mut find = |hash: &str| view.and_then(|c| view::seq_of_hash(c, hash));
     let anchor = files.read_anchor()?;
+    // Records the anchor covers may still be on disk (retention removes the files after
+    // writing the anchor): verification starts after it.
+    let covered = anchor.as_ref().map_or(0, |(seq, _)| *seq);
     let mut verifier = Verifier::new(&mut find, anchor);
     let mut unreadable: Option<(i64, String)> = None;
     let mut last_seq = 0;
@@ -569,6 +662,9 @@ pub fn verify_journal(
         let seq = r.position.seq as i64;
         if upto.is_some_and(|u| seq > u) {
             return false;
+        }
+        if seq <= covered {
+            return true;
         }
         last_seq = seq;
         let at = format!(

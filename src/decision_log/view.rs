@@ -598,6 +598,43 @@ pub(super) fn each_request_id(c: &Connection, mut each: impl FnMut(&str)) -> Res
     Ok(())
 }
 
+/// The time (µs) and hash of the record `seq`, if the view holds it.
+pub(super) fn time_and_hash(c: &Connection, seq: i64) -> Result<Option<(i64, String)>, LogError> {
+    c.prepare_cached("SELECT at, hash FROM decision_rows WHERE seq = ?1")
+        .map_err(query_err)?
+        .query_row([seq], |r| Ok((r.get(0)?, key_text(r.get_ref(1)?, false)?)))
+        .optional()
+        .map_err(query_err)
+}
+
+/// Deletes the rows through `seq` (retention), a few thousand per transaction so that the
+/// indexer is never held up for long. Returns how many went.
+pub(super) fn delete_through(c: &Connection, seq: i64) -> Result<usize, LogError> {
+    // The first row kept says its prev_hash itself once the row before it is gone; rows go
+    // newest first, so every row kept meanwhile still has the one before it.
+    c.execute(
+        "UPDATE decision_rows SET prev_hash = (SELECT hash FROM decision_rows WHERE seq = ?1) \
+         WHERE seq = ?1 + 1 AND prev_hash IS NULL",
+        [seq],
+    )
+    .map_err(query_err)?;
+    let mut deleted = 0;
+    loop {
+        let n = c
+            .prepare_cached(
+                "DELETE FROM decision_rows WHERE seq IN \
+                 (SELECT seq FROM decision_rows WHERE seq <= ?1 ORDER BY seq DESC LIMIT 5000)",
+            )
+            .map_err(query_err)?
+            .execute([seq])
+            .map_err(query_err)?;
+        if n == 0 {
+            return Ok(deleted);
+        }
+        deleted += n;
+    }
+}
+
 /// The seq of the record with `hash`, for classifying a broken link (a full scan: rare).
 pub(super) fn seq_of_hash(c: &Connection, hash: &str) -> Option<i64> {
     c.prepare_cached("SELECT seq FROM decision_rows WHERE hash = ?1 LIMIT 1")

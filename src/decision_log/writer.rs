@@ -45,7 +45,20 @@ pub(super) struct Job {
 
 pub(super) enum Msg {
     Append(Box<Job>),
+    /// Retention: remove the closed segments whose records are all older than `before_us`
+    /// (µs since the epoch) and the view holds.
+    Prune {
+        before_us: i64,
+        reply: std::sync::mpsc::Sender<Result<Option<Pruned>, LogError>>,
+    },
     Close,
+}
+
+/// What a retention pass removed: whole segments, through this seq (now the anchor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub through_seq: i64,
+    pub segments: usize,
 }
 
 /// The end of the chain.
@@ -72,6 +85,8 @@ pub(super) struct Writer {
     pub down: Option<Down>,
     /// Groups written but not yet synced (async durability).
     pub unsynced: bool,
+    /// Where retention writes its anchor.
+    pub files: super::journaled::LogFiles,
 }
 
 /// An unusable writer: the failed group's size (what a probe must prove), or damage.
@@ -125,20 +140,23 @@ impl Writer {
             };
             let mut batch = Vec::new();
             let mut closing = false;
+            let mut prune = None;
             match first {
                 Msg::Append(job) => batch.push(*job),
+                Msg::Prune { before_us, reply } => prune = Some((before_us, reply)),
                 Msg::Close => closing = true,
             }
             // Gather what is queued; when the queue runs dry, yield once so that requests
             // already on their way (on this core or another) can join this group.
             let mut yielded = false;
             let mut decisions: usize = batch.iter().map(|j| j.bodies.len()).sum();
-            while !closing && decisions < self.max_batch {
+            while !closing && prune.is_none() && decisions < self.max_batch {
                 match rx.try_recv() {
                     Ok(Msg::Append(job)) => {
                         decisions += job.bodies.len();
                         batch.push(*job);
                     }
+                    Ok(Msg::Prune { before_us, reply }) => prune = Some((before_us, reply)),
                     Ok(Msg::Close) => closing = true,
                     Err(_) if !yielded => {
                         yielded = true;
@@ -149,6 +167,9 @@ impl Writer {
             }
             if !batch.is_empty() {
                 self.commit(batch);
+            }
+            if let Some((before_us, reply)) = prune {
+                let _ = reply.send(self.prune(before_us));
             }
             if self.unsynced && last_sync.elapsed() >= ASYNC_SYNC_EVERY {
                 self.sync_written();
@@ -166,6 +187,38 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// Retention: removes the closed segments whose every record is older than `before_us`
+    /// and in the view, oldest first. The anchor (the last removed record's seq and hash)
+    /// is written first: a crash before the files go leaves records the anchor covers,
+    /// which verify skips and the next pass removes.
+    fn prune(&mut self, before_us: i64) -> Result<Option<Pruned>, LogError> {
+        let indexed = view::indexed_seq(&self.view)?;
+        let mut cut: Option<(i64, String)> = None;
+        for w in self.journal.segment_starts().windows(2) {
+            // The last record of the segment starting at w[0].
+            let last = w[1] as i64 - 1;
+            if last > indexed {
+                break;
+            }
+            match view::time_and_hash(&self.view, last)? {
+                Some((at, hash)) if at < before_us => cut = Some((last, hash)),
+                _ => break,
+            }
+        }
+        let Some((seq, hash)) = cut else {
+            return Ok(None);
+        };
+        self.files.write_anchor(seq, &hash)?;
+        let segments = self
+            .journal
+            .remove_before(seq as u64 + 1)
+            .map_err(|e| LogError::Unavailable(format!("removing old segments: {e}")))?;
+        Ok(Some(Pruned {
+            through_seq: seq,
+            segments,
+        }))
     }
 
     fn sync_written(&mut self) {

@@ -435,3 +435,95 @@ async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal()
         .unwrap();
     assert_eq!((version, rows), (3, 9));
 }
+
+/// The decision ids of `n` requests scored one after another.
+async fn scored_ids(server: &TestServer, n: usize, tag: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = server
+            .scoring()
+            .score(request(&customers()[i % 7], &format!("{tag}-{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.decision_id);
+    }
+    ids
+}
+
+fn segment_starts(data: &Path) -> Vec<u64> {
+    let mut starts: Vec<u64> = std::fs::read_dir(data.join("journal"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    starts.sort_unstable();
+    starts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_whole_old_segments_and_the_rest_still_verifies() {
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(&repo().join("models"), data.path());
+    c.log_segment_bytes = 64 << 10;
+    c.log_retention = Some("2s".into());
+    let server = TestServer::start_with(c.clone()).await;
+    let old = scored_ids(&server, 400, "old").await;
+    assert!(segment_starts(data.path()).len() >= 3, "several segments");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let new = scored_ids(&server, 50, "new").await;
+
+    // A pass runs every second: wait for it to cut the old segments and their rows.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let anchor = loop {
+        let text = std::fs::read_to_string(data.path().join("journal/anchor")).ok();
+        let rows: i64 = rusqlite::Connection::open(data.path().join("decisions.db"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM decision_rows", [], |r| r.get(0))
+            .unwrap();
+        if let Some(t) = text
+            && rows < 450
+        {
+            let seq: u64 = t.split_whitespace().next().unwrap().parse().unwrap();
+            if rows as u64 == 450 - seq {
+                break seq;
+            }
+        }
+        assert!(Instant::now() < deadline, "retention removed nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let starts = segment_starts(data.path());
+    assert_eq!(
+        starts[0],
+        anchor + 1,
+        "whole segments went, up to the anchor"
+    );
+    assert!(anchor < 400, "only old decisions went");
+    assert_eq!(
+        server.records().await,
+        450 - anchor,
+        "the rest verifies from the anchor"
+    );
+    let trace = |id: &String| {
+        let mut t = server.trace();
+        let id = id.clone();
+        async move { t.get_decision(pb::DecisionRef { decision_id: id }).await }
+    };
+    assert_eq!(trace(&old[0]).await.unwrap_err().code(), Code::NotFound);
+    for id in old[anchor as usize..].iter().chain(&new) {
+        trace(id).await.unwrap();
+    }
+    server.stop().await.unwrap();
+
+    // The files verify as they are, and a restart serves on from the anchor.
+    let report = riskserve::decision_log::verify_offline(data.path()).unwrap();
+    assert!(report.first_break.is_none(), "{report:?}");
+    assert_eq!(report.records, 450 - anchor);
+    c.log_retention = None;
+    let server = TestServer::start_with(c).await;
+    scored_ids(&server, 3, "after").await;
+    assert_eq!(server.records().await, 453 - anchor);
+    server.stop().await.unwrap();
+}

@@ -694,6 +694,11 @@ impl Journal {
         self.next_seq
     }
 
+    /// The first seq of every segment, oldest first; the last is the active one.
+    pub fn segment_starts(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+
     /// The first seq still kept (the oldest segment's first seq).
     pub fn anchor(&self) -> u64 {
         *self.segments.keys().next().expect("a segment")
