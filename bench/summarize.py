@@ -76,6 +76,11 @@ for proto, unit in (("v2-c32", "throughput_rps"), ("v2b64-c8", "rows_per_s")):
             line += (f", previous / off {ratio(f'base-sync-{proto}', f'off-{proto}', unit):.2f}, "
                      f"this / previous {ratio(f'sync-{proto}', f'base-sync-{proto}', unit):.2f}")
         print(line + f" ({med(f'sync-{proto}', unit):,.0f} vs {med(f'off-{proto}', unit):,.0f} {unit})")
+if "off-c32-long" in rows and "sync-c32-long" in rows:
+    line = f"steady state, Score c=32 for 60 s: sync / off {ratio('sync-c32-long', 'off-c32-long'):.2f}"
+    if "base-sync-c32-long" in rows:
+        line += f", previous / off {ratio('base-sync-c32-long', 'off-c32-long'):.2f}"
+    print(line)
 for who in ("sync", "base-sync"):
     label = f"{who}-c32-long"
     if label in rows:

@@ -110,13 +110,9 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
     }
     let n = u16::try_from(schema.len()).map_err(|_| not_canonical("features", "too many"))?;
     w.extend_from_slice(&n.to_le_bytes());
-    let mut x = Vec::with_capacity(schema.len());
-    for name in schema {
-        let v = *body
-            .features
-            .get(name)
-            .ok_or_else(|| not_canonical("features", format!("{name} is not recorded")))?;
-        x.push(v);
+    let (x, in_order) = in_schema_order(&body.features, schema)
+        .map_err(|name| not_canonical("features", format!("{name} is not recorded")))?;
+    for v in &x {
         w.extend_from_slice(&v.to_le_bytes());
     }
     w.extend_from_slice(&body.probability_of_default.to_le_bytes());
@@ -132,9 +128,7 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
     let n = u8::try_from(body.reasons.len()).map_err(|_| not_canonical("reasons", "too many"))?;
     w.push(n);
     for r in &body.reasons {
-        let i = schema
-            .iter()
-            .position(|f| *f == r.feature)
+        let i = feature_index(schema, in_order, &r.feature)
             .ok_or_else(|| not_canonical("reasons", format!("{} is no feature", r.feature)))?;
         if x[i].to_bits() != r.value.to_bits() {
             return Err(not_canonical(
@@ -160,6 +154,32 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
         }
     }
     Ok(w)
+}
+
+/// The vector's values in the order of `names` (which must name each feature once), and
+/// whether that is the map's own order; the name missing from the map if one is. Stored
+/// names are sorted, as the map iterates, so the values usually come without a lookup each.
+pub(super) fn in_schema_order<'a>(
+    features: &BTreeMap<String, f64>,
+    names: &'a [String],
+) -> Result<(Vec<f64>, bool), &'a str> {
+    if features.len() == names.len() && features.keys().zip(names).all(|(k, n)| k == n) {
+        return Ok((features.values().copied().collect(), true));
+    }
+    let mut x = Vec::with_capacity(names.len());
+    for n in names {
+        x.push(*features.get(n).ok_or(n.as_str())?);
+    }
+    Ok((x, false))
+}
+
+/// Where `feature` is in `names`; `sorted` says [`in_schema_order`] found them sorted.
+pub(super) fn feature_index(names: &[String], sorted: bool, feature: &str) -> Option<usize> {
+    if sorted {
+        names.binary_search_by(|n| n.as_str().cmp(feature)).ok()
+    } else {
+        names.iter().position(|n| n == feature)
+    }
 }
 
 /// The bundle digest a record names (`sha256:<hex>`), read without decoding the rest: the

@@ -336,31 +336,14 @@ fn compact_columns(
     if names.len() != b.features.len() {
         return false;
     }
-    // Names are stored sorted, as the map iterates: then the values come in order, checked
-    // name by name, without a lookup each.
-    let in_order = b.features.keys().zip(names).all(|(k, n)| k == n);
-    let x: Vec<f64> = if in_order {
-        b.features.values().copied().collect()
-    } else {
-        let mut x = Vec::with_capacity(names.len());
-        for n in names {
-            match b.features.get(n) {
-                Some(v) => x.push(*v),
-                None => return false,
-            }
-        }
-        x
+    let Ok((x, in_order)) = super::record::in_schema_order(&b.features, names) else {
+        return false;
     };
     json_numbers(features, x.iter().copied());
     let mut buf = ryu::Buffer::new();
     reasons.push('[');
     for (i, reason) in b.reasons.iter().enumerate() {
-        let found = if in_order {
-            names.binary_search(&reason.feature).ok()
-        } else {
-            names.iter().position(|n| *n == reason.feature)
-        };
-        let Some(idx) = found else {
+        let Some(idx) = super::record::feature_index(names, in_order, &reason.feature) else {
             return false;
         };
         if x[idx].to_bits() != reason.value.to_bits() {
