@@ -203,13 +203,31 @@ impl JournalLog {
             first_seq: anchor.as_ref().map_or(1, |(seq, _)| *seq as u64 + 1),
             sync_each_group: options.durability == Durability::Sync,
         };
+        let mut view_writer = view::ViewWriter::new(conn, names.clone())?;
         let mut recovered = Vec::new();
         let mut bad = None;
+        // Far behind (a view rebuilt after an upgrade or a loss), the records are indexed as
+        // they are read, so that memory holds one batch rather than the whole journal. If
+        // the view cannot be written now, the rest waits in the tail for the indexer.
+        let mut index_now = true;
         let (journal, torn) = Journal::open_with(&files.journal, opts, checkpoint, |r| {
-            if bad.is_none() {
-                match entry_of(&names, r) {
-                    Ok(e) => recovered.push(Arc::new(e)),
-                    Err(e) => bad = Some(e),
+            if bad.is_some() {
+                return;
+            }
+            match entry_of(&names, r) {
+                Ok(e) => recovered.push(Arc::new(e)),
+                Err(e) => {
+                    bad = Some(e);
+                    return;
+                }
+            }
+            if index_now && recovered.len() >= INDEX_BATCH {
+                match view_writer.insert(&recovered) {
+                    Ok(()) => recovered.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot index the journal into the view while opening; the indexer will");
+                        index_now = false;
+                    }
                 }
             }
         })
@@ -246,7 +264,7 @@ impl JournalLog {
                 }
             }
         };
-        let indexed = checkpoint.map_or(0, |c| c.seq as i64);
+        let indexed = view::indexed_seq(view_writer.conn())?;
         if indexed > head.seq {
             return Err(LogError::Damaged(format!(
                 "the view holds records up to seq {indexed} but the journal ends at seq {}: \
@@ -256,7 +274,7 @@ impl JournalLog {
         }
         let tail = Arc::new(Tail::new(indexed, indexed));
         let mut seen = SeenIds::new(1 << 20);
-        view::each_request_id(&conn, |id| seen.insert(id))?;
+        view::each_request_id(view_writer.conn(), |id| seen.insert(id))?;
         for e in &recovered {
             if e.record.body.arm != "shadow" {
                 seen.insert(&e.record.body.request_id);
@@ -294,7 +312,6 @@ impl JournalLog {
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::Unavailable(format!("starting the writer: {e}")))?;
         let indexer_tail = tail.clone();
-        let view_writer = view::ViewWriter::new(conn, names.clone())?;
         let indexer = std::thread::Builder::new()
             .name("decision-log-indexer".into())
             .spawn(move || index(view_writer, &indexer_tail))

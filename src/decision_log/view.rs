@@ -393,6 +393,11 @@ impl ViewWriter {
         })
     }
 
+    /// The connection, for reads while the log opens.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// The arm row of `b`, added (with its bundle's names) if new.
     fn arm_id(
         tx: &rusqlite::Transaction<'_>,

@@ -18,28 +18,6 @@ fn config(models: &std::path::Path, data: &std::path::Path) -> riskserve::Config
     }
 }
 
-/// Scores customers [0, n) through the serving version, in batches.
-async fn record_traffic(server: &TestServer, tag: &str, n: usize) {
-    let mut client = server.scoring();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
-        let requests = chunk
-            .iter()
-            .map(|i| request(&customers()[*i], &format!("{tag}-{i}")))
-            .collect();
-        let items = client
-            .score_batch(pb::ScoreBatchRequest { requests })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        assert!(
-            items
-                .iter()
-                .all(|i| matches!(i.outcome, Some(pb::score_batch_item::Outcome::Response(_))))
-        );
-    }
-}
-
 async fn backtest(
     server: &TestServer,
     candidate: &str,

@@ -527,3 +527,25 @@ async fn retention_removes_whole_old_segments_and_the_rest_still_verifies() {
     assert_eq!(server.records().await, 453 - anchor);
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_rebuilt_from_a_long_journal_is_indexed_while_opening_not_held_in_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    record_traffic(&server, "long", 10_000).await;
+    server.stop().await.unwrap();
+    remove_view(data.path());
+    let log = JournalLog::open(data.path(), LogOptions::default()).unwrap();
+    // Everything but the last partial batch is in the view once open returns.
+    assert!(
+        log.index_lag() < 8_192,
+        "{} held in memory",
+        log.index_lag()
+    );
+    let report = log.verify().unwrap();
+    assert!(
+        report.first_break.is_none() && report.records == 10_000,
+        "{report:?}"
+    );
+    log.close();
+}

@@ -16,4 +16,4 @@ pub use fixtures::{
 };
 pub use inference::{infer_outputs, infer_request};
 pub use oracle::Offline;
-pub use server::{TestServer, config, violation_field};
+pub use server::{TestServer, config, record_traffic, violation_field};

@@ -125,3 +125,27 @@ impl TestServer {
         (&mut self.handle).await.unwrap()
     }
 }
+
+/// Scores customers [0, n) through the serving version, in batches.
+pub async fn record_traffic(server: &TestServer, tag: &str, n: usize) {
+    let mut client = server.scoring();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let requests = chunk
+            .iter()
+            .map(|i| {
+                super::customers::request(&super::customers::customers()[*i], &format!("{tag}-{i}"))
+            })
+            .collect();
+        let items = client
+            .score_batch(pb::ScoreBatchRequest { requests })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+        assert!(
+            items
+                .iter()
+                .all(|i| matches!(i.outcome, Some(pb::score_batch_item::Outcome::Response(_))))
+        );
+    }
+}
