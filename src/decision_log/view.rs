@@ -496,6 +496,7 @@ impl ViewWriter {
                 .map_err(query_err)?;
             let mut features = String::with_capacity(512);
             let mut reasons = String::with_capacity(256);
+            let mut schema: Option<(String, Arc<Vec<String>>)> = None;
             for e in batch {
                 let r = &e.record;
                 let b = &r.body;
@@ -507,11 +508,14 @@ impl ViewWriter {
                     (&prev, &prev_row),
                     (Key::Bytes(p), Some((seq, Value::Blob(h)))) if *seq == r.seq - 1 && p == h
                 );
+                // One bundle's names serve a run of its rows: looked up once per change.
+                if e.compact && schema.as_ref().is_none_or(|(d, _)| *d != b.digest) {
+                    schema = self.names.get(&b.digest).map(|n| (b.digest.clone(), n));
+                }
                 let compact = e.compact
-                    && self
-                        .names
-                        .get(&b.digest)
-                        .is_some_and(|list| compact_columns(b, &list, &mut features, &mut reasons));
+                    && schema.as_ref().is_some_and(|(_, list)| {
+                        compact_columns(b, list, &mut features, &mut reasons)
+                    });
                 let body_json = if compact {
                     None
                 } else {
