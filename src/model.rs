@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod trees;
+
 /// How many principal reasons a decision carries at most (the usual adverse-action count).
 pub const MAX_REASONS: usize = 4;
 

@@ -1,0 +1,637 @@
+//! Gradient-boosted tree ensembles as XGBoost and LightGBM write them: the sum of every
+//! tree's leaf for a vector, on the log-odds scale, and each feature's exact Shapley share of
+//! that sum (path-dependent TreeSHAP, Lundberg et al. 2018) as the decision's reasons.
+//!
+//! Scoring follows the library that trained the model, not an idealised tree: XGBoost compares
+//! in float32 (`x < threshold`), LightGBM in float64 (`x <= threshold`), and a missing value
+//! goes where the split's default direction says. The reader of each file format lives in its
+//! own submodule and produces the one [`Ensemble`] type; everything after loading is shared.
+//!
+//! TreeSHAP is written here rather than taken from a crate: none on crates.io is maintained
+//! that works on an arbitrary ensemble's own cover statistics, and the algorithm is short. It
+//! is tested against brute-force Shapley values of the same conditional expectation (every
+//! subset of features) and against the libraries' own `pred_contribs` output.
+
+pub mod lightgbm;
+pub mod xgboost;
+
+/// Why a model file cannot be served exactly.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TreeError {
+    /// The file is not what its format says (bad JSON, a missing field, a broken tree).
+    #[error("{0} model: {1}")]
+    Malformed(&'static str, String),
+    /// A valid model this server cannot score exactly as the library does.
+    #[error("{0} model: {1} is not supported")]
+    Unsupported(&'static str, String),
+}
+
+/// How a split compares a feature value with its threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// XGBoost: `(x as f32) < (threshold as f32)` goes left.
+    LessThanF32,
+    /// LightGBM: `x <= threshold` goes left.
+    LessOrEqualF64,
+}
+
+/// A node of a tree: a split, or a leaf when `left` is [`LEAF`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub feature: usize,
+    pub threshold: f64,
+    pub left: u32,
+    pub right: u32,
+    /// Which values count as missing at this split, and where they go.
+    pub missing: Missing,
+    pub default_left: bool,
+    /// The leaf's value on the log-odds scale (learning rate applied); unused for a split.
+    pub value: f64,
+    /// How much training data reached the node (XGBoost's hessian sum, LightGBM's count):
+    /// the weights of TreeSHAP's expectation.
+    pub cover: f64,
+}
+
+/// What a split treats as missing (sent the default way), as LightGBM defines it; XGBoost's
+/// splits are all [`Missing::Nan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// NaN is missing.
+    Nan,
+    /// Zero (and NaN, which is read as zero) is missing.
+    Zero,
+    /// Nothing is missing: NaN is read as zero and compared.
+    None,
+}
+
+/// LightGBM's zero: |x| within 1e-35.
+const ZERO_THRESHOLD: f64 = 1e-35;
+
+/// The deepest tree served: far beyond what boosting makes (XGBoost's default depth is 6),
+/// and it bounds the recursion and TreeSHAP's O(depth²) path buffer.
+pub const MAX_DEPTH: usize = 64;
+
+/// `left` of a leaf.
+pub const LEAF: u32 = u32::MAX;
+
+impl Node {
+    pub fn leaf(value: f64, cover: f64) -> Node {
+        Node {
+            feature: 0,
+            threshold: 0.0,
+            left: LEAF,
+            right: LEAF,
+            missing: Missing::Nan,
+            default_left: false,
+            value,
+            cover,
+        }
+    }
+
+    pub fn is_leaf(&self) -> bool {
+        self.left == LEAF
+    }
+}
+
+/// One tree, its root at index 0; every child's index is greater than its parent's, so
+/// walking down always ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tree {
+    pub nodes: Vec<Node>,
+    /// The cover-weighted mean of its leaves: what the tree adds knowing nothing.
+    expected: f64,
+    depth: usize,
+}
+
+impl Tree {
+    /// Checks the structure (children in range and after their parent, features in range,
+    /// finite values, positive cover at the root) and computes what TreeSHAP needs.
+    pub fn new(nodes: Vec<Node>, n_features: usize) -> Result<Tree, String> {
+        if nodes.is_empty() {
+            return Err("a tree has no nodes".into());
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if !(n.cover.is_finite() && n.cover >= 0.0) {
+                return Err(format!("node {i} has cover {}", n.cover));
+            }
+            if n.is_leaf() {
+                if !n.value.is_finite() {
+                    return Err(format!("leaf {i} has value {}", n.value));
+                }
+                continue;
+            }
+            for child in [n.left, n.right] {
+                if child as usize <= i || child as usize >= nodes.len() {
+                    return Err(format!("node {i} has child {child} out of order or range"));
+                }
+            }
+            if n.feature >= n_features {
+                return Err(format!(
+                    "node {i} splits on feature {} of {n_features}",
+                    n.feature
+                ));
+            }
+            if n.threshold.is_nan() {
+                return Err(format!("node {i} has threshold NaN"));
+            }
+        }
+        if !nodes[0].is_leaf() && nodes[0].cover == 0.0 {
+            return Err("the root has no cover".into());
+        }
+        // Every node but the root is the child of exactly one node, and no path is longer
+        // than TreeSHAP's buffer and the recursion are meant for.
+        let mut depth = vec![None; nodes.len()];
+        depth[0] = Some(0);
+        for (i, n) in nodes.iter().enumerate() {
+            let Some(d) = depth[i] else {
+                return Err(format!("node {i} is not reachable from the root"));
+            };
+            if n.is_leaf() {
+                continue;
+            }
+            if d + 1 > MAX_DEPTH {
+                return Err(format!("node {i} is deeper than {MAX_DEPTH} splits"));
+            }
+            for child in [n.left, n.right] {
+                if depth[child as usize].replace(d + 1).is_some() {
+                    return Err(format!("node {child} has two parents"));
+                }
+            }
+        }
+        let mut tree = Tree {
+            nodes,
+            expected: 0.0,
+            depth: 0,
+        };
+        let (expected, depth) = tree.mean_and_depth(0);
+        tree.expected = expected;
+        tree.depth = depth;
+        Ok(tree)
+    }
+
+    fn mean_and_depth(&self, i: usize) -> (f64, usize) {
+        let n = &self.nodes[i];
+        if n.is_leaf() {
+            return (n.value, 0);
+        }
+        let (l, r) = (&self.nodes[n.left as usize], &self.nodes[n.right as usize]);
+        let (ml, dl) = self.mean_and_depth(n.left as usize);
+        let (mr, dr) = self.mean_and_depth(n.right as usize);
+        let mean = if n.cover > 0.0 {
+            (ml * l.cover + mr * r.cover) / n.cover
+        } else {
+            0.0
+        };
+        (mean, 1 + dl.max(dr))
+    }
+
+    /// The cover-weighted mean of the leaves.
+    pub fn expected(&self) -> f64 {
+        self.expected
+    }
+
+    /// The longest root-to-leaf path, in splits.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+}
+
+/// A binary-logistic tree ensemble: margin = base + the leaf of every tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ensemble {
+    /// The features, in the model file's order: the order vectors are given in.
+    pub feature_names: Vec<String>,
+    pub trees: Vec<Tree>,
+    /// The margin before any tree (XGBoost's base score, LightGBM's init score as logit).
+    pub base_margin: f64,
+    pub comparison: Comparison,
+}
+
+/// One vector's exact Shapley values on the log-odds scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explained {
+    pub margin: f64,
+    /// Per feature, in the ensemble's order.
+    pub contributions: Vec<f64>,
+    /// The margin knowing nothing: `expected + Σ contributions == margin`.
+    pub expected: f64,
+}
+
+impl Ensemble {
+    /// Whether a vector goes to the left child of split `n`.
+    fn goes_left(&self, n: &Node, x: f64) -> bool {
+        let x = match n.missing {
+            Missing::Nan if x.is_nan() => return n.default_left,
+            Missing::Nan => x,
+            Missing::Zero | Missing::None if x.is_nan() => 0.0,
+            Missing::Zero | Missing::None => x,
+        };
+        if n.missing == Missing::Zero && x > -ZERO_THRESHOLD && x <= ZERO_THRESHOLD {
+            return n.default_left;
+        }
+        match self.comparison {
+            Comparison::LessThanF32 => (x as f32) < (n.threshold as f32),
+            Comparison::LessOrEqualF64 => x <= n.threshold,
+        }
+    }
+
+    fn leaf<'t>(&self, tree: &'t Tree, x: &[f64]) -> &'t Node {
+        let mut n = &tree.nodes[0];
+        while !n.is_leaf() {
+            let next = if self.goes_left(n, x[n.feature]) {
+                n.left
+            } else {
+                n.right
+            };
+            n = &tree.nodes[next as usize];
+        }
+        n
+    }
+
+    /// The log-odds of default for a vector in `feature_names` order (NaN is missing).
+    pub fn margin(&self, x: &[f64]) -> f64 {
+        debug_assert_eq!(x.len(), self.feature_names.len());
+        // Summed in the same order as `explain`, so that both give the same margin.
+        self.trees
+            .iter()
+            .fold(self.base_margin, |m, t| m + self.leaf(t, x).value)
+    }
+
+    /// The probability of default.
+    pub fn probability(&self, x: &[f64]) -> f64 {
+        super::sigmoid(self.margin(x))
+    }
+
+    /// The margin and every feature's exact path-dependent Shapley value.
+    pub fn explain(&self, x: &[f64]) -> Explained {
+        debug_assert_eq!(x.len(), self.feature_names.len());
+        let mut phi = vec![0.0; x.len()];
+        let depth = self.trees.iter().map(Tree::depth).max().unwrap_or(0);
+        // One segment per level of the recursion, each one element longer than the last.
+        let mut path = vec![PathElement::default(); (depth + 2) * (depth + 3) / 2];
+        let mut margin = self.base_margin;
+        let mut expected = self.base_margin;
+        for tree in &self.trees {
+            margin += self.leaf(tree, x).value;
+            expected += tree.expected;
+            let mut walk = Walk {
+                ensemble: self,
+                tree,
+                x,
+                phi: &mut phi,
+                path: &mut path,
+            };
+            walk.node(0, 0, 0, 1.0, 1.0, NO_FEATURE);
+        }
+        Explained {
+            margin,
+            contributions: phi,
+            expected,
+        }
+    }
+}
+
+const NO_FEATURE: usize = usize::MAX;
+
+/// A feature on the path to a node: the fraction of the expectation that goes this way when
+/// the feature is unknown (`zero`), whether x goes this way (`one`), and the permutation
+/// weight of the subsets of this length.
+#[derive(Debug, Clone, Copy, Default)]
+struct PathElement {
+    feature: usize,
+    zero: f64,
+    one: f64,
+    weight: f64,
+}
+
+/// One tree's walk for one vector, adding to `phi`.
+struct Walk<'a> {
+    ensemble: &'a Ensemble,
+    tree: &'a Tree,
+    x: &'a [f64],
+    phi: &'a mut [f64],
+    path: &'a mut [PathElement],
+}
+
+impl Walk<'_> {
+    /// Visits node `i` with the path so far in `path[start..start + depth]`, after extending
+    /// it by the split that led here.
+    fn node(&mut self, i: usize, start: usize, depth: usize, zero: f64, one: f64, feature: usize) {
+        let n = &self.tree.nodes[i];
+        let seg = &mut self.path[start..];
+        extend(seg, depth, zero, one, feature);
+        if n.is_leaf() {
+            for k in 1..=depth {
+                let e = seg[k];
+                let w = unwound_sum(seg, depth, k);
+                self.phi[e.feature] += w * (e.one - e.zero) * n.value;
+            }
+            return;
+        }
+        let left = self.ensemble.goes_left(n, self.x[n.feature]);
+        let (hot, cold) = if left {
+            (n.left, n.right)
+        } else {
+            (n.right, n.left)
+        };
+        // A feature met again on the path is taken out and re-entered with both splits'
+        // fractions combined.
+        let (mut incoming_zero, mut incoming_one) = (1.0, 1.0);
+        let mut depth = depth;
+        if let Some(k) = (1..=depth).find(|&k| seg[k].feature == n.feature) {
+            incoming_zero = seg[k].zero;
+            incoming_one = seg[k].one;
+            unwind(seg, depth, k);
+            depth -= 1;
+        }
+        let next = start + depth + 1;
+        for (child, one) in [(hot, incoming_one), (cold, 0.0)] {
+            let c = &self.tree.nodes[child as usize];
+            let zero = if n.cover > 0.0 {
+                incoming_zero * c.cover / n.cover
+            } else {
+                0.0
+            };
+            // A branch neither x nor the data takes adds nothing (and would divide by zero).
+            if zero == 0.0 && one == 0.0 {
+                continue;
+            }
+            self.path.copy_within(start..start + depth + 1, next);
+            self.node(child as usize, next, depth + 1, zero, one, n.feature);
+        }
+    }
+}
+
+/// Adds a feature to the path at `depth`, updating the weights of every subset length.
+fn extend(path: &mut [PathElement], depth: usize, zero: f64, one: f64, feature: usize) {
+    path[depth] = PathElement {
+        feature,
+        zero,
+        one,
+        weight: if depth == 0 { 1.0 } else { 0.0 },
+    };
+    let d1 = (depth + 1) as f64;
+    for i in (0..depth).rev() {
+        path[i + 1].weight += one * path[i].weight * (i + 1) as f64 / d1;
+        path[i].weight = zero * path[i].weight * (depth - i) as f64 / d1;
+    }
+}
+
+/// Takes element `k` out of the path (the inverse of [`extend`]).
+fn unwind(path: &mut [PathElement], depth: usize, k: usize) {
+    let (one, zero) = (path[k].one, path[k].zero);
+    let d1 = (depth + 1) as f64;
+    let mut next = path[depth].weight;
+    for i in (0..depth).rev() {
+        if one != 0.0 {
+            let kept = path[i].weight;
+            path[i].weight = next * d1 / ((i + 1) as f64 * one);
+            next = kept - path[i].weight * zero * (depth - i) as f64 / d1;
+        } else {
+            path[i].weight = path[i].weight * d1 / (zero * (depth - i) as f64);
+        }
+    }
+    for i in k..depth {
+        path[i].feature = path[i + 1].feature;
+        path[i].zero = path[i + 1].zero;
+        path[i].one = path[i + 1].one;
+    }
+}
+
+/// The total weight of the path with element `k` taken out, without changing it.
+fn unwound_sum(path: &[PathElement], depth: usize, k: usize) -> f64 {
+    let (one, zero) = (path[k].one, path[k].zero);
+    let d1 = (depth + 1) as f64;
+    let mut next = path[depth].weight;
+    let mut total = 0.0;
+    for i in (0..depth).rev() {
+        if one != 0.0 {
+            let w = next * d1 / ((i + 1) as f64 * one);
+            total += w;
+            next = path[i].weight - w * zero * (depth - i) as f64 / d1;
+        } else {
+            total += path[i].weight * d1 / (zero * (depth - i) as f64);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/trees");
+
+    /// Compares an ensemble with what its library said for every row of `file` (made by
+    /// `tests/fixtures/trees/make.py`): the inputs (empty = missing), the library's PD, every
+    /// contribution and, last, its expected value.
+    pub fn assert_matches_library(e: &Ensemble, file: &str) {
+        let n = e.feature_names.len();
+        let text = std::fs::read_to_string(format!("{DIR}/{file}")).unwrap();
+        let num = |s: &str| {
+            if s.is_empty() {
+                f64::NAN
+            } else {
+                s.parse().unwrap()
+            }
+        };
+        let (mut rows, mut missing) = (0, 0);
+        for line in text.lines().skip(1) {
+            let cells: Vec<f64> = line.split(',').map(num).collect();
+            assert_eq!(cells.len(), 2 * n + 2);
+            let (x, pd, phi) = (&cells[..n], cells[n], &cells[n + 1..]);
+            missing += x.iter().filter(|v| v.is_nan()).count();
+            let got = e.explain(x);
+            let p = e.probability(x);
+            assert!((p - pd).abs() < 1e-6, "{file}: pd {p} vs {pd} for {x:?}");
+            for (j, (g, w)) in got.contributions.iter().zip(phi).enumerate() {
+                let name = &e.feature_names[j];
+                assert!((g - w).abs() < 1e-5, "{file}: {name}: {g} vs {w} for {x:?}");
+            }
+            assert!((got.expected - phi[n]).abs() < 1e-5);
+            rows += 1;
+        }
+        assert_eq!(rows, 300);
+        assert!(missing > 20, "{file} has rows with missing values");
+    }
+
+    fn split(feature: usize, threshold: f64, left: u32, right: u32, cover: f64) -> Node {
+        Node {
+            feature,
+            threshold,
+            left,
+            right,
+            missing: [Missing::Nan, Missing::Zero, Missing::None][feature % 3],
+            default_left: left % 2 == 1,
+            value: 0.0,
+            cover,
+        }
+    }
+
+    fn leaf(value: f64, cover: f64) -> Node {
+        Node::leaf(value, cover)
+    }
+
+    /// Two trees over four features; the second splits on feature 0 twice on one path, which
+    /// is the case TreeSHAP's unwinding exists for.
+    fn ensemble(comparison: Comparison) -> Ensemble {
+        let t1 = Tree::new(
+            vec![
+                split(0, 0.5, 1, 2, 100.0),
+                split(1, 1.5, 3, 4, 60.0),
+                split(2, -1.0, 5, 6, 40.0),
+                leaf(-0.4, 25.0),
+                leaf(0.3, 35.0),
+                leaf(0.9, 10.0),
+                leaf(-0.2, 30.0),
+            ],
+            4,
+        )
+        .unwrap();
+        let t2 = Tree::new(
+            vec![
+                split(0, 2.0, 1, 2, 100.0),
+                split(0, 0.0, 3, 4, 70.0),
+                split(3, 5.0, 5, 6, 30.0),
+                leaf(0.15, 20.0),
+                split(1, 0.5, 7, 8, 50.0),
+                leaf(-0.6, 12.0),
+                leaf(0.45, 18.0),
+                leaf(0.05, 22.0),
+                leaf(-0.35, 28.0),
+            ],
+            4,
+        )
+        .unwrap();
+        Ensemble {
+            feature_names: ["a", "b", "c", "d"].map(String::from).to_vec(),
+            trees: vec![t1, t2],
+            base_margin: -1.25,
+            comparison,
+        }
+    }
+
+    /// E[tree | the features in `known` are x's]: known features follow x, unknown ones
+    /// average their children by cover. The conditional expectation TreeSHAP explains.
+    fn conditional(e: &Ensemble, t: &Tree, i: usize, x: &[f64], known: u32) -> f64 {
+        let n = &t.nodes[i];
+        if n.is_leaf() {
+            return n.value;
+        }
+        if known & (1 << n.feature) != 0 {
+            let next = if e.goes_left(n, x[n.feature]) {
+                n.left
+            } else {
+                n.right
+            };
+            return conditional(e, t, next as usize, x, known);
+        }
+        let (l, r) = (n.left as usize, n.right as usize);
+        (conditional(e, t, l, x, known) * t.nodes[l].cover
+            + conditional(e, t, r, x, known) * t.nodes[r].cover)
+            / n.cover
+    }
+
+    /// Shapley values by their definition: every subset, weighted |S|!(M-|S|-1)!/M!.
+    fn brute_force(e: &Ensemble, x: &[f64]) -> Vec<f64> {
+        let m = x.len();
+        let fact = |k: usize| (1..=k).product::<usize>() as f64;
+        let v = |s: u32| -> f64 {
+            e.base_margin
+                + e.trees
+                    .iter()
+                    .map(|t| conditional(e, t, 0, x, s))
+                    .sum::<f64>()
+        };
+        (0..m)
+            .map(|j| {
+                (0u32..1 << m)
+                    .filter(|s| s & (1 << j) == 0)
+                    .map(|s| {
+                        let size = s.count_ones() as usize;
+                        let w = fact(size) * fact(m - size - 1) / fact(m);
+                        w * (v(s | 1 << j) - v(s))
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tree_shap_equals_brute_force_shapley_values_and_sums_to_the_margin() {
+        for comparison in [Comparison::LessThanF32, Comparison::LessOrEqualF64] {
+            let e = ensemble(comparison);
+            let grid = [
+                -2.0,
+                -1.0,
+                0.0,
+                0.25,
+                0.5,
+                1.0,
+                1.5,
+                2.0,
+                3.0,
+                5.0,
+                7.0,
+                f64::NAN,
+            ];
+            let mut seen = 0;
+            for (i, &a) in grid.iter().enumerate() {
+                for &b in &grid {
+                    let x = [a, b, grid[(i + 3) % grid.len()], grid[(i * 7) % grid.len()]];
+                    let got = e.explain(&x);
+                    let want = brute_force(&e, &x);
+                    for (g, w) in got.contributions.iter().zip(&want) {
+                        assert!((g - w).abs() < 1e-12, "x={x:?}: {g} vs {w}");
+                    }
+                    let sum = got.expected + got.contributions.iter().sum::<f64>();
+                    assert!((sum - got.margin).abs() < 1e-12);
+                    assert_eq!(got.margin, e.margin(&x));
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, 144);
+        }
+    }
+
+    #[test]
+    fn the_expected_value_is_the_cover_weighted_mean() {
+        let e = ensemble(Comparison::LessThanF32);
+        let t1 = (0.25 * -0.4 + 0.35 * 0.3 + 0.1 * 0.9 + 0.3 * -0.2) / 1.0;
+        assert!((e.trees[0].expected() - t1).abs() < 1e-12);
+        assert_eq!(e.trees[1].depth(), 3);
+    }
+
+    #[test]
+    fn comparisons_follow_each_library_at_the_threshold() {
+        let n = split(0, 0.5, 1, 2, 1.0);
+        let xgb = ensemble(Comparison::LessThanF32);
+        let lgb = ensemble(Comparison::LessOrEqualF64);
+        assert!(!xgb.goes_left(&n, 0.5));
+        assert!(lgb.goes_left(&n, 0.5));
+        // float32: a value just under the threshold in f64 is equal to it in f32.
+        let n = split(0, 0.1, 1, 2, 1.0);
+        assert!(!xgb.goes_left(&n, 0.1 - 1e-12));
+        assert!(xgb.goes_left(&n, 0.09));
+        assert!(n.default_left == xgb.goes_left(&n, f64::NAN));
+        // LightGBM's missing rules: NaN read as zero unless NaN is the missing value; zero
+        // sent the default way when zero is.
+        let mut n = split(0, -1.0, 2, 1, 1.0);
+        n.missing = Missing::None;
+        assert!(!lgb.goes_left(&n, f64::NAN), "NaN is compared as 0 > -1");
+        n.missing = Missing::Zero;
+        n.default_left = true;
+        assert!(lgb.goes_left(&n, f64::NAN) && lgb.goes_left(&n, 1e-36));
+        assert!(!lgb.goes_left(&n, 1e-30));
+    }
+
+    #[test]
+    fn a_broken_tree_is_refused_with_the_node() {
+        let cycle = vec![split(0, 1.0, 0, 1, 1.0), leaf(0.0, 1.0)];
+        assert!(Tree::new(cycle, 1).unwrap_err().contains("node 0"));
+        let out = vec![split(3, 1.0, 1, 2, 1.0), leaf(0.0, 1.0), leaf(0.0, 0.0)];
+        assert!(Tree::new(out, 2).unwrap_err().contains("feature 3"));
+        let nan = vec![leaf(f64::NAN, 1.0)];
+        assert!(Tree::new(nan, 1).unwrap_err().contains("leaf 0"));
+    }
+}
