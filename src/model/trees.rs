@@ -158,31 +158,24 @@ impl Tree {
                 }
             }
         }
-        let mut tree = Tree {
-            nodes,
-            expected: 0.0,
-            depth: 0,
-        };
-        let (expected, depth) = tree.mean_and_depth(0);
-        tree.expected = expected;
-        tree.depth = depth;
-        Ok(tree)
-    }
-
-    fn mean_and_depth(&self, i: usize) -> (f64, usize) {
-        let n = &self.nodes[i];
-        if n.is_leaf() {
-            return (n.value, 0);
+        // Children come after their parents, so one pass from the end has both children's
+        // means ready at every split.
+        let mut mean = vec![0.0; nodes.len()];
+        for (i, n) in nodes.iter().enumerate().rev() {
+            mean[i] = if n.is_leaf() {
+                n.value
+            } else if n.cover > 0.0 {
+                let (l, r) = (n.left as usize, n.right as usize);
+                (mean[l] * nodes[l].cover + mean[r] * nodes[r].cover) / n.cover
+            } else {
+                0.0
+            };
         }
-        let (l, r) = (&self.nodes[n.left as usize], &self.nodes[n.right as usize]);
-        let (ml, dl) = self.mean_and_depth(n.left as usize);
-        let (mr, dr) = self.mean_and_depth(n.right as usize);
-        let mean = if n.cover > 0.0 {
-            (ml * l.cover + mr * r.cover) / n.cover
-        } else {
-            0.0
-        };
-        (mean, 1 + dl.max(dr))
+        Ok(Tree {
+            expected: mean[0],
+            depth: depth.into_iter().flatten().max().unwrap_or(0),
+            nodes,
+        })
     }
 
     /// The cover-weighted mean of the leaves.
