@@ -364,9 +364,19 @@ fn segments(candidate: &Bundle, scored: &[(&[f64], Observation, Observation)]) -
     let n = scored.len();
     let mut out = Vec::new();
     for (j, f) in candidate.schema.features().iter().enumerate() {
-        let mut values: Vec<f64> = scored.iter().map(|(x, _, _)| x[j]).collect();
+        // Bands are quantiles of the values present; a missing value (NaN, for a feature
+        // that allows it) is in no band.
+        let mut values: Vec<f64> = scored
+            .iter()
+            .map(|(x, _, _)| x[j])
+            .filter(|v| !v.is_nan())
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
         values.sort_by(f64::total_cmp);
-        let mut cuts: Vec<f64> = (1..5).map(|q| values[q * n / 5]).collect();
+        let m = values.len();
+        let mut cuts: Vec<f64> = (1..5).map(|q| values[q * m / 5]).collect();
         cuts.dedup();
         let empty = Band {
             low: f64::INFINITY,
@@ -376,6 +386,9 @@ fn segments(candidate: &Bundle, scored: &[(&[f64], Observation, Observation)]) -
         let mut bands = vec![empty; cuts.len() + 1];
         for (x, cand, champ) in scored {
             let v = x[j];
+            if v.is_nan() {
+                continue;
+            }
             let b = &mut bands[cuts.iter().take_while(|c| v >= **c).count()];
             b.low = b.low.min(v);
             b.high = b.high.max(v);

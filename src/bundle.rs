@@ -1,8 +1,10 @@
 //! Model bundles: the immutable directory `models/<model>/<version>/` that fixes a version.
 //!
-//! A bundle holds `manifest.toml` (feature schema, limit policy, training provenance and
-//! holdout metrics), `parameters.toml` (the fitted model) and `bundle.sha256`, the digest over
-//! a canonical form of every other file. The digest is the bundle's identity in every record.
+//! A bundle holds `manifest.toml` (feature schema, limit policy, provenance and metrics), the
+//! model, and `bundle.sha256`, the digest over a canonical form of every other file. The model
+//! is `parameters.toml` for a logistic regression riskserve trained, or the imported model
+//! file itself, byte for byte (XGBoost JSON, LightGBM text), for a tree ensemble; the
+//! manifest's `[source]` says which. The digest is the bundle's identity in every record.
 //! [`Bundle::load`] reads, verifies the digest, parses and validates; a bundle that fails any
 //! step is refused whole, which is also what keeps a half-written bundle from ever loading.
 
@@ -14,12 +16,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::model::{LogisticModel, Scored};
+use crate::model::trees::{Ensemble, TreeError, lightgbm, xgboost};
+use crate::model::{LogisticModel, Model, Scored};
 use crate::policy::{Applied, Policy};
 use crate::schema::{FeatureSpec, Schema};
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
 pub const PARAMETERS_FILE: &str = "parameters.toml";
+/// Names the model file of an imported bundle in errors (`model.json` or `model.txt`).
+const MODEL_FILE: &str = "the model file";
 /// Holds the digest; written last, so its presence marks a complete bundle.
 pub const DIGEST_FILE: &str = "bundle.sha256";
 /// The manifest format this build reads and writes.
@@ -101,6 +106,64 @@ pub struct Metrics {
     pub brier: f64,
 }
 
+/// The file format of an imported model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    /// XGBoost's JSON model (`Booster.save_model("x.json")`).
+    Xgboost,
+    /// LightGBM's text model (`Booster.save_model("x.txt")`).
+    Lightgbm,
+}
+
+impl SourceFormat {
+    /// The name of the model file inside a bundle.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            SourceFormat::Xgboost => "model.json",
+            SourceFormat::Lightgbm => "model.txt",
+        }
+    }
+
+    /// Reads a model file of this format.
+    pub fn parse(self, bytes: &[u8]) -> Result<Ensemble, String> {
+        match self {
+            SourceFormat::Xgboost => xgboost::parse(bytes),
+            SourceFormat::Lightgbm => match std::str::from_utf8(bytes) {
+                Ok(text) => lightgbm::parse(text),
+                Err(_) => Err(TreeError::Malformed(
+                    "LightGBM",
+                    "the file is not UTF-8".into(),
+                )),
+            },
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// A data file by name and content, as evaluated on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataFile {
+    pub file: String,
+    pub sha256: String,
+    pub rows: u64,
+    /// The 0/1 outcome column the metrics were computed against.
+    pub label: String,
+}
+
+/// Where an imported model came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub format: SourceFormat,
+    /// The model file in the bundle, byte for byte the one imported.
+    pub file: String,
+    /// sha256 of that file, hex: the file the data scientist holds hashes to it.
+    pub sha256: String,
+    /// The data the metrics were computed on by riskserve's own scorer, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluated_on: Option<DataFile>,
+}
+
 /// The human-readable description of a version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -110,8 +173,15 @@ pub struct Manifest {
     /// RFC 3339; given to the trainer so that a retrain reproduces the digest.
     pub created_at: String,
     pub trainer: String,
-    pub training: Training,
-    pub metrics: Metrics,
+    /// Present for an imported model; absent for one riskserve trained (`parameters.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// Present for a model riskserve trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<Training>,
+    /// The holdout's (trained) or the evaluation data's (imported, with `--data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
     #[serde(rename = "feature")]
     pub features: Vec<FeatureSpec>,
     pub policy: Policy,
@@ -124,7 +194,7 @@ pub struct Bundle {
     /// The manifest exactly as stored, for people who ask to see it.
     pub manifest_text: String,
     pub schema: Schema,
-    pub model: LogisticModel,
+    pub model: Box<dyn Model>,
     pub digest: BundleDigest,
 }
 
@@ -152,42 +222,72 @@ impl Bundle {
                 actual: digest.0,
             });
         }
-        let text = |file: &'static str| -> Result<String, BundleError> {
-            let (_, bytes) = files
+        Bundle::parse(&files, digest, expect)
+    }
+
+    /// Parses and validates a bundle's files (name and bytes), its digest already checked.
+    /// Kept apart from the file reading so that it can be fuzzed on its own.
+    pub fn parse(
+        files: &[(String, Vec<u8>)],
+        digest: BundleDigest,
+        expect: Option<(&str, &str)>,
+    ) -> Result<Bundle, BundleError> {
+        let bytes = |file: &str| {
+            files
                 .iter()
                 .find(|(name, _)| name == file)
-                .ok_or(BundleError::Incomplete(file))?;
-            String::from_utf8(bytes.clone()).map_err(|_| BundleError::Parse {
+                .map(|(_, b)| b.as_slice())
+        };
+        let text = |file: &'static str| -> Result<&str, BundleError> {
+            let b = bytes(file).ok_or(BundleError::Incomplete(file))?;
+            std::str::from_utf8(b).map_err(|_| BundleError::Parse {
                 file,
                 message: "not UTF-8".into(),
             })
         };
-        Bundle::parse(
-            text(MANIFEST_FILE)?,
-            &text(PARAMETERS_FILE)?,
-            digest,
-            expect,
-        )
-    }
-
-    /// Parses and validates a bundle's two texts, its digest already checked. Kept apart
-    /// from the file reading so that it can be fuzzed on its own.
-    pub fn parse(
-        manifest_text: String,
-        parameters_text: &str,
-        digest: BundleDigest,
-        expect: Option<(&str, &str)>,
-    ) -> Result<Bundle, BundleError> {
+        let manifest_text = text(MANIFEST_FILE)?.to_string();
         let manifest: Manifest =
             toml::from_str(&manifest_text).map_err(|e| BundleError::Parse {
                 file: MANIFEST_FILE,
                 message: e.message().to_string(),
             })?;
-        let model: LogisticModel =
-            toml::from_str(parameters_text).map_err(|e| BundleError::Parse {
-                file: PARAMETERS_FILE,
-                message: e.message().to_string(),
-            })?;
+        let model: Box<dyn Model> = match &manifest.source {
+            None => {
+                let m: LogisticModel =
+                    toml::from_str(text(PARAMETERS_FILE)?).map_err(|e| BundleError::Parse {
+                        file: PARAMETERS_FILE,
+                        message: e.message().to_string(),
+                    })?;
+                m.check().map_err(BundleError::Invalid)?;
+                Box::new(m)
+            }
+            Some(source) => {
+                let file = source.format.file_name();
+                if source.file != file {
+                    return Err(BundleError::Invalid(format!(
+                        "a {:?} model is stored as {file}, not {:?}",
+                        source.format, source.file
+                    )));
+                }
+                let b = bytes(file).ok_or(BundleError::Incomplete(file))?;
+                let actual = hex::encode(Sha256::digest(b));
+                if actual != source.sha256 {
+                    return Err(BundleError::Invalid(format!(
+                        "{file} hashes to {actual}, the manifest says {}",
+                        source.sha256
+                    )));
+                }
+                Box::new(
+                    source
+                        .format
+                        .parse(b)
+                        .map_err(|message| BundleError::Parse {
+                            file: MODEL_FILE,
+                            message,
+                        })?,
+                )
+            }
+        };
         let bundle = Bundle {
             schema: Schema::new(manifest.features.clone()),
             manifest,
@@ -217,14 +317,30 @@ impl Bundle {
             )));
         }
         self.schema.check().map_err(BundleError::Invalid)?;
-        self.model.check().map_err(BundleError::Invalid)?;
-        let schema_names = self.schema.features().iter().map(|f| &f.name);
-        let param_names = self.model.terms.iter().map(|t| &t.name);
-        if !schema_names.eq(param_names) {
-            return Err(BundleError::Invalid(
-                "the schema's features do not match the parameters' features (names and order)"
-                    .into(),
-            ));
+        let schema_names = self.schema.features().iter().map(|f| f.name.as_str());
+        if !schema_names.eq(self.model.feature_names()) {
+            return Err(BundleError::Invalid(format!(
+                "the schema's features do not match the {}'s features (names and order)",
+                self.model.kind()
+            )));
+        }
+        for (i, spec) in self.schema.features().iter().enumerate() {
+            if spec.allows_missing() && !self.model.handles_missing() {
+                return Err(BundleError::Invalid(format!(
+                    "feature {}: missing = \"allowed\" needs a model that routes missing \
+                     values, and a {} does not",
+                    spec.name,
+                    self.model.kind()
+                )));
+            }
+            if let Some(direction) = spec.monotone {
+                self.model.check_monotone(i, direction).map_err(|e| {
+                    BundleError::Invalid(format!(
+                        "feature {} is declared {direction}, but {e}",
+                        spec.name
+                    ))
+                })?;
+            }
         }
         m.policy
             .check()
@@ -244,18 +360,22 @@ impl Bundle {
         Verdict { scored, applied }
     }
 
-    /// Scores sample vectors drawn from the schema (the training means, and each range's
-    /// corners) and checks every answer is a usable probability, before the version may serve.
+    /// Scores sample vectors drawn from the schema (each range's corners and middle, and
+    /// every feature missing that may be) and checks every answer is a usable probability,
+    /// before the version may serve.
     pub fn warm_up(&self) -> Result<(), BundleError> {
         let specs = self.schema.features();
-        let means: Vec<f64> = specs
-            .iter()
-            .zip(&self.model.terms)
-            .map(|(s, t)| t.mean.clamp(s.min, s.max))
-            .collect();
         let lows: Vec<f64> = specs.iter().map(|s| s.min).collect();
         let highs: Vec<f64> = specs.iter().map(|s| s.max).collect();
-        for sample in [means, lows, highs] {
+        let middles: Vec<f64> = specs
+            .iter()
+            .map(|s| s.min + (s.max - s.min) / 2.0)
+            .collect();
+        let missing: Vec<f64> = specs
+            .iter()
+            .map(|s| if s.allows_missing() { f64::NAN } else { s.min })
+            .collect();
+        for sample in [middles, lows, highs, missing] {
             let pd = self
                 .decide(&sample, Some(100_000))
                 .scored
@@ -315,13 +435,23 @@ pub fn seal(dir: &Path) -> Result<BundleDigest, BundleError> {
     Ok(digest)
 }
 
-/// Writes a new bundle at `models_dir/<model>/<version>` atomically: into a hidden sibling
-/// first, the digest file last, then renamed into place. An existing version is never
-/// overwritten: bundles are immutable.
+/// The `parameters.toml` of a logistic model, for [`write`].
+pub fn parameters_file(model: &LogisticModel) -> Result<(&'static str, Vec<u8>), BundleError> {
+    let text = toml::to_string_pretty(model).map_err(|e| BundleError::Parse {
+        file: PARAMETERS_FILE,
+        message: e.to_string(),
+    })?;
+    Ok((PARAMETERS_FILE, text.into_bytes()))
+}
+
+/// Writes a new bundle at `models_dir/<model>/<version>` atomically: its manifest and its
+/// model file (name and bytes) into a hidden sibling first, the digest file last, then read
+/// back as the server would load it and only then renamed into place. An existing version is
+/// never overwritten: bundles are immutable.
 pub fn write(
     models_dir: &Path,
     manifest: &Manifest,
-    model: &LogisticModel,
+    (model_file, model_bytes): (&str, Vec<u8>),
 ) -> Result<(PathBuf, BundleDigest), BundleError> {
     let parent = models_dir.join(&manifest.model);
     let dest = parent.join(&manifest.version);
@@ -331,21 +461,13 @@ pub fn write(
             dest.display()
         )));
     }
-    let ser = |file, r: Result<String, toml::ser::Error>| {
-        r.map_err(|e| BundleError::Parse {
-            file,
-            message: e.to_string(),
-        })
-    };
+    let manifest_text = toml::to_string_pretty(manifest).map_err(|e| BundleError::Parse {
+        file: MANIFEST_FILE,
+        message: e.to_string(),
+    })?;
     let files = vec![
-        (
-            MANIFEST_FILE.to_string(),
-            ser(MANIFEST_FILE, toml::to_string_pretty(manifest))?.into_bytes(),
-        ),
-        (
-            PARAMETERS_FILE.to_string(),
-            ser(PARAMETERS_FILE, toml::to_string_pretty(model))?.into_bytes(),
-        ),
+        (MANIFEST_FILE.to_string(), manifest_text.into_bytes()),
+        (model_file.to_string(), model_bytes),
     ];
     let staging = parent.join(format!(
         ".{}.partial-{}",
@@ -360,7 +482,19 @@ pub fn write(
     for (name, bytes) in &files {
         fs::write(staging.join(name), bytes).map_err(io(&staging))?;
     }
-    let digest = seal(&staging)?;
+    // Read back through the loader before it takes its place (digest, validation, monotone
+    // directions, warm-up), so that nothing the server would refuse is ever left there.
+    let checked = seal(&staging).and_then(|digest| {
+        Bundle::load(&staging, Some((&manifest.model, &manifest.version)))?.warm_up()?;
+        Ok(digest)
+    });
+    let digest = match checked {
+        Ok(digest) => digest,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
     fs::rename(&staging, &dest).map_err(io(&dest))?;
     Ok((dest, digest))
 }

@@ -13,9 +13,10 @@
 //! - [`decision_log`]: every decision, durable before it is answered, in a hash chain;
 //!   [`customer`] pseudonymises customer ids before anything is stored.
 //! - [`registry`]: the loaded versions of each model and the serving one behind an arc-swap.
-//! - [`bundle`]: the immutable on-disk version: manifest, parameters, digest.
-//! - [`schema`], [`model`], [`policy`]: a version's feature rules, its fitted logistic model,
-//!   and its PD → grade → decision → limit policy.
+//! - [`bundle`]: the immutable on-disk version: manifest, model file, digest.
+//! - [`schema`], [`model`], [`policy`]: a version's feature rules, its model (a logistic
+//!   regression or an XGBoost / LightGBM tree ensemble, behind one trait), and its PD →
+//!   grade → decision → limit policy.
 //!
 //! Around it:
 //!
@@ -23,7 +24,8 @@
 //!   configured); shutdown.
 //! - [`watcher`]: loads bundles that appear under `models/`.
 //! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify.
-//! - [`train`]: fits a version with linfa and writes its bundle.
+//! - [`train`]: fits a version with linfa and writes its bundle; [`import`] makes a bundle of
+//!   a model file trained elsewhere; both read their data and schema files through [`inputs`].
 //! - [`config`]: defaults, file, environment and flags, checked before anything starts.
 //! - [`rollout`]: plans and sticky assignment; the router (request path), control
 //!   operations, the guardrail evaluator and the history, one type each; its store.
@@ -40,6 +42,8 @@ pub mod config;
 pub mod customer;
 pub mod decision_log;
 pub mod grpc;
+pub mod import;
+pub mod inputs;
 pub mod model;
 pub mod policy;
 pub mod registry;

@@ -1,12 +1,58 @@
-//! The fitted logistic model of a version: standardise, weigh, sum, squash.
+//! The models a version can hold, behind the one [`Model`] interface the rest of riskserve
+//! scores through: the logistic regression riskserve trains itself (here), and the tree
+//! ensembles credit teams train with XGBoost or LightGBM ([`trees`]).
 //!
-//! Scoring is deliberately plain arithmetic in schema order, so that anyone holding a bundle's
-//! `parameters.toml` can recompute a probability of default bit for bit, and so that the
-//! reasons are the exact terms the version summed.
+//! A model turns a vector in schema order into a probability of default and its principal
+//! reasons: the features whose exact additive share of the log-odds pushed it up. For the
+//! logistic model those shares are its own terms (plain arithmetic in schema order, so anyone
+//! holding `parameters.toml` can recompute a score bit for bit); for trees they are the
+//! features' exact Shapley values.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::schema::Monotone;
+
 pub mod trees;
+
+/// What every kind of model offers: its features, its answer for a vector, and the
+/// properties a bundle's manifest may declare about it, checked at load.
+pub trait Model: Send + Sync + fmt::Debug {
+    /// The model's family, for manifests, logs and error messages.
+    fn kind(&self) -> &'static str;
+    /// The features in the order [`Model::score`] reads a vector.
+    fn feature_names(&self) -> Vec<&str>;
+    /// Whether a missing value (NaN in the vector) has a meaning to this model.
+    fn handles_missing(&self) -> bool;
+    /// Checks that the probability of default moves in `direction` with feature `feature`
+    /// (an index into the vector) whatever the other features are; names where it does not.
+    fn check_monotone(&self, feature: usize, direction: Monotone) -> Result<(), String>;
+    /// The probability of default and the principal reasons for a vector.
+    fn score(&self, x: &[f64]) -> Scored;
+}
+
+/// The principal reasons among per-feature shares of the log-odds: the positive ones,
+/// largest first, at most [`MAX_REASONS`]. Ties keep schema order (the sort is stable), so
+/// reasons are reproducible.
+pub fn principal_reasons<'a>(
+    names: impl Iterator<Item = &'a str>,
+    shares: &[f64],
+    x: &[f64],
+) -> Vec<Contribution> {
+    let mut reasons: Vec<Contribution> = names
+        .zip(shares.iter().zip(x))
+        .filter(|(_, (share, _))| **share > 0.0)
+        .map(|(name, (&contribution, &value))| Contribution {
+            feature: name.to_string(),
+            contribution,
+            value,
+        })
+        .collect();
+    reasons.sort_by(|a, b| b.contribution.total_cmp(&a.contribution));
+    reasons.truncate(MAX_REASONS);
+    reasons
+}
 
 /// How many principal reasons a decision carries at most (the usual adverse-action count).
 pub const MAX_REASONS: usize = 4;
@@ -61,29 +107,50 @@ impl LogisticModel {
         }
         Ok(())
     }
+}
+
+impl Model for LogisticModel {
+    fn kind(&self) -> &'static str {
+        "logistic regression"
+    }
+
+    fn feature_names(&self) -> Vec<&str> {
+        self.terms.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    fn handles_missing(&self) -> bool {
+        false
+    }
+
+    fn check_monotone(&self, feature: usize, direction: Monotone) -> Result<(), String> {
+        let c = self.terms[feature].coefficient;
+        match direction {
+            Monotone::Increasing if c < 0.0 => Err(format!("its coefficient is {c} < 0")),
+            Monotone::Decreasing if c > 0.0 => Err(format!("its coefficient is {c} > 0")),
+            _ => Ok(()),
+        }
+    }
 
     /// Scores a vector laid out in the order of the terms (the schema's order).
-    pub fn score(&self, x: &[f64]) -> Scored {
+    fn score(&self, x: &[f64]) -> Scored {
         debug_assert_eq!(x.len(), self.terms.len());
         let mut logit = self.intercept;
-        let mut reasons = Vec::with_capacity(self.terms.len());
-        for (t, &value) in self.terms.iter().zip(x) {
-            let contribution = t.coefficient * ((value - t.mean) / t.scale);
-            logit += contribution;
-            if contribution > 0.0 {
-                reasons.push(Contribution {
-                    feature: t.name.clone(),
-                    contribution,
-                    value,
-                });
-            }
+        let mut shares = [0.0; 64];
+        let mut owned = Vec::new();
+        // Most schemas are small: keep the shares on the stack unless they are not.
+        let shares: &mut [f64] = if x.len() <= shares.len() {
+            &mut shares[..x.len()]
+        } else {
+            owned.resize(x.len(), 0.0);
+            &mut owned
+        };
+        for ((t, &value), share) in self.terms.iter().zip(x).zip(shares.iter_mut()) {
+            *share = t.coefficient * ((value - t.mean) / t.scale);
+            logit += *share;
         }
-        // Largest first; ties keep schema order (the sort is stable), so reasons are reproducible.
-        reasons.sort_by(|a, b| b.contribution.total_cmp(&a.contribution));
-        reasons.truncate(MAX_REASONS);
         Scored {
             probability_of_default: sigmoid(logit),
-            reasons,
+            reasons: principal_reasons(self.terms.iter().map(|t| t.name.as_str()), shares, x),
         }
     }
 }

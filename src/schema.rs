@@ -35,6 +35,19 @@ pub enum Missing {
 #[serde(rename_all = "lowercase")]
 pub enum MissingRule {
     Required,
+    /// The value reaches the model as missing (NaN), for models that route missing values
+    /// (trees, by each split's default direction). Refused at load for a model that cannot.
+    Allowed,
+}
+
+/// A declared direction of the probability of default in a feature, verified at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Monotone {
+    /// More of the feature never lowers the probability of default.
+    Increasing,
+    /// More of the feature never raises it.
+    Decreasing,
 }
 
 /// One feature of a schema: its name, type, valid range (inclusive) and missing-value rule.
@@ -46,6 +59,16 @@ pub struct FeatureSpec {
     pub min: f64,
     pub max: f64,
     pub missing: Missing,
+    /// How the probability of default must move with this feature, when declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monotone: Option<Monotone>,
+}
+
+impl FeatureSpec {
+    /// Whether a request may leave this feature out and have it scored as missing.
+    pub fn allows_missing(&self) -> bool {
+        self.missing == Missing::Rule(MissingRule::Allowed)
+    }
 }
 
 /// A feature value as a caller sent it, before the schema has judged it.
@@ -68,6 +91,15 @@ impl RawValue {
             RawValue::Flag(_) => "flag",
             RawValue::Empty => "no value",
         }
+    }
+}
+
+impl fmt::Display for Monotone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Monotone::Increasing => "increasing",
+            Monotone::Decreasing => "decreasing",
+        })
     }
 }
 
@@ -167,7 +199,8 @@ impl Schema {
         Ok(())
     }
 
-    /// Turns a request's features into the vector to score, in schema order.
+    /// Turns a request's features into the vector to score, in schema order; a feature that
+    /// allows missing values and was left out is NaN.
     ///
     /// Unknown names are reported first (in name order), then the schema's features in order,
     /// so the same bad request always gets the same answer.
@@ -185,6 +218,7 @@ impl Schema {
             .map(|spec| match given.get(&spec.name) {
                 None => match spec.missing {
                     Missing::Impute(v) => Ok(v),
+                    Missing::Rule(MissingRule::Allowed) => Ok(f64::NAN),
                     Missing::Rule(MissingRule::Required) => Err(FeatureError {
                         feature: spec.name.clone(),
                         rule: Rule::Missing,
@@ -242,6 +276,7 @@ mod tests {
                 min: 18.0,
                 max: 120.0,
                 missing: Missing::Rule(MissingRule::Required),
+                monotone: None,
             },
             FeatureSpec {
                 name: "PAID".into(),
@@ -249,6 +284,7 @@ mod tests {
                 min: 0.0,
                 max: 1e6,
                 missing: Missing::Impute(0.0),
+                monotone: None,
             },
         ])
     }

@@ -129,7 +129,9 @@ impl Tracer {
                     .filter_map(|n| {
                         let before = p.body.features.get(n).copied();
                         let after = decision.body.features.get(n).copied();
-                        (before != after).then(|| (n.clone(), before, after))
+                        // By bits, so that a value missing both times (NaN) has not moved.
+                        let same = before.map(f64::to_bits) == after.map(f64::to_bits);
+                        (!same).then(|| (n.clone(), before, after))
                     })
                     .collect()
             }

@@ -6,7 +6,7 @@
 //! is an input. The same data, seed and time give the same digest.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use linfa::prelude::*;
 use linfa_logistic::LogisticRegression;
@@ -14,13 +14,12 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::bundle::{self, BundleDigest, BundleError, FORMAT, Manifest, Metrics, Training};
-use crate::model::{LogisticModel, Term};
-use crate::policy::Policy;
-use crate::schema::{FeatureSpec, FeatureType, Missing, MissingRule};
+use crate::inputs::{EmptyCells, InputError, SchemaFile, Table, read_file, read_policy, read_toml};
+use crate::model::{LogisticModel, Model as _, Term};
+use crate::schema::FeatureSpec;
 
 /// Names the training procedure in manifests. It changes only when the procedure does, so a
 /// new release of riskserve still reproduces the digests of the bundles it shipped.
@@ -84,6 +83,7 @@ pub struct TrainReport {
     pub digest: BundleDigest,
     pub manifest: Manifest,
     pub model: LogisticModel,
+    pub metrics: Metrics,
     pub train_rows: usize,
 }
 
@@ -97,22 +97,9 @@ pub enum TrainError {
     #[error("fit: {0}")]
     Fit(String),
     #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
     Bundle(#[from] BundleError),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SchemaFile {
-    feature: Vec<FeatureSpec>,
-}
-
-fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
-    let err = |message: String| TrainError::Read {
-        path: path.to_owned(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    toml::from_str(&text).map_err(|e| err(e.to_string()))
 }
 
 /// Trains one version and writes its bundle under `spec.models_dir`.
@@ -128,47 +115,11 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
         .map_err(|e| TrainError::Data(e.to_string()))?;
 
     progress(Stage::Reading);
-    let bytes = std::fs::read(&spec.data).map_err(|e| TrainError::Read {
-        path: spec.data.clone(),
-        message: e.to_string(),
-    })?;
-    let table = Table::parse(&bytes, &spec.data)?;
+    let bytes = read_file(&spec.data)?;
+    let table = Table::parse(&bytes, &spec.data, EmptyCells::Refused)?;
     let (specs, excluded) = feature_specs(spec, &table)?;
-    let columns: Vec<usize> = specs
-        .iter()
-        .map(|s| table.column(&s.name))
-        .collect::<Result<_, _>>()?;
-    let label = table.column(&spec.label)?;
-    let y: Vec<bool> = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| match r[label] {
-            0.0 => Ok(false),
-            1.0 => Ok(true),
-            v => Err(TrainError::Data(format!(
-                "row {}: label {} is {v}, expected 0 or 1",
-                i + 2,
-                spec.label
-            ))),
-        })
-        .collect::<Result<_, _>>()?;
-    for (i, row) in table.rows.iter().enumerate() {
-        for (s, &c) in specs.iter().zip(&columns) {
-            let v = row[c];
-            let integral_ok = s.kind == FeatureType::Number || v.fract() == 0.0;
-            if !(s.min..=s.max).contains(&v) || !integral_ok {
-                return Err(TrainError::Data(format!(
-                    "row {}: {} = {v} breaks the schema ({:?} in [{}, {}])",
-                    i + 2,
-                    s.name,
-                    s.kind,
-                    s.min,
-                    s.max
-                )));
-            }
-        }
-    }
+    let y = table.labels(&spec.label)?;
+    let vectors = table.vectors(&specs)?;
 
     progress(Stage::Splitting);
     let (train_idx, holdout_idx) = stratified_split(&y, spec.holdout, spec.seed);
@@ -176,9 +127,7 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
         return Err(TrainError::Data("too few rows for a holdout split".into()));
     }
     let matrix = |idx: &[usize]| -> Array2<f64> {
-        Array2::from_shape_fn((idx.len(), columns.len()), |(r, c)| {
-            table.rows[idx[r]][columns[c]]
-        })
+        Array2::from_shape_fn((idx.len(), specs.len()), |(r, c)| vectors[idx[r]][c])
     };
     let x_train = matrix(&train_idx);
     let (means, scales) = standardisation(&x_train);
@@ -230,17 +179,15 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
     let metrics = evaluate(&scored);
 
     progress(Stage::Writing);
-    let policy = match &spec.policy {
-        Some(path) => read_toml::<Policy>(path)?,
-        None => Policy::credit_limit_default(),
-    };
+    let policy = read_policy(spec.policy.as_deref())?;
     let manifest = Manifest {
         format: FORMAT,
         model: spec.model.clone(),
         version: spec.version.clone(),
         created_at: spec.created_at.clone(),
         trainer: TRAINER.to_string(),
-        training: Training {
+        source: None,
+        training: Some(Training {
             data_file: spec
                 .data
                 .file_name()
@@ -252,75 +199,24 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
             excluded,
             holdout_fraction: spec.holdout,
             seed: spec.seed,
-        },
-        metrics,
+        }),
+        metrics: Some(metrics.clone()),
         features: specs,
         policy,
     };
-    let (dir, digest) = bundle::write(&spec.models_dir, &manifest, &model)?;
-    // Read back through the loader, so a trainer never leaves a bundle the server refuses.
-    bundle::Bundle::load(&dir, Some((&spec.model, &spec.version)))?.warm_up()?;
+    let (dir, digest) = bundle::write(
+        &spec.models_dir,
+        &manifest,
+        bundle::parameters_file(&model)?,
+    )?;
     Ok(TrainReport {
         dir,
         digest,
         manifest,
         model,
+        metrics,
         train_rows: train_idx.len(),
     })
-}
-
-/// A numeric CSV: header names and rows of numbers.
-struct Table {
-    headers: Vec<String>,
-    rows: Vec<Vec<f64>>,
-}
-
-impl Table {
-    fn parse(bytes: &[u8], path: &Path) -> Result<Table, TrainError> {
-        let err = |message: String| TrainError::Read {
-            path: path.to_owned(),
-            message,
-        };
-        let mut reader = csv::Reader::from_reader(bytes);
-        let headers: Vec<String> = reader
-            .headers()
-            .map_err(|e| err(e.to_string()))?
-            .iter()
-            .map(|h| h.trim().to_string())
-            .collect();
-        let mut rows = Vec::new();
-        for (i, record) in reader.records().enumerate() {
-            let record = record.map_err(|e| err(e.to_string()))?;
-            let row = record
-                .iter()
-                .zip(&headers)
-                .map(|(cell, h)| {
-                    cell.trim()
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|v| v.is_finite())
-                        .ok_or_else(|| {
-                            err(format!(
-                                "row {}: {h} = {cell:?} is not a finite number",
-                                i + 2
-                            ))
-                        })
-                })
-                .collect::<Result<Vec<f64>, _>>()?;
-            rows.push(row);
-        }
-        if rows.is_empty() {
-            return Err(err("no rows".into()));
-        }
-        Ok(Table { headers, rows })
-    }
-
-    fn column(&self, name: &str) -> Result<usize, TrainError> {
-        self.headers
-            .iter()
-            .position(|h| h == name)
-            .ok_or_else(|| TrainError::Data(format!("no column named {name}")))
-    }
 }
 
 /// The features to train on, and the columns left out (listed in the manifest).
@@ -351,21 +247,7 @@ fn feature_specs(
             .iter()
             .enumerate()
             .filter(|(_, h)| **h != spec.label && !spec.exclude.contains(h))
-            .map(|(c, h)| {
-                let (min, max) = table
-                    .rows
-                    .iter()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-                        (lo.min(r[c]), hi.max(r[c]))
-                    });
-                FeatureSpec {
-                    name: h.clone(),
-                    kind: FeatureType::Number,
-                    min,
-                    max,
-                    missing: Missing::Rule(MissingRule::Required),
-                }
-            })
+            .map(|(c, _)| table.observed(c))
             .collect(),
     };
     crate::schema::Schema::new(specs.clone())

@@ -388,7 +388,7 @@ fn train_version(
     let report = train::train(&spec, &mut |_| {}).with_context(|| format!("training {version}"))?;
     println!(
         "  trained {MODEL} {version}: AUC {:.3} on {} holdout rows, {}",
-        report.manifest.metrics.auc, report.manifest.metrics.holdout_rows, report.digest
+        report.metrics.auc, report.metrics.holdout_rows, report.digest
     );
     Ok(())
 }

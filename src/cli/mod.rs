@@ -41,6 +41,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Train a new model version from a CSV file and write its bundle.
     Train(train::TrainArgs),
+    /// Import an XGBoost (JSON) or LightGBM (text) model file as a new version's bundle.
+    Import(train::ImportArgs),
     /// Score one customer on a running server.
     Score(score::ScoreArgs),
     /// List, show, load, serve or unload model versions on a running server.
@@ -89,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
         Command::Train(args) => train::run(args),
+        Command::Import(args) => train::import(args),
         Command::Score(args) => runtime.block_on(score::run(args)),
         Command::Models(args) => runtime.block_on(models::run(args)),
         Command::Rollout(args) => runtime.block_on(rollout::run(args)),

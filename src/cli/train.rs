@@ -1,5 +1,6 @@
-//! `riskserve train` (fit a version and write its bundle, with a progress bar and the
-//! holdout metrics) and `riskserve token` (a bearer token and its config entry).
+//! The commands that make things to deploy: `riskserve train` (fit a version and write its
+//! bundle, with a progress bar and the holdout metrics), `riskserve import` (a bundle of an
+//! XGBoost or LightGBM model file) and `riskserve token` (a bearer token and its config entry).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::Args;
 
+use crate::bundle::{Metrics, SourceFormat};
+use crate::import::ImportSpec;
 use crate::train::{self, Stage, TrainSpec};
 
 #[derive(Debug, Args)]
@@ -55,20 +58,109 @@ pub(crate) struct TokenArgs {
     roles: Vec<String>,
 }
 
-pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let created_at = match args.created_at {
-        Some(t) => t,
-        None => {
-            let when = match std::env::var("SOURCE_DATE_EPOCH") {
-                Ok(secs) => {
-                    let secs: u64 = secs.parse().context("SOURCE_DATE_EPOCH is not a number")?;
-                    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-                }
-                Err(_) => SystemTime::now(),
-            };
-            humantime::format_rfc3339_seconds(when).to_string()
+#[derive(Debug, Args)]
+pub(crate) struct ImportArgs {
+    /// The model file's format: XGBoost's JSON model or LightGBM's text model.
+    #[arg(value_parser = ["xgboost", "lightgbm"])]
+    format: String,
+    /// The model file, as the library saved it (`save_model`).
+    file: PathBuf,
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    version: String,
+    /// Feature schema (types, ranges, missing rules, monotone directions) by name.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Limit policy (TOML); default: the built-in credit-limit policy.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// A CSV of customers: observed ranges without --schema; metrics with --label.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The 0/1 outcome column of --data (1 = defaulted), for AUC, KS, Gini and Brier.
+    #[arg(long)]
+    label: Option<String>,
+    /// Where bundles are written.
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Creation time for the manifest (RFC 3339). Default: $SOURCE_DATE_EPOCH if set, else now.
+    #[arg(long)]
+    created_at: Option<String>,
+}
+
+/// The manifest's creation time: as given, else `$SOURCE_DATE_EPOCH`, else now.
+fn created_at(given: Option<String>) -> anyhow::Result<String> {
+    if let Some(t) = given {
+        return Ok(t);
+    }
+    let when = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(secs) => {
+            let secs: u64 = secs.parse().context("SOURCE_DATE_EPOCH is not a number")?;
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
         }
+        Err(_) => SystemTime::now(),
     };
+    Ok(humantime::format_rfc3339_seconds(when).to_string())
+}
+
+pub(crate) fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let format = match args.format.as_str() {
+        "xgboost" => SourceFormat::Xgboost,
+        _ => SourceFormat::Lightgbm,
+    };
+    let spec = ImportSpec {
+        format,
+        file: args.file,
+        model: args.model,
+        version: args.version,
+        schema: args.schema,
+        policy: args.policy,
+        data: args.data,
+        label: args.label,
+        models_dir: args.models,
+        created_at: created_at(args.created_at)?,
+    };
+    let report = crate::import::import(&spec)?;
+    let m = &report.manifest;
+    println!(
+        "imported {}/{} in {}",
+        m.model,
+        m.version,
+        report.dir.display()
+    );
+    println!();
+    let source = m.source.as_ref().expect("an import records its source");
+    let mut rows = vec![
+        ("digest", report.digest.to_string()),
+        (
+            "source",
+            format!("{} sha256:{}", spec.file.display(), source.sha256),
+        ),
+        (
+            "trees",
+            format!("{} (depth up to {})", report.trees, report.max_depth),
+        ),
+        ("features", m.features.len().to_string()),
+    ];
+    let monotone: Vec<String> = m
+        .features
+        .iter()
+        .filter_map(|f| f.monotone.map(|d| format!("{} {d}", f.name)))
+        .collect();
+    if !monotone.is_empty() {
+        rows.push(("monotone", monotone.join(", ")));
+    }
+    if let Some(metrics) = &m.metrics {
+        rows.extend(metric_rows(metrics, "rows scored"));
+    }
+    rows.push(("created at", m.created_at.clone()));
+    print_rows(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let created_at = created_at(args.created_at)?;
     let spec = TrainSpec {
         data: args.data,
         label: args.label,
@@ -107,28 +199,37 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         report.dir.display()
     );
     println!();
-    let rows = [
+    let excluded = m.training.as_ref().map(|t| t.excluded.join(", "));
+    let mut rows = vec![
         ("digest", report.digest.to_string()),
         ("features", m.features.len().to_string()),
-        ("excluded", m.training.excluded.join(", ")),
+        ("excluded", excluded.unwrap_or_default()),
         ("train rows", report.train_rows.to_string()),
-        (
-            "holdout rows",
-            format!(
-                "{} ({} defaults)",
-                m.metrics.holdout_rows, m.metrics.holdout_defaults
-            ),
-        ),
-        ("AUC", format!("{:.4}", m.metrics.auc)),
-        ("KS", format!("{:.4}", m.metrics.ks)),
-        ("Gini", format!("{:.4}", m.metrics.gini)),
-        ("Brier", format!("{:.4}", m.metrics.brier)),
-        ("created at", m.created_at.clone()),
     ];
+    rows.extend(metric_rows(&report.metrics, "holdout rows"));
+    rows.push(("created at", m.created_at.clone()));
+    print_rows(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The metrics of a version as `name value` rows, the rows scored named `scored`.
+pub(crate) fn metric_rows(m: &Metrics, scored: &'static str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            scored,
+            format!("{} ({} defaults)", m.holdout_rows, m.holdout_defaults),
+        ),
+        ("AUC", format!("{:.4}", m.auc)),
+        ("KS", format!("{:.4}", m.ks)),
+        ("Gini", format!("{:.4}", m.gini)),
+        ("Brier", format!("{:.4}", m.brier)),
+    ]
+}
+
+pub(crate) fn print_rows(rows: &[(&str, String)]) {
     for (k, v) in rows {
         println!("  {k:<13} {v}");
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {

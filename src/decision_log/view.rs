@@ -316,7 +316,12 @@ fn json_numbers(out: &mut String, values: impl Iterator<Item = f64>) {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(buf.format(v));
+        // A missing value (NaN, for a feature that allows it) is JSON's null.
+        if v.is_nan() {
+            out.push_str("null");
+        } else {
+            out.push_str(buf.format(v));
+        }
     }
     out.push(']');
 }
@@ -956,8 +961,9 @@ fn row_to_record(r: &Row<'_>, names: &FeatureNames) -> rusqlite::Result<Decision
             std::io::Error::other(format!("no feature names are stored for {digest}")),
         )
     })?;
-    let x: Vec<f64> =
+    let x: Vec<Option<f64>> =
         serde_json::from_str(r.get_ref(12)?.as_str()?).map_err(|e| conversion(12, e))?;
+    let x: Vec<f64> = x.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect();
     if x.len() != schema.len() {
         return Err(conversion(
             12,

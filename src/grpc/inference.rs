@@ -4,9 +4,12 @@
 //! path as Score (route → validate → score → policy → record), so a decision made through
 //! this protocol is routed, recorded, replayable and traced exactly like any other. Two
 //! differences follow from the protocol:
-//! - The features come as one FP64 tensor `[batch, n_features]` whose columns are the serving
-//!   version's schema order, as ModelMetadata announces; each row is judged by name against
-//!   the schema of the version it is routed to, like Score's feature map.
+//! - The features come as one FP64 (or FP32, widened exactly) tensor `[batch, n_features]`
+//!   whose columns are the serving version's schema order, as ModelMetadata announces; each
+//!   row is judged by name against the schema of the version it is routed to, like Score's
+//!   feature map. A tensor cannot leave a value out, so NaN in a column whose feature allows
+//!   missing values (`missing = "allowed"`) is that feature left out; anywhere else NaN is
+//!   refused as not finite.
 //! - The protocol has no per-row errors, so a batch is decided whole or not at all: a refused
 //!   row fails the call and nothing of it is recorded ([`Scorer::score_all`]).
 
@@ -146,9 +149,18 @@ impl InferenceService {
         !self.draining.is_cancelled() && *self.log_healthy.borrow()
     }
 
-    /// The feature names a model's inputs are announced in: its serving version's schema.
-    fn columns(&self, model: &str) -> Result<Vec<String>, Status> {
-        Ok(self.registry.serving(model)?.schema.names())
+    /// The columns a model's inputs are announced in: its serving version's schema.
+    fn columns(&self, model: &str) -> Result<Vec<Column>, Status> {
+        let bundle = self.registry.serving(model)?;
+        Ok(bundle
+            .schema
+            .features()
+            .iter()
+            .map(|f| Column {
+                name: f.name.clone(),
+                nan_is_missing: f.allows_missing(),
+            })
+            .collect())
     }
 }
 
@@ -340,12 +352,43 @@ fn invalid(field: impl Into<String>, rule: impl Into<String>) -> RequestError {
     }
 }
 
+/// A column of the input tensor.
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    /// NaN in this column means the feature was left out.
+    nan_is_missing: bool,
+}
+
+/// The element types the input tensor may have.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Element {
+    Fp64,
+    Fp32,
+}
+
+impl Element {
+    fn size(self) -> usize {
+        match self {
+            Element::Fp64 => 8,
+            Element::Fp32 => 4,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Element::Fp64 => "FP64",
+            Element::Fp32 => "FP32",
+        }
+    }
+}
+
 impl InferRequest {
     /// Checks the request's own fields and splits the tensor into one request per row, each
     /// row's values named by `columns`.
     fn parse(
         req: v2::ModelInferRequest,
-        columns: &[String],
+        columns: &[Column],
         max_batch: usize,
     ) -> Result<InferRequest, RequestError> {
         if !req.model_version.is_empty() {
@@ -376,12 +419,16 @@ impl InferRequest {
                 format!("must be \"{INPUT}\", got {:?}", input.name),
             ));
         }
-        if input.datatype != "FP64" {
-            return Err(invalid(
-                "inputs[0].datatype",
-                format!("must be FP64, got {:?}", input.datatype),
-            ));
-        }
+        let element = match input.datatype.as_str() {
+            "FP64" => Element::Fp64,
+            "FP32" => Element::Fp32,
+            other => {
+                return Err(invalid(
+                    "inputs[0].datatype",
+                    format!("must be FP64 or FP32, got {other:?}"),
+                ));
+            }
+        };
         let n = columns.len();
         let batch = match input.shape.as_slice() {
             [b, c] if *c == n as i64 && *b >= 1 && *b as u64 <= max_batch as u64 => *b as usize,
@@ -395,7 +442,7 @@ impl InferRequest {
                 ));
             }
         };
-        let values = tensor_values(input, &req.raw_input_contents, batch * n)?;
+        let values = tensor_values(input, element, &req.raw_input_contents, batch * n)?;
         let customers = customers(&req.parameters, batch)?;
         let outputs = requested_outputs(&req.outputs)?;
 
@@ -410,7 +457,8 @@ impl InferRequest {
                 features: columns
                     .iter()
                     .zip(row)
-                    .map(|(name, x)| (name.clone(), RawValue::Number(*x)))
+                    .filter(|(c, x)| !(c.nan_is_missing && x.is_nan()))
+                    .map(|(c, x)| (c.name.clone(), RawValue::Number(*x)))
                     .collect(),
                 current_limit: limit,
                 caller: None,
@@ -427,17 +475,26 @@ impl InferRequest {
     }
 }
 
-/// The input's `count` values, from raw contents (little-endian) or typed contents.
+/// The input's `count` values, from raw contents (little-endian) or typed contents, FP32
+/// widened to f64 (exactly: every f32 is an f64).
 fn tensor_values(
     input: &v2::model_infer_request::InferInputTensor,
+    element: Element,
     raw: &[Vec<u8>],
     count: usize,
 ) -> Result<Vec<f64>, RequestError> {
-    let typed = input.contents.as_ref().map(|c| &c.fp64_contents);
+    let typed: Option<(Vec<f64>, &'static str)> = input.contents.as_ref().map(|c| match element {
+        Element::Fp64 => (c.fp64_contents.clone(), "inputs[0].contents.fp64_contents"),
+        Element::Fp32 => (
+            c.fp32_contents.iter().map(|&x| f64::from(x)).collect(),
+            "inputs[0].contents.fp32_contents",
+        ),
+    });
+    let size = element.size();
     match (raw, typed) {
-        ([], Some(typed)) if typed.len() == count => Ok(typed.clone()),
-        ([], Some(typed)) => Err(invalid(
-            "inputs[0].contents.fp64_contents",
+        ([], Some((typed, _))) if typed.len() == count => Ok(typed),
+        ([], Some((typed, field))) => Err(invalid(
+            field,
             format!(
                 "must hold {count} values (the shape's), got {}",
                 typed.len()
@@ -447,15 +504,22 @@ fn tensor_values(
             "inputs[0].contents",
             "is required (or raw_input_contents)",
         )),
-        ([bytes], None) if bytes.len() == count * 8 => Ok(bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("chunks of 8")))
-            .collect()),
+        ([bytes], None) if bytes.len() == count * size => Ok(match element {
+            Element::Fp64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("chunks of 8")))
+                .collect(),
+            Element::Fp32 => bytes
+                .chunks_exact(4)
+                .map(|b| f64::from(f32::from_le_bytes(b.try_into().expect("chunks of 4"))))
+                .collect(),
+        }),
         ([bytes], None) => Err(invalid(
             "raw_input_contents[0]",
             format!(
-                "must hold {count} FP64 values ({} bytes), got {} bytes",
-                count * 8,
+                "must hold {count} {} values ({} bytes), got {} bytes",
+                element.name(),
+                count * size,
                 bytes.len()
             ),
         )),
@@ -654,8 +718,13 @@ mod tests {
         }
     }
 
-    fn columns() -> Vec<String> {
-        vec!["A".into(), "B".into()]
+    fn columns() -> Vec<Column> {
+        ["A", "B"]
+            .map(|name| Column {
+                name: name.into(),
+                nan_is_missing: name == "B",
+            })
+            .to_vec()
     }
 
     #[test]
@@ -755,6 +824,37 @@ mod tests {
         });
         let err = InferRequest::parse(typed, &columns(), 2).unwrap_err();
         assert_eq!(err.field, "inputs[0].contents.fp64_contents");
+    }
+
+    #[test]
+    fn fp32_is_widened_exactly_and_nan_is_missing_only_where_the_schema_allows() {
+        let mut req = request(2, &[], &[("customer_ids", string(r#"["c1", "c2"]"#))]);
+        req.inputs[0].datatype = "FP32".into();
+        let values = [0.1f32, f32::NAN, f32::NAN, 2.5];
+        req.raw_input_contents = vec![values.iter().flat_map(|x| x.to_le_bytes()).collect()];
+        let parsed = InferRequest::parse(req.clone(), &columns(), 10).unwrap();
+        let [a, b] = parsed.rows.as_slice() else {
+            panic!("two rows")
+        };
+        assert_eq!(a.features["A"], RawValue::Number(f64::from(0.1f32)));
+        assert!(!a.features.contains_key("B"), "NaN in B is B left out");
+        let RawValue::Number(x) = b.features["A"] else {
+            panic!("A is a number")
+        };
+        assert!(x.is_nan(), "NaN in A stays, for the schema to refuse");
+        assert_eq!(b.features["B"], RawValue::Number(2.5));
+
+        req.raw_input_contents = vec![vec![0; 12]];
+        let err = InferRequest::parse(req.clone(), &columns(), 10).unwrap_err();
+        assert_eq!(err.field, "raw_input_contents[0]");
+        assert!(
+            err.rule.contains("4 FP32 values (16 bytes)"),
+            "{}",
+            err.rule
+        );
+        req.inputs[0].datatype = "INT64".into();
+        let err = InferRequest::parse(req, &columns(), 10).unwrap_err();
+        assert_eq!(err.field, "inputs[0].datatype");
     }
 
     #[test]

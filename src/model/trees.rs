@@ -13,7 +13,11 @@
 //! subset of features) and against the libraries' own `pred_contribs` output.
 
 pub mod lightgbm;
+mod monotone;
 pub mod xgboost;
+
+use super::{Model, Scored, principal_reasons};
+use crate::schema::Monotone;
 
 /// Why a model file cannot be served exactly.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -198,6 +202,9 @@ pub struct Ensemble {
     /// The margin before any tree (XGBoost's base score, LightGBM's init score as logit).
     pub base_margin: f64,
     pub comparison: Comparison,
+    /// The monotone constraints the model file says it was trained with (LightGBM writes
+    /// them; XGBoost's JSON does not), as feature indices and directions.
+    pub declared_monotone: Vec<(usize, Monotone)>,
 }
 
 /// One vector's exact Shapley values on the log-odds scale.
@@ -280,6 +287,41 @@ impl Ensemble {
             margin,
             contributions: phi,
             expected,
+        }
+    }
+}
+
+impl Model for Ensemble {
+    fn kind(&self) -> &'static str {
+        match self.comparison {
+            Comparison::LessThanF32 => "XGBoost tree ensemble",
+            Comparison::LessOrEqualF64 => "LightGBM tree ensemble",
+        }
+    }
+
+    fn feature_names(&self) -> Vec<&str> {
+        self.feature_names.iter().map(String::as_str).collect()
+    }
+
+    fn handles_missing(&self) -> bool {
+        true
+    }
+
+    fn check_monotone(&self, feature: usize, direction: Monotone) -> Result<(), String> {
+        monotone::check(self, feature, direction)
+    }
+
+    /// The probability of default, with the features' exact Shapley values as the shares
+    /// the principal reasons are chosen from.
+    fn score(&self, x: &[f64]) -> Scored {
+        let e = self.explain(x);
+        Scored {
+            probability_of_default: super::sigmoid(e.margin),
+            reasons: principal_reasons(
+                self.feature_names.iter().map(String::as_str),
+                &e.contributions,
+                x,
+            ),
         }
     }
 }
@@ -501,6 +543,7 @@ pub(super) mod tests {
             trees: vec![t1, t2],
             base_margin: -1.25,
             comparison,
+            declared_monotone: Vec::new(),
         }
     }
 

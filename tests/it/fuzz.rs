@@ -77,7 +77,14 @@ fn check_request(message: pb::ScoreRequest) {
 /// Bundle texts through parsing, validation and warm-up.
 fn check_bundle(manifest: &str, parameters: &str) {
     let digest = BundleDigest::recorded("sha256:fuzz".into());
-    if let Ok(bundle) = Bundle::parse(manifest.to_string(), parameters, digest, None) {
+    let files = [
+        ("manifest.toml".to_string(), manifest.as_bytes().to_vec()),
+        (
+            "parameters.toml".to_string(),
+            parameters.as_bytes().to_vec(),
+        ),
+    ];
+    if let Ok(bundle) = Bundle::parse(&files, digest, None) {
         // Validation passed: it must be able to score its own corners.
         let _ = bundle.warm_up();
     }

@@ -270,11 +270,18 @@ async fn a_bad_row_or_field_refuses_the_whole_call_and_records_nothing() {
             "must be [batch, ",
         ),
         (
-            "FP32 data",
-            Box::new(|r| r.inputs[0].datatype = "FP32".into()),
+            "INT64 data",
+            Box::new(|r| r.inputs[0].datatype = "INT64".into()),
             Code::InvalidArgument,
             "inputs[0].datatype",
-            "must be FP64",
+            "must be FP64 or FP32",
+        ),
+        (
+            "FP32 declared, FP64 sent",
+            Box::new(|r| r.inputs[0].datatype = "FP32".into()),
+            Code::InvalidArgument,
+            "raw_input_contents[0]",
+            "FP32 values",
         ),
         (
             "short raw contents",

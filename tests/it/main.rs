@@ -25,4 +25,5 @@ mod report;
 mod rollouts;
 mod scoring;
 mod telemetry;
+mod trees;
 mod tritonclient;

@@ -119,6 +119,47 @@ async fn traffic(
         .collect()
 }
 
+/// Sends traffic in batches of 500 (request ids `<tag>-<i>`) until the rollout is no longer
+/// active, reaches `last_step`, or `max` requests have gone; its status then, and how many.
+async fn drive(
+    server: &TestServer,
+    tag: &str,
+    last_step: u32,
+    max: usize,
+) -> (pb::RolloutStatus, usize) {
+    let mut from = 0;
+    loop {
+        traffic(&server.channel, tag, from, 500).await;
+        from += 500;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let s = status(&server.channel).await;
+        if s.state != "active" || s.step == last_step || from >= max {
+            return (s, from);
+        }
+    }
+}
+
+/// Promotes the open rollout and checks that `version` then serves every customer.
+async fn promote_and_check(server: &TestServer, version: &str) -> pb::ScoreResponse {
+    let promoted = RolloutsClient::new(server.channel.clone())
+        .promote(rref(MODEL))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(promoted.state, "promoted");
+    let r = server
+        .scoring()
+        .score(request(&customers()[0], "after-promote"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.version.as_str(), r.arm),
+        (version, pb::Arm::Champion as i32)
+    );
+    r
+}
+
 #[test]
 fn assignment_is_sticky_monotone_and_proportional_over_the_taiwan_customers() {
     let ids: Vec<&str> = customers().iter().map(|c| c.id.as_str()).collect();
@@ -238,18 +279,7 @@ async fn a_sound_candidate_advances_to_everyone_and_is_promoted() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models_v1_v2(), data.path())).await;
     start(&server, "v2", FAST_PLAN).await;
-    let mut from = 0;
-    let mut steps_seen = BTreeSet::new();
-    let final_status = loop {
-        traffic(&server.channel, "sound", from, 500).await;
-        from += 500;
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        let s = status(&server.channel).await;
-        steps_seen.insert(s.step);
-        if s.state != "active" || s.step == 5 || from >= 90_000 {
-            break s;
-        }
-    };
+    let (final_status, from) = drive(&server, "sound", 5, 90_000).await;
     eprintln!("reached 100% after {from} requests");
     // 200 candidate decisions at 1% take about 20,000 requests: no step was skipped.
     assert!(from >= 15_000, "reached 100% after only {from} requests");
@@ -278,22 +308,7 @@ async fn a_sound_candidate_advances_to_everyone_and_is_promoted() {
     for (_, arm) in traffic(&server.channel, "full", 0, 200).await {
         assert_eq!(arm, pb::Arm::Candidate as i32);
     }
-    let promoted = RolloutsClient::new(server.channel.clone())
-        .promote(rref(MODEL))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(promoted.state, "promoted");
-    let r = server
-        .scoring()
-        .score(request(&customers()[0], "after-promote"))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (r.version.as_str(), r.arm),
-        ("v2", pb::Arm::Champion as i32)
-    );
+    promote_and_check(&server, "v2").await;
     server.stop().await.unwrap();
 }
 
@@ -362,4 +377,77 @@ async fn a_killed_server_resumes_the_same_step_with_the_same_customers_in_the_sa
         "every customer in the same arm after the restart"
     );
     server.kill();
+}
+
+/// An XGBoost ensemble (the fixture of tests/fixtures/trees, imported) as the candidate
+/// against the logistic champion, on the same customers. A new model family moves the PD
+/// distribution: the default PSI guardrail sees it and rolls back. An operator who expects
+/// that shift raises max_psi for this rollout; the harm guardrails stay at their defaults,
+/// and the candidate advances to everyone and is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_candidate_is_guarded_and_promoted_against_the_logistic_champion() {
+    let models = scratch_models();
+    let fixtures = repo().join("tests/fixtures/trees");
+    riskserve::import::import(&riskserve::import::ImportSpec {
+        format: riskserve::bundle::SourceFormat::Xgboost,
+        file: fixtures.join("xgboost.json"),
+        model: MODEL.into(),
+        version: "v3".into(),
+        schema: Some(fixtures.join("schema.toml")),
+        policy: None,
+        data: None,
+        label: None,
+        models_dir: models.path().to_owned(),
+        created_at: "2026-12-01T00:00:00Z".into(),
+    })
+    .unwrap();
+    let plan = r#"
+auto_advance = true
+[[steps]]
+share_bp = 0
+shadow = true
+min_bake_secs = 0
+min_decisions = 200
+[[steps]]
+share_bp = 2500
+min_bake_secs = 0
+min_decisions = 200
+[[steps]]
+share_bp = 10000
+min_bake_secs = 0
+min_decisions = 200
+[guardrails]
+min_sample = 200
+"#;
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(fast_config(models.path(), data.path())).await;
+    start(&server, "v3", plan).await;
+    let (shifted, _) = drive(&server, "tree-psi", u32::MAX, 10_000).await;
+    assert_eq!(shifted.state, "rolled_back", "{shifted:?}");
+    let breached: Vec<&str> = shifted
+        .guardrails
+        .iter()
+        .filter(|g| g.breached)
+        .map(|g| g.name.as_str())
+        .collect();
+    assert_eq!(breached, ["psi"], "{shifted:?}");
+
+    let plan = plan.replace("min_sample = 200", "min_sample = 200\nmax_psi = 0.6");
+    start(&server, "v3", &plan).await;
+    let (final_status, _) = drive(&server, "tree", 2, 20_000).await;
+    assert_eq!(
+        (final_status.state.as_str(), final_status.step),
+        ("active", 2),
+        "{final_status:?}"
+    );
+    let advanced = final_status
+        .transitions
+        .iter()
+        .filter(|t| t.actor == "auto-advance")
+        .count();
+    assert_eq!(advanced, 2, "{final_status:?}");
+    // The tree version now serves, with its Shapley values as the reasons.
+    let r = promote_and_check(&server, "v3").await;
+    assert!(!r.reasons.is_empty());
+    server.stop().await.unwrap();
 }

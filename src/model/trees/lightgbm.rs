@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use super::{Comparison, Ensemble, Missing, Node, Tree, TreeError};
+use crate::schema::Monotone;
 
 const FORMAT: &str = "LightGBM";
 
@@ -151,6 +152,24 @@ pub fn parse(text: &str) -> Result<Ensemble, TreeError> {
             feature_names.len()
         )));
     }
+    // Written only when the model was trained with constraints.
+    let declared_monotone = match h.fields.contains_key("monotone_constraints") {
+        false => Vec::new(),
+        true => h
+            .list::<i8>("monotone_constraints", n_features)
+            .map_err(malformed)?
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c {
+                1 => Some(Ok((i, Monotone::Increasing))),
+                -1 => Some(Ok((i, Monotone::Decreasing))),
+                0 => None,
+                c => Some(Err(malformed(format!(
+                    "monotone constraint {c} of feature {i}"
+                )))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     let trees = sections
         .iter()
         .map(|s| tree(s, n_features).map_err(malformed))
@@ -163,6 +182,7 @@ pub fn parse(text: &str) -> Result<Ensemble, TreeError> {
         trees,
         base_margin: 0.0,
         comparison: Comparison::LessOrEqualF64,
+        declared_monotone,
     })
 }
 

@@ -141,6 +141,7 @@ pub fn parse(bytes: &[u8]) -> Result<Ensemble, TreeError> {
         trees,
         base_margin: logit_f32(base_score),
         comparison: Comparison::LessThanF32,
+        declared_monotone: Vec::new(),
     })
 }
 

@@ -12,7 +12,8 @@ mod server;
 pub use child::{ChildServer, run_ok};
 pub use customers::{Customer, customers, number, request, schema_features, score_each};
 pub use fixtures::{
-    MODEL, copy_bundle, copy_dir, flawed_candidate, models_v1_v2, repo, scratch_models, v1_spec,
+    MODEL, copy_bundle, copy_dir, flawed_candidate, models_v1_v2, repo, scratch_models, taiwan_csv,
+    v1_spec,
 };
 pub use inference::{infer_outputs, infer_request};
 pub use oracle::Offline;
