@@ -2,7 +2,8 @@
 //! (tests/fixtures/trees, made by make.py with the real libraries) imported with `riskserve
 //! import`, scored over Score and the inference protocol for 300 held-out rows with missing
 //! values, and compared with what the libraries themselves predicted: the probability of
-//! default and every principal reason's Shapley value. Then replay, and refusals.
+//! default and every principal reason's Shapley value; the same for models make.py trains
+//! afresh with the libraries in .ci/venv. Then replay, and refusals.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use riskserve::grpc::v2::{self, grpc_inference_service_client::GrpcInferenceServ
 use riskserve::import::{ImportSpec, import};
 
 fn fixture(name: &str) -> PathBuf {
-    repo().join("tests/fixtures/trees").join(name)
+    fixtures().join(name)
 }
 
 /// One held-out row and what the library said of it.
@@ -25,8 +26,8 @@ struct Expected {
     phi: BTreeMap<String, f64>,
 }
 
-fn expected(file: &str) -> Vec<Expected> {
-    let mut reader = csv::Reader::from_path(fixture(file)).unwrap();
+fn expected(dir: &Path, file: &str) -> Vec<Expected> {
+    let mut reader = csv::Reader::from_path(dir.join(file)).unwrap();
     let headers: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
     let pd_at = headers.iter().position(|h| h == "pd").unwrap();
     reader
@@ -52,10 +53,10 @@ fn expected(file: &str) -> Vec<Expected> {
         .collect()
 }
 
-fn spec(format: SourceFormat, file: &str, model: &str, models: &Path) -> ImportSpec {
+fn spec(format: SourceFormat, file: PathBuf, model: &str, models: &Path) -> ImportSpec {
     ImportSpec {
         format,
-        file: fixture(file),
+        file,
         model: model.into(),
         version: "v1".into(),
         schema: Some(fixture("schema.toml")),
@@ -70,23 +71,29 @@ fn spec(format: SourceFormat, file: &str, model: &str, models: &Path) -> ImportS
 const XGB: &str = "trees-xgboost";
 const LGB: &str = "trees-lightgbm";
 
-/// Both fixtures imported into a fresh models directory, and a server serving them.
-async fn serve_both(data: &Path) -> (tempfile::TempDir, TestServer) {
+/// The committed fixtures.
+fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures/trees")
+}
+
+/// Both models of `dir` (as make.py writes them) imported into a fresh models directory, and
+/// a server serving them.
+async fn serve_both(data: &Path, dir: &Path) -> (tempfile::TempDir, TestServer) {
     let models = tempfile::tempdir().unwrap();
-    import(&spec(
+    let xgb = spec(
         SourceFormat::Xgboost,
-        "xgboost.json",
+        dir.join("xgboost.json"),
         XGB,
         models.path(),
-    ))
-    .unwrap();
-    import(&spec(
+    );
+    import(&xgb).unwrap();
+    let lgb = spec(
         SourceFormat::Lightgbm,
-        "lightgbm.txt",
+        dir.join("lightgbm.txt"),
         LGB,
         models.path(),
-    ))
-    .unwrap();
+    );
+    import(&lgb).unwrap();
     let config = riskserve::Config {
         serving: [
             (XGB.to_string(), "v1".to_string()),
@@ -150,14 +157,55 @@ fn assert_reasons(reasons: &[pb::Reason], row: &Expected, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imported_trees_score_as_the_libraries_do_with_their_shapley_values_as_reasons() {
     let data = tempfile::tempdir().unwrap();
-    let (_models, server) = serve_both(data.path()).await;
+    let (_models, server) = serve_both(data.path(), &fixtures()).await;
+    score_and_compare(&server, &fixtures()).await;
+    server.stop().await.unwrap();
+}
+
+/// Models the libraries train now, on another seed (so other trees and other missing
+/// values), through the same import and the same comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_the_libraries_train_now_score_as_the_libraries_say() {
+    let python = repo().join(".ci/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run .ci/deps, which installs xgboost-cpu and lightgbm",
+        python.display()
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new(&python)
+        .arg(fixtures().join("make.py"))
+        .arg(fresh.path())
+        .arg("23")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let committed = std::fs::read(fixtures().join("xgboost.json")).unwrap();
+    assert_ne!(
+        std::fs::read(fresh.path().join("xgboost.json")).unwrap(),
+        committed
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (_models, server) = serve_both(data.path(), fresh.path()).await;
+    score_and_compare(&server, fresh.path()).await;
+    server.stop().await.unwrap();
+}
+
+/// Scores every expected row of `dir` through Score on both models, compares PD and reasons
+/// with the library's, and replays a share of the decisions (every one with a missing value
+/// among the first 40).
+async fn score_and_compare(server: &TestServer, dir: &Path) {
     let mut scoring = server.scoring();
     let mut trace = server.trace();
     for (model, file) in [
         (XGB, "xgboost_expected.csv"),
         (LGB, "lightgbm_expected.csv"),
     ] {
-        let rows = expected(file);
+        let rows = expected(dir, file);
         assert_eq!(rows.len(), 300);
         let with_missing = rows
             .iter()
@@ -208,7 +256,6 @@ async fn imported_trees_score_as_the_libraries_do_with_their_shapley_values_as_r
             }
         }
     }
-    server.stop().await.unwrap();
 }
 
 /// A ModelInfer request for rows of a fixture: FP64 with NaN for a missing value, or FP32.
@@ -248,13 +295,13 @@ fn infer_request(model: &str, rows: &[&Expected], fp32: bool) -> v2::ModelInferR
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inference_protocol_takes_nan_as_missing_and_fp32_exactly() {
     let data = tempfile::tempdir().unwrap();
-    let (_models, server) = serve_both(data.path()).await;
+    let (_models, server) = serve_both(data.path(), &fixtures()).await;
     let mut client = GrpcInferenceServiceClient::new(server.channel.clone());
     for (model, file) in [
         (XGB, "xgboost_expected.csv"),
         (LGB, "lightgbm_expected.csv"),
     ] {
-        let rows = expected(file);
+        let rows = expected(&fixtures(), file);
         let all: Vec<&Expected> = rows.iter().collect();
         // FP32 only for rows whose values are all exact in float32 (the CREDIT_LIMIT rows
         // just under a threshold are not), so the library's answers still apply.
@@ -310,8 +357,8 @@ async fn nan_and_left_out_features_are_refused_where_the_schema_requires_them() 
 
     // A tree model allows missing values (schema.toml), but Score's explicit NaN is still
     // not a number: leaving the feature out is how Score says "missing".
-    let (_models, server) = serve_both(data.path()).await;
-    let row = &expected("xgboost_expected.csv")[0];
+    let (_models, server) = serve_both(data.path(), &fixtures()).await;
+    let row = &expected(&fixtures(), "xgboost_expected.csv")[0];
     let mut req = score_request(XGB, row, 0);
     req.features.insert("AGE".into(), number(f64::NAN));
     let err = server.scoring().score(req).await.unwrap_err();
@@ -322,7 +369,12 @@ async fn nan_and_left_out_features_are_refused_where_the_schema_requires_them() 
 
 fn import_err(edit: impl FnOnce(&mut ImportSpec, &Path)) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = spec(SourceFormat::Xgboost, "xgboost.json", XGB, dir.path());
+    let mut s = spec(
+        SourceFormat::Xgboost,
+        fixture("xgboost.json"),
+        XGB,
+        dir.path(),
+    );
     edit(&mut s, dir.path());
     let err = import(&s).unwrap_err().to_string();
     assert!(
@@ -473,7 +525,12 @@ fn an_import_with_data_records_its_metrics_and_the_source_digest() {
         schema: None,
         data: Some(taiwan_csv()),
         label: Some("DID_DEFAULT_PAYMENT".into()),
-        ..spec(SourceFormat::Lightgbm, "lightgbm.txt", LGB, models.path())
+        ..spec(
+            SourceFormat::Lightgbm,
+            fixture("lightgbm.txt"),
+            LGB,
+            models.path(),
+        )
     };
     let report = import(&s).unwrap();
     let source = report.manifest.source.as_ref().unwrap();

@@ -190,4 +190,82 @@ mod tests {
         assert!(check(&single, 1, Monotone::Increasing).is_err());
         assert_eq!(check(&single, 1, Monotone::Decreasing), Ok(()));
     }
+
+    /// The held-out rows of a fixture, missing values as NaN.
+    fn rows(file: &str) -> Vec<Vec<f64>> {
+        let text = std::fs::read_to_string(format!("{}/{file}", super::super::tests::DIR));
+        text.unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                l.split(',')
+                    .take(21)
+                    .map(|c| c.parse().unwrap_or(f64::NAN))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Whether the margin ever moves against `direction` as feature `j` steps through
+    /// `grid`, over every row: the brute-force reference for the exact check.
+    fn brute_force_breaks(
+        e: &Ensemble,
+        rows: &[Vec<f64>],
+        j: usize,
+        grid: &[f64],
+        up: bool,
+    ) -> bool {
+        rows.iter().any(|row| {
+            let mut x = row.clone();
+            let margins: Vec<f64> = grid
+                .iter()
+                .map(|&v| {
+                    x[j] = v;
+                    e.margin(&x)
+                })
+                .collect();
+            margins
+                .windows(2)
+                .any(|w| if up { w[1] < w[0] } else { w[1] > w[0] })
+        })
+    }
+
+    #[test]
+    fn the_check_agrees_with_brute_force_on_the_library_models() {
+        let dir = super::super::tests::DIR;
+        let xgb =
+            super::super::xgboost::parse(&std::fs::read(format!("{dir}/xgboost.json")).unwrap());
+        let lgb = std::fs::read_to_string(format!("{dir}/lightgbm.txt")).unwrap();
+        let lgb = super::super::lightgbm::parse(&lgb);
+        for (e, file) in [
+            (xgb.unwrap(), "xgboost_expected.csv"),
+            (lgb.unwrap(), "lightgbm_expected.csv"),
+        ] {
+            let rows = rows(file);
+            let delay = e
+                .feature_names
+                .iter()
+                .position(|n| n == "PAYMENTDELAY_1")
+                .unwrap();
+            let age = e.feature_names.iter().position(|n| n == "AGE").unwrap();
+            let delays: Vec<f64> = (0..=8).map(f64::from).collect();
+            let ages: Vec<f64> = (21..=79).map(f64::from).collect();
+            // Trained increasing in the payment delay: both say it holds.
+            assert_eq!(check(&e, delay, Monotone::Increasing), Ok(()), "{file}");
+            assert!(
+                !brute_force_breaks(&e, &rows, delay, &delays, true),
+                "{file}"
+            );
+            // Unconstrained in age: where the check refuses a direction, some real row
+            // moves against it.
+            for (direction, up) in [(Monotone::Increasing, true), (Monotone::Decreasing, false)] {
+                let refused = check(&e, age, direction).is_err();
+                assert!(refused, "{file}: age is not {direction} in a boosted model");
+                assert!(
+                    brute_force_breaks(&e, &rows, age, &ages, up),
+                    "{file}: {direction}"
+                );
+            }
+        }
+    }
 }
