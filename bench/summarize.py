@@ -96,3 +96,9 @@ for label in ("fill", "base-fill"):
         r = rows[label][0]
         print(f"{label}: {r['decisions']:,} decisions, journal {r.get('journal_bytes_per_decision', 0):,.0f} + "
               f"view {r.get('view_bytes_per_decision', 0):,.0f} = {r['bytes_per_decision']:,.0f} bytes per decision")
+for kind in ("xgboost", "lightgbm"):
+    for c in (1, 8, 32):
+        if f"{kind}-c{c}" in rows:
+            print(f"{kind} (150 trees, depth 5) / logistic throughput at concurrency {c}: "
+                  f"{ratio(f'{kind}-c{c}', f'logistic-c{c}'):.2f}; p99 {med(f'{kind}-c{c}', 'p99_us'):.0f} µs "
+                  f"vs {med(f'logistic-c{c}', 'p99_us'):.0f} µs")

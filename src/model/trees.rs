@@ -12,6 +12,7 @@
 //! is tested against brute-force Shapley values of the same conditional expectation (every
 //! subset of features) and against the libraries' own `pred_contribs` output.
 
+mod leaf_tables;
 pub mod lightgbm;
 mod monotone;
 pub mod xgboost;
@@ -105,6 +106,8 @@ pub struct Tree {
     /// The cover-weighted mean of its leaves: what the tree adds knowing nothing.
     expected: f64,
     depth: usize,
+    /// Per-leaf TreeSHAP tables, for a tree whose paths have few distinct features.
+    leaf_tables: Option<leaf_tables::Tables>,
 }
 
 impl Tree {
@@ -178,6 +181,7 @@ impl Tree {
         Ok(Tree {
             expected: mean[0],
             depth: depth.into_iter().flatten().max().unwrap_or(0),
+            leaf_tables: leaf_tables::build(&nodes),
             nodes,
         })
     }
@@ -190,6 +194,12 @@ impl Tree {
     /// The longest root-to-leaf path, in splits.
     pub fn depth(&self) -> usize {
         self.depth
+    }
+
+    /// The heap bytes the tree holds: its nodes, and its TreeSHAP tables if it has them.
+    pub fn heap_bytes(&self) -> usize {
+        self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.leaf_tables.as_ref().map_or(0, leaf_tables::heap_bytes)
     }
 }
 
@@ -257,6 +267,11 @@ impl Ensemble {
             .fold(self.base_margin, |m, t| m + self.leaf(t, x).value)
     }
 
+    /// The heap bytes of the loaded ensemble (its trees and their TreeSHAP tables).
+    pub fn heap_bytes(&self) -> usize {
+        self.trees.iter().map(Tree::heap_bytes).sum()
+    }
+
     /// The probability of default.
     pub fn probability(&self, x: &[f64]) -> f64 {
         super::sigmoid(self.margin(x))
@@ -264,6 +279,12 @@ impl Ensemble {
 
     /// The margin and every feature's exact path-dependent Shapley value.
     pub fn explain(&self, x: &[f64]) -> Explained {
+        self.explain_by(x, true)
+    }
+
+    /// [`Ensemble::explain`], from the leaf tables where a tree has them when `tables`, else
+    /// by the recursion for every tree (the two are tested against each other).
+    fn explain_by(&self, x: &[f64], tables: bool) -> Explained {
         debug_assert_eq!(x.len(), self.feature_names.len());
         let mut phi = vec![0.0; x.len()];
         let depth = self.trees.iter().map(Tree::depth).max().unwrap_or(0);
@@ -271,9 +292,20 @@ impl Ensemble {
         let mut path = vec![PathElement::default(); (depth + 2) * (depth + 3) / 2];
         let mut margin = self.base_margin;
         let mut expected = self.base_margin;
+        let mut left = Vec::new();
         for tree in &self.trees {
             margin += self.leaf(tree, x).value;
             expected += tree.expected;
+            if let Some(leaves) = tree.leaf_tables.as_ref().filter(|_| tables) {
+                left.clear();
+                left.extend(
+                    tree.nodes
+                        .iter()
+                        .map(|n| !n.is_leaf() && self.goes_left(n, x[n.feature])),
+                );
+                leaf_tables::explain(leaves, &left, &mut phi);
+                continue;
+            }
             let mut walk = Walk {
                 ensemble: self,
                 tree,
@@ -477,6 +509,11 @@ pub(super) mod tests {
             let (x, pd, phi) = (&cells[..n], cells[n], &cells[n + 1..]);
             missing += x.iter().filter(|v| v.is_nan()).count();
             let got = e.explain(x);
+            // The recursion agrees with the tables wherever the tree has them.
+            let recursive = e.explain_by(x, false);
+            for (a, b) in got.contributions.iter().zip(&recursive.contributions) {
+                assert!((a - b).abs() < 1e-12, "{file}: tables {a}, recursion {b}");
+            }
             let p = e.probability(x);
             assert!((p - pd).abs() < 1e-6, "{file}: pd {p} vs {pd} for {x:?}");
             for (j, (g, w)) in got.contributions.iter().zip(phi).enumerate() {
@@ -595,8 +632,25 @@ pub(super) mod tests {
 
     #[test]
     fn tree_shap_equals_brute_force_shapley_values_and_sums_to_the_margin() {
-        for comparison in [Comparison::LessThanF32, Comparison::LessOrEqualF64] {
-            let e = ensemble(comparison);
+        // Also with leaves no training data reached (a zero cover fraction, where the leaf
+        // tables keep every share rather than divide by it).
+        let variants = [false, true].map(|zero| {
+            move |comparison| {
+                let mut e = ensemble(comparison);
+                if zero {
+                    for (t, leaf) in [(0, 5), (1, 7)] {
+                        let mut nodes = e.trees[t].nodes.clone();
+                        nodes[leaf].cover = 0.0;
+                        e.trees[t] = Tree::new(nodes, 4).unwrap();
+                    }
+                }
+                e
+            }
+        });
+        let cases = variants
+            .iter()
+            .flat_map(|make| [Comparison::LessThanF32, Comparison::LessOrEqualF64].map(make));
+        for e in cases {
             let grid = [
                 -2.0,
                 -1.0,
@@ -615,14 +669,16 @@ pub(super) mod tests {
             for (i, &a) in grid.iter().enumerate() {
                 for &b in &grid {
                     let x = [a, b, grid[(i + 3) % grid.len()], grid[(i * 7) % grid.len()]];
-                    let got = e.explain(&x);
                     let want = brute_force(&e, &x);
-                    for (g, w) in got.contributions.iter().zip(&want) {
-                        assert!((g - w).abs() < 1e-12, "x={x:?}: {g} vs {w}");
+                    for tables in [true, false] {
+                        let got = e.explain_by(&x, tables);
+                        for (g, w) in got.contributions.iter().zip(&want) {
+                            assert!((g - w).abs() < 1e-12, "x={x:?}: {g} vs {w} ({tables})");
+                        }
+                        let sum = got.expected + got.contributions.iter().sum::<f64>();
+                        assert!((sum - got.margin).abs() < 1e-12);
+                        assert_eq!(got.margin, e.margin(&x));
                     }
-                    let sum = got.expected + got.contributions.iter().sum::<f64>();
-                    assert!((sum - got.margin).abs() < 1e-12);
-                    assert_eq!(got.margin, e.margin(&x));
                     seen += 1;
                 }
             }
