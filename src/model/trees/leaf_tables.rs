@@ -208,15 +208,18 @@ fn subsets(t: usize) -> impl Iterator<Item = usize> {
 
 /// Adds one tree's shares for a vector to `phi`; `left[i]` says whether the vector goes left
 /// at split i (its values for leaves unused).
+///
+/// Which way a vector goes is data, not a pattern a branch predictor can learn, so the loop
+/// takes no branch on it: the subset is cleared bit by bit with masks, and a share is chosen
+/// between its two candidates by bits (exactly one of them, not a blend).
 pub fn explain(t: &Tables, left: &[bool], phi: &mut [f64]) {
     for leaf in &t.leaves {
         let d = usize::from(leaf.d);
         let mut u = (1usize << d) - 1;
         let steps = leaf.steps as usize..leaf.steps as usize + usize::from(leaf.n_steps);
         for step in &t.steps[steps] {
-            if left[step.node as usize] != step.left {
-                u &= !(1 << step.k);
-            }
+            let away = usize::from(left[step.node as usize] != step.left);
+            u &= !(away << step.k);
         }
         let at = leaf.features as usize;
         let features = &t.features[at..at + d];
@@ -227,13 +230,12 @@ pub fn explain(t: &Tables, left: &[bool], phi: &mut [f64]) {
             }
             continue;
         }
-        let outside = leaf.minus_value * table[u];
+        let outside = (leaf.minus_value * table[u]).to_bits();
         for (k, (&f, c)) in features.iter().zip(&t.coefficients[at..at + d]).enumerate() {
-            phi[f as usize] += if u >> k & 1 == 1 {
-                c * table[u & !(1 << k)]
-            } else {
-                outside
-            };
+            let inside = (c * table[u & !(1 << k)]).to_bits();
+            // All ones when k is in U, else zero.
+            let mask = 0u64.wrapping_sub(((u >> k) & 1) as u64);
+            phi[f as usize] += f64::from_bits((inside & mask) | (outside & !mask));
         }
     }
 }
