@@ -43,10 +43,11 @@ pub(crate) async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
             })
             .unwrap_or_default();
         println!(
-            "  {:<10} {:<8} {:<20} {}",
+            "  {:<10} {:<8} {:<20} {:<23} {}",
             v.version,
             state,
             v.created_at,
+            v.kind,
             if v.error.is_empty() {
                 &v.digest
             } else {

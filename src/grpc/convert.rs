@@ -209,6 +209,11 @@ impl From<VersionInfo> for pb::VersionStatus {
                 .as_ref()
                 .map(|b| b.manifest.created_at.clone())
                 .unwrap_or_default(),
+            kind: v
+                .bundle
+                .as_ref()
+                .map(|b| b.model.kind().to_string())
+                .unwrap_or_default(),
             error: v.error.unwrap_or_default(),
             model: v.model,
             version: v.version,

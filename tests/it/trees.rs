@@ -158,6 +158,21 @@ fn assert_reasons(reasons: &[pb::Reason], row: &Expected, what: &str) {
 async fn imported_trees_score_as_the_libraries_do_with_their_shapley_values_as_reasons() {
     let data = tempfile::tempdir().unwrap();
     let (_models, server) = serve_both(data.path(), &fixtures()).await;
+    // Operators see which kind of model each version is.
+    let list = server
+        .models()
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap();
+    let kinds: BTreeMap<String, String> = list
+        .into_inner()
+        .models
+        .into_iter()
+        .flat_map(|m| m.versions)
+        .map(|v| (v.model, v.kind))
+        .collect();
+    assert_eq!(kinds[XGB], "XGBoost tree ensemble");
+    assert_eq!(kinds[LGB], "LightGBM tree ensemble");
     score_and_compare(&server, &fixtures()).await;
     server.stop().await.unwrap();
 }
