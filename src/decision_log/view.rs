@@ -1187,6 +1187,41 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_value_is_null_in_the_view_and_missing_again_when_read() {
+        let f = fixture();
+        let mut e = records(&f.names).remove(0);
+        let body = &mut Arc::get_mut(&mut e).unwrap().record.body;
+        // A reason's feature, so that the reason's value (the vector's) is missing too.
+        let name = body.reasons[0].feature.clone();
+        *body.features.get_mut(&name).unwrap() = f64::NAN;
+        body.reasons[0].value = f64::NAN;
+        let id = body.decision_id.clone();
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(std::slice::from_ref(&e)).unwrap();
+        let c = open_ro(&f.path).unwrap();
+        let missing: i64 = c
+            .query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM decisions WHERE json_type(features, '$.{name}') = 'null'"
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(missing, 1, "reviewers' SQL sees the value as null");
+        let mut got = get(&c, &f.names, &id).unwrap().unwrap();
+        assert!(got.body.features[&name].is_nan());
+        assert!(got.body.reasons[0].value.is_nan());
+        // Otherwise the record is as written.
+        let mut want = e.record.clone();
+        for r in [&mut got, &mut want] {
+            r.body.features.insert(name.clone(), 0.0);
+            r.body.reasons[0].value = 0.0;
+        }
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn a_batch_that_fails_leaves_no_arm_behind_that_later_rows_would_miss() {
         let f = fixture();
         let records = records(&f.names);
