@@ -11,37 +11,23 @@ use riskserve::grpc::pb;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;
 use riskserve::rollout::is_candidate;
 
-/// Steps as the default plan, without waiting: no bake time, 200 decisions per step.
-const FAST_PLAN: &str = r#"
-auto_advance = true
-[[steps]]
-share_bp = 0
-shadow = true
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 100
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 500
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 2500
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 5000
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 10000
-min_bake_secs = 0
-min_decisions = 200
-[guardrails]
-min_sample = 200
-"#;
+/// A plan of these shares (basis points), the first in shadow, without waiting: no bake
+/// time, 200 decisions per step, auto-advance, guardrails judged from 200 decisions.
+fn fast_plan(shares: &[u32]) -> String {
+    let mut plan = String::from("auto_advance = true\n");
+    for (i, share) in shares.iter().enumerate() {
+        plan.push_str(&format!(
+            "[[steps]]\nshare_bp = {share}\nshadow = {}\nmin_bake_secs = 0\nmin_decisions = 200\n",
+            i == 0
+        ));
+    }
+    plan + "[guardrails]\nmin_sample = 200\n"
+}
+
+/// Steps as the default plan.
+fn default_steps() -> String {
+    fast_plan(&[0, 100, 500, 2500, 5000, 10000])
+}
 
 fn fast_config(models: &Path, data: &Path) -> riskserve::Config {
     riskserve::Config {
@@ -190,7 +176,7 @@ async fn a_flawed_candidate_is_rolled_back_before_it_reaches_one_percent_of_cust
     flawed_candidate(models.path());
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models.path(), data.path())).await;
-    let started = start(&server, "v9", FAST_PLAN).await;
+    let started = start(&server, "v9", &default_steps()).await;
     assert_eq!(
         (started.state.as_str(), started.step, started.shadow),
         ("active", 0, true)
@@ -278,7 +264,7 @@ async fn a_flawed_candidate_is_rolled_back_before_it_reaches_one_percent_of_cust
 async fn a_sound_candidate_advances_to_everyone_and_is_promoted() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models_v1_v2(), data.path())).await;
-    start(&server, "v2", FAST_PLAN).await;
+    start(&server, "v2", &default_steps()).await;
     let (final_status, from) = drive(&server, "sound", 5, 90_000).await;
     eprintln!("reached 100% after {from} requests");
     // 200 candidate decisions at 1% take about 20,000 requests: no step was skipped.
@@ -326,7 +312,7 @@ async fn a_killed_server_resumes_the_same_step_with_the_same_customers_in_the_sa
         })
         .await
         .unwrap();
-    let plan = FAST_PLAN.replace("auto_advance = true", "auto_advance = false");
+    let plan = default_steps().replace("auto_advance = true", "auto_advance = false");
     let started = RolloutsClient::new(server.channel.clone())
         .start(pb::StartRolloutRequest {
             model: MODEL.into(),
@@ -401,27 +387,10 @@ async fn a_tree_candidate_is_guarded_and_promoted_against_the_logistic_champion(
         created_at: "2026-12-01T00:00:00Z".into(),
     })
     .unwrap();
-    let plan = r#"
-auto_advance = true
-[[steps]]
-share_bp = 0
-shadow = true
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 2500
-min_bake_secs = 0
-min_decisions = 200
-[[steps]]
-share_bp = 10000
-min_bake_secs = 0
-min_decisions = 200
-[guardrails]
-min_sample = 200
-"#;
+    let plan = fast_plan(&[0, 2500, 10000]);
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models.path(), data.path())).await;
-    start(&server, "v3", plan).await;
+    start(&server, "v3", &plan).await;
     let (shifted, _) = drive(&server, "tree-psi", u32::MAX, 10_000).await;
     assert_eq!(shifted.state, "rolled_back", "{shifted:?}");
     let breached: Vec<&str> = shifted
