@@ -437,11 +437,17 @@ pub fn seal(dir: &Path) -> Result<BundleDigest, BundleError> {
 
 /// The `parameters.toml` of a logistic model, for [`write`].
 pub fn parameters_file(model: &LogisticModel) -> Result<(&'static str, Vec<u8>), BundleError> {
-    let text = toml::to_string_pretty(model).map_err(|e| BundleError::Parse {
-        file: PARAMETERS_FILE,
-        message: e.to_string(),
-    })?;
-    Ok((PARAMETERS_FILE, text.into_bytes()))
+    Ok((PARAMETERS_FILE, to_toml(PARAMETERS_FILE, model)?))
+}
+
+/// A bundle file's TOML text, as bytes.
+fn to_toml(file: &'static str, value: &impl Serialize) -> Result<Vec<u8>, BundleError> {
+    toml::to_string_pretty(value)
+        .map(String::into_bytes)
+        .map_err(|e| BundleError::Parse {
+            file,
+            message: e.to_string(),
+        })
 }
 
 /// Writes a new bundle at `models_dir/<model>/<version>` atomically: its manifest and its
@@ -461,12 +467,8 @@ pub fn write(
             dest.display()
         )));
     }
-    let manifest_text = toml::to_string_pretty(manifest).map_err(|e| BundleError::Parse {
-        file: MANIFEST_FILE,
-        message: e.to_string(),
-    })?;
     let files = vec![
-        (MANIFEST_FILE.to_string(), manifest_text.into_bytes()),
+        (MANIFEST_FILE.to_string(), to_toml(MANIFEST_FILE, manifest)?),
         (model_file.to_string(), model_bytes),
     ];
     let staging = parent.join(format!(

@@ -294,18 +294,26 @@ impl Ensemble {
         let mut expected = self.base_margin;
         let mut left = Vec::new();
         for tree in &self.trees {
-            margin += self.leaf(tree, x).value;
             expected += tree.expected;
             if let Some(leaves) = tree.leaf_tables.as_ref().filter(|_| tables) {
+                // Every split's direction once: the tables and the walk to the leaf share it.
                 left.clear();
                 left.extend(
                     tree.nodes
                         .iter()
                         .map(|n| !n.is_leaf() && self.goes_left(n, x[n.feature])),
                 );
+                let mut n = &tree.nodes[0];
+                let mut i = 0;
+                while !n.is_leaf() {
+                    i = if left[i] { n.left } else { n.right } as usize;
+                    n = &tree.nodes[i];
+                }
+                margin += n.value;
                 leaf_tables::explain(leaves, &left, &mut phi);
                 continue;
             }
+            margin += self.leaf(tree, x).value;
             let mut walk = Walk {
                 ensemble: self,
                 tree,

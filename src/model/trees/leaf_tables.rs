@@ -170,29 +170,29 @@ fn weight(s: usize, d: usize) -> f64 {
 
 /// `A(T)` for every subset T of the path features: `Σ_{S⊆T} w(|S|) Π_{j∈F∖S} z_j`.
 fn sums(z: &[f64]) -> Vec<f64> {
-    let d = z.len();
-    if d == 0 {
+    if z.is_empty() {
         // A tree that is one leaf: nothing to share.
         return vec![0.0];
     }
-    let all = (1usize << d) - 1;
-    let product = |m: usize| -> f64 { (0..d).filter(|j| m >> j & 1 == 1).map(|j| z[j]).product() };
-    (0..=all)
-        .map(|t| {
-            subsets(t)
-                .map(|s| weight(s.count_ones() as usize, d) * product(all & !s))
-                .sum()
-        })
-        .collect()
+    let all = (1usize << z.len()) - 1;
+    (0..=all).map(|t| subset_sum(z, t, all)).collect()
 }
 
 /// `Σ_{S⊆t} w(|S|) Π_{j∈F∖S∖k} z_j` for k not in t, without dividing by `z_k`.
 fn sum_without(z: &[f64], t: usize, k: usize) -> f64 {
-    let d = z.len();
-    let rest = ((1usize << d) - 1) & !(1 << k);
-    let product = |m: usize| -> f64 { (0..d).filter(|j| m >> j & 1 == 1).map(|j| z[j]).product() };
+    subset_sum(z, t, ((1usize << z.len()) - 1) & !(1 << k))
+}
+
+/// `Σ_{S⊆t} w(|S|) Π_{j∈kept∖S} z_j`, subsets and products as bit masks over the path features.
+fn subset_sum(z: &[f64], t: usize, kept: usize) -> f64 {
+    let product = |m: usize| -> f64 {
+        (0..z.len())
+            .filter(|j| m >> j & 1 == 1)
+            .map(|j| z[j])
+            .product()
+    };
     subsets(t)
-        .map(|s| weight(s.count_ones() as usize, d) * product(rest & !s))
+        .map(|s| weight(s.count_ones() as usize, z.len()) * product(kept & !s))
         .sum()
 }
 
