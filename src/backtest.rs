@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::decision_log::{DecisionLog, DecisionRecord, LogError, Window};
-use crate::policy::Outcome;
+use crate::policy::{LimitMove, Outcome};
 use crate::registry::{Registry, RegistryError};
 use crate::rollout::guardrails::{
     ArmWindow, GuardrailReading, Observation, Thresholds, evaluate, psi,
@@ -183,20 +183,21 @@ impl Backtester {
 }
 
 fn moved(current: Option<i64>, granted: i64, m: &mut LimitMoves) {
-    match current {
-        None => m.new_customers += 1,
-        Some(c) if granted > c => {
+    let delta = granted - current.unwrap_or(granted);
+    match LimitMove::of(current, granted) {
+        LimitMove::New => m.new_customers += 1,
+        LimitMove::Raised => {
             m.raised += 1;
-            m.amount_raised += granted - c;
+            m.amount_raised += delta;
         }
-        Some(c) if granted == c => m.held += 1,
-        Some(c) => {
-            if granted == 0 && c > 0 {
-                m.withdrawn += 1;
-            } else {
-                m.cut += 1;
-            }
-            m.amount_cut += granted - c;
+        LimitMove::Held => m.held += 1,
+        LimitMove::Cut => {
+            m.cut += 1;
+            m.amount_cut += delta;
+        }
+        LimitMove::Withdrawn => {
+            m.withdrawn += 1;
+            m.amount_cut += delta;
         }
     }
 }

@@ -30,6 +30,93 @@ impl Outcome {
     }
 }
 
+/// What a decision did to a customer's limit, against the current limit the caller gave.
+/// The one classification behind guardrails, backtests, metrics, traces and notices, so that
+/// "cut" means the same in a guardrail breach as in a customer's notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMove {
+    /// No current limit was given: a new customer.
+    New,
+    /// Granted above the current limit.
+    Raised,
+    /// Granted exactly the current limit (a current limit of 0 kept at 0 included).
+    Held,
+    /// Granted below the current limit, but above zero.
+    Cut,
+    /// Granted zero while the current limit was above zero.
+    Withdrawn,
+}
+
+impl LimitMove {
+    pub fn of(current_limit: Option<i64>, granted_limit: i64) -> LimitMove {
+        match current_limit {
+            None => LimitMove::New,
+            Some(c) if granted_limit > c => LimitMove::Raised,
+            Some(c) if granted_limit == c => LimitMove::Held,
+            Some(c) if granted_limit == 0 && c > 0 => LimitMove::Withdrawn,
+            Some(_) => LimitMove::Cut,
+        }
+    }
+
+    /// Whether an existing limit moved (a new customer's first limit is not a change).
+    pub fn is_change(self) -> bool {
+        matches!(
+            self,
+            LimitMove::Raised | LimitMove::Cut | LimitMove::Withdrawn
+        )
+    }
+
+    /// Whether the limit went down (withdrawals included).
+    pub fn is_lowered(self) -> bool {
+        matches!(self, LimitMove::Cut | LimitMove::Withdrawn)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitMove::New => "new",
+            LimitMove::Raised => "raised",
+            LimitMove::Held => "held",
+            LimitMove::Cut => "cut",
+            LimitMove::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+/// An adverse action, the kind of decision the customer must be told the principal reasons
+/// of (ECOA / Regulation B): the limit withdrawn or cut, or the request declined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdverseAction {
+    Withdrawal,
+    Cut,
+    Decline,
+}
+
+impl AdverseAction {
+    /// The adverse action a decision is, if any. Named by what happened to the limit first
+    /// (a decline that zeroes an existing limit is a withdrawal to the customer), then by
+    /// the outcome. A review that keeps or raises the limit is not adverse: it is not final.
+    pub fn of(
+        outcome: Outcome,
+        current_limit: Option<i64>,
+        granted_limit: i64,
+    ) -> Option<AdverseAction> {
+        match (LimitMove::of(current_limit, granted_limit), outcome) {
+            (LimitMove::Withdrawn, _) => Some(AdverseAction::Withdrawal),
+            (LimitMove::Cut, _) => Some(AdverseAction::Cut),
+            (_, Outcome::Decline) => Some(AdverseAction::Decline),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdverseAction::Withdrawal => "withdrawal",
+            AdverseAction::Cut => "cut",
+            AdverseAction::Decline => "decline",
+        }
+    }
+}
+
 /// One grade band: probabilities of default in `[pd_min, pd_max)` (the last band also takes 1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Band {
@@ -170,6 +257,45 @@ mod tests {
         assert_eq!(p.apply(1.0, None).grade, "F");
         assert_eq!(p.apply(0.0, Some(990_000)).granted_limit, 1_000_000);
         assert_eq!(p.apply(0.07, None).granted_limit, 60_000);
+    }
+
+    #[test]
+    fn limit_moves_and_adverse_actions() {
+        use AdverseAction as A;
+        use LimitMove as M;
+        let cases = [
+            (None, 10, Outcome::Approve, M::New, None),
+            (None, 0, Outcome::Decline, M::New, Some(A::Decline)),
+            (Some(10), 20, Outcome::Approve, M::Raised, None),
+            (Some(10), 10, Outcome::Review, M::Held, None),
+            (Some(10), 10, Outcome::Decline, M::Held, Some(A::Decline)),
+            (Some(0), 0, Outcome::Decline, M::Held, Some(A::Decline)),
+            (Some(10), 5, Outcome::Review, M::Cut, Some(A::Cut)),
+            (
+                Some(10),
+                0,
+                Outcome::Decline,
+                M::Withdrawn,
+                Some(A::Withdrawal),
+            ),
+            (
+                Some(10),
+                0,
+                Outcome::Review,
+                M::Withdrawn,
+                Some(A::Withdrawal),
+            ),
+        ];
+        for (current, granted, outcome, mv, adverse) in cases {
+            assert_eq!(
+                LimitMove::of(current, granted),
+                mv,
+                "{current:?} → {granted}"
+            );
+            assert_eq!(AdverseAction::of(outcome, current, granted), adverse);
+        }
+        assert!(M::Withdrawn.is_lowered() && M::Cut.is_lowered() && !M::Held.is_lowered());
+        assert!(!M::New.is_change() && !M::Held.is_change() && M::Raised.is_change());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
+use crate::policy::LimitMove;
 use crate::registry::Registry;
 use crate::rollout::{GuardrailReading, OpenRollout, Router};
 use crate::scoring::Decision;
@@ -239,13 +240,15 @@ pub fn meter() -> Meter {
 }
 
 /// What happened to a customer's limit.
+/// The label values are an API of the metric (dashboards filter on them), so they keep their
+/// names ("unchanged", "lowered") rather than [`LimitMove::as_str`]'s.
 fn limit_change(d: &Decision) -> &'static str {
-    match d.current_limit {
-        None => "new",
-        Some(current) if d.granted_limit == current => "unchanged",
-        Some(_) if d.granted_limit == 0 => "withdrawn",
-        Some(current) if d.granted_limit > current => "raised",
-        Some(_) => "lowered",
+    match LimitMove::of(d.current_limit, d.granted_limit) {
+        LimitMove::New => "new",
+        LimitMove::Held => "unchanged",
+        LimitMove::Withdrawn => "withdrawn",
+        LimitMove::Raised => "raised",
+        LimitMove::Cut => "lowered",
     }
 }
 

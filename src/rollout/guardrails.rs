@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Outcome;
+use crate::policy::{LimitMove, Outcome};
 
 /// Decisions each arm needs before PSI is judged, whatever the plan's `min_sample`.
 pub const PSI_MIN_SAMPLE: usize = 200;
@@ -106,10 +106,11 @@ impl Observation {
         granted_limit: i64,
         latency: std::time::Duration,
     ) -> Observation {
+        let moved = LimitMove::of(current_limit, granted_limit);
         Observation {
             declined: outcome == Outcome::Decline,
-            cut: current_limit.is_some_and(|c| granted_limit < c),
-            withdrawn: current_limit.is_some_and(|c| c > 0 && granted_limit == 0),
+            cut: moved.is_lowered(),
+            withdrawn: moved == LimitMove::Withdrawn,
             pd,
             latency_us: latency.as_micros().min(u128::from(u32::MAX)) as u32,
             error: false,
