@@ -1,10 +1,12 @@
 //! Model bundles: the immutable directory `models/<model>/<version>/` that fixes a version.
 //!
 //! A bundle holds `manifest.toml` (feature schema, limit policy, provenance and metrics), the
-//! model, and `bundle.sha256`, the digest over a canonical form of every other file. The model
-//! is `parameters.toml` for a logistic regression riskserve trained, or the imported model
-//! file itself, byte for byte (XGBoost JSON, LightGBM text), for a tree ensemble; the
-//! manifest's `[source]` says which. The digest is the bundle's identity in every record.
+//! model, optionally `reason_codes.toml` (the customer-facing words of each feature, for
+//! adverse-action notices; see [`crate::reason_codes`]), and `bundle.sha256`, the digest over
+//! a canonical form of every other file. The model is `parameters.toml` for a logistic
+//! regression riskserve trained, or the imported model file itself, byte for byte (XGBoost
+//! JSON, LightGBM text), for a tree ensemble; the manifest's `[source]` says which, and its
+//! `reason_codes` key whether there is a table. The digest is the bundle's identity in every record.
 //! [`Bundle::load`] reads, verifies the digest, parses and validates; a bundle that fails any
 //! step is refused whole, which is also what keeps a half-written bundle from ever loading.
 
@@ -19,6 +21,7 @@ use sha2::{Digest as _, Sha256};
 use crate::model::trees::{Ensemble, TreeError, lightgbm, xgboost};
 use crate::model::{LogisticModel, Model, Scored};
 use crate::policy::{Applied, Policy};
+use crate::reason_codes::{REASON_CODES_FILE, ReasonCodeError, ReasonCodes};
 use crate::schema::{FeatureSpec, Schema};
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -43,6 +46,10 @@ pub enum BundleError {
     Parse { file: &'static str, message: String },
     #[error("invalid bundle: {0}")]
     Invalid(String),
+    /// Boxed: the table's errors name the entry and field, and would otherwise make every
+    /// `Result` that carries a bundle error larger.
+    #[error("{REASON_CODES_FILE}: {0}")]
+    ReasonCodes(Box<ReasonCodeError>),
 }
 
 impl BundleError {
@@ -173,6 +180,11 @@ pub struct Manifest {
     /// RFC 3339; given to the trainer so that a retrain reproduces the digest.
     pub created_at: String,
     pub trainer: String,
+    /// The reason-code table's file (`reason_codes.toml`), when the bundle has one. Absent
+    /// in bundles made before tables existed (the shipped v1), whose notices use riskserve's
+    /// default wording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_codes: Option<String>,
     /// Present for an imported model; absent for one riskserve trained (`parameters.toml`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
@@ -195,6 +207,8 @@ pub struct Bundle {
     pub manifest_text: String,
     pub schema: Schema,
     pub model: Box<dyn Model>,
+    /// The customer-facing words of each feature, checked against the model's features.
+    pub reason_codes: Option<ReasonCodes>,
     pub digest: BundleDigest,
 }
 
@@ -288,11 +302,34 @@ impl Bundle {
                 )
             }
         };
+        let reason_codes = match (&manifest.reason_codes, bytes(REASON_CODES_FILE)) {
+            (None, None) => None,
+            (Some(listed), _) if listed != REASON_CODES_FILE => {
+                return Err(BundleError::Invalid(format!(
+                    "the manifest lists reason codes as {listed:?}; the table is always \
+                     {REASON_CODES_FILE}"
+                )));
+            }
+            (Some(_), None) => return Err(BundleError::Incomplete(REASON_CODES_FILE)),
+            // A table the manifest does not list would be covered by the digest but invisible
+            // to whoever reads the manifest: refuse rather than guess whether it counts.
+            (None, Some(_)) => {
+                return Err(BundleError::Invalid(format!(
+                    "{REASON_CODES_FILE} is in the bundle but the manifest does not list it \
+                     (reason_codes = \"{REASON_CODES_FILE}\")"
+                )));
+            }
+            (Some(_), Some(_)) => Some(
+                ReasonCodes::parse(text(REASON_CODES_FILE)?)
+                    .map_err(|e| BundleError::ReasonCodes(Box::new(e)))?,
+            ),
+        };
         let bundle = Bundle {
             schema: Schema::new(manifest.features.clone()),
             manifest,
             manifest_text,
             model,
+            reason_codes,
             digest,
         };
         bundle.validate(expect)?;
@@ -345,6 +382,11 @@ impl Bundle {
         m.policy
             .check()
             .map_err(|e| BundleError::Invalid(format!("policy: {e}")))?;
+        if let Some(table) = &self.reason_codes {
+            table
+                .check(&self.model.feature_names())
+                .map_err(|e| BundleError::ReasonCodes(Box::new(e)))?;
+        }
         Ok(())
     }
 
@@ -450,14 +492,17 @@ fn to_toml(file: &'static str, value: &impl Serialize) -> Result<Vec<u8>, Bundle
         })
 }
 
-/// Writes a new bundle at `models_dir/<model>/<version>` atomically: its manifest and its
-/// model file (name and bytes) into a hidden sibling first, the digest file last, then read
-/// back as the server would load it and only then renamed into place. An existing version is
-/// never overwritten: bundles are immutable.
+/// Writes a new bundle at `models_dir/<model>/<version>` atomically: its manifest, its model
+/// file (name and bytes) and its reason-code table if it has one into a hidden sibling first,
+/// the digest file last, then read back as the server would load it and only then renamed
+/// into place. An existing version is never overwritten: bundles are immutable. A table the
+/// manifest does not list, or a listed one not given, fails the read-back like any other
+/// fault.
 pub fn write(
     models_dir: &Path,
     manifest: &Manifest,
     (model_file, model_bytes): (&str, Vec<u8>),
+    reason_codes: Option<&ReasonCodes>,
 ) -> Result<(PathBuf, BundleDigest), BundleError> {
     let parent = models_dir.join(&manifest.model);
     let dest = parent.join(&manifest.version);
@@ -467,10 +512,16 @@ pub fn write(
             dest.display()
         )));
     }
-    let files = vec![
+    let mut files = vec![
         (MANIFEST_FILE.to_string(), to_toml(MANIFEST_FILE, manifest)?),
         (model_file.to_string(), model_bytes),
     ];
+    if let Some(table) = reason_codes {
+        files.push((
+            REASON_CODES_FILE.to_string(),
+            to_toml(REASON_CODES_FILE, table)?,
+        ));
+    }
     let staging = parent.join(format!(
         ".{}.partial-{}",
         manifest.version,

@@ -20,6 +20,7 @@ use crate::bundle::{
 use crate::inputs::{EmptyCells, InputError, SchemaFile, Table, read_file, read_policy, read_toml};
 use crate::model::Model as _;
 use crate::model::trees::Ensemble;
+use crate::reason_codes::{REASON_CODES_FILE, ReasonCodes};
 use crate::schema::{FeatureSpec, Schema};
 
 /// Everything an import needs.
@@ -40,6 +41,10 @@ pub struct ImportSpec {
     pub models_dir: PathBuf,
     /// RFC 3339.
     pub created_at: String,
+    /// A reason-code table for the model's features. Without one the bundle has none (and
+    /// its notices use the default wording): an imported model's feature names are whatever
+    /// its author chose, so riskserve does not pretend to have words for them.
+    pub reason_codes: Option<PathBuf>,
 }
 
 /// What an import produced.
@@ -50,6 +55,8 @@ pub struct ImportReport {
     pub manifest: Manifest,
     pub trees: usize,
     pub max_depth: usize,
+    /// The table written into the bundle, if one was given.
+    pub reason_codes: Option<ReasonCodes>,
 }
 
 /// Why an import was refused.
@@ -59,6 +66,8 @@ pub enum ImportError {
     Model { path: PathBuf, message: String },
     #[error("schema: {0}")]
     Schema(String),
+    #[error("reason codes: {0}")]
+    ReasonCodes(String),
     #[error(transparent)]
     Input(#[from] InputError),
     #[error(transparent)]
@@ -106,6 +115,13 @@ pub fn import(spec: &ImportSpec) -> Result<ImportReport, ImportError> {
     Schema::new(features.clone())
         .check()
         .map_err(ImportError::Schema)?;
+    let reason_codes = match &spec.reason_codes {
+        None => None,
+        Some(path) => {
+            let names: Vec<&str> = ensemble.feature_names.iter().map(String::as_str).collect();
+            Some(ReasonCodes::read(path, &names).map_err(ImportError::ReasonCodes)?)
+        }
+    };
 
     // Metrics by riskserve's own scorer, on the data as given (all of it is held out: the
     // model was trained elsewhere).
@@ -137,6 +153,7 @@ pub fn import(spec: &ImportSpec) -> Result<ImportReport, ImportError> {
         version: spec.version.clone(),
         created_at: spec.created_at.clone(),
         trainer: importer(spec.format).to_string(),
+        reason_codes: reason_codes.as_ref().map(|_| REASON_CODES_FILE.to_string()),
         source: Some(Source {
             format: spec.format,
             file: spec.format.file_name().to_string(),
@@ -152,6 +169,7 @@ pub fn import(spec: &ImportSpec) -> Result<ImportReport, ImportError> {
         &spec.models_dir,
         &manifest,
         (spec.format.file_name(), bytes),
+        reason_codes.as_ref(),
     )?;
     Ok(ImportReport {
         dir,
@@ -159,6 +177,7 @@ pub fn import(spec: &ImportSpec) -> Result<ImportReport, ImportError> {
         manifest,
         trees: ensemble.trees.len(),
         max_depth: ensemble.trees.iter().map(|t| t.depth()).max().unwrap_or(0),
+        reason_codes,
     })
 }
 

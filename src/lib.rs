@@ -13,7 +13,8 @@
 //! - [`decision_log`]: every decision, durable before it is answered, in a hash chain;
 //!   [`customer`] pseudonymises customer ids before anything is stored.
 //! - [`registry`]: the loaded versions of each model and the serving one behind an arc-swap.
-//! - [`bundle`]: the immutable on-disk version: manifest, model file, digest.
+//! - [`bundle`]: the immutable on-disk version: manifest, model file, reason codes
+//!   ([`reason_codes`]: each feature's words for a customer), digest.
 //! - [`schema`], [`model`], [`policy`]: a version's feature rules, its model (a logistic
 //!   regression or an XGBoost / LightGBM tree ensemble, behind one trait), and its PD →
 //!   grade → decision → limit policy.
@@ -46,6 +47,7 @@ pub mod import;
 pub mod inputs;
 pub mod model;
 pub mod policy;
+pub mod reason_codes;
 pub mod registry;
 pub mod report;
 pub mod rollout;

@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use crate::bundle::{self, BundleDigest, BundleError, FORMAT, Manifest, Metrics, Training};
 use crate::inputs::{EmptyCells, InputError, SchemaFile, Table, read_file, read_policy, read_toml};
 use crate::model::{LogisticModel, Model as _, Term};
+use crate::reason_codes::{REASON_CODES_FILE, ReasonCodes};
 use crate::schema::FeatureSpec;
 
 /// Names the training procedure in manifests. It changes only when the procedure does, so a
@@ -44,6 +45,20 @@ pub struct TrainSpec {
     pub models_dir: PathBuf,
     /// RFC 3339.
     pub created_at: String,
+    /// The bundle's reason-code table.
+    pub reason_codes: ReasonCodesFrom,
+}
+
+/// Where a trained bundle's reason-code table comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReasonCodesFrom {
+    /// riskserve's wording for the features ([`ReasonCodes::default_for`]).
+    Default,
+    /// A table file, checked against the features (an edited default, say).
+    File(PathBuf),
+    /// No table, as bundles made before tables existed: reproduces their digests (the
+    /// shipped v1's), and notices of such a version use the default wording.
+    Omitted,
 }
 
 /// The steps of a run, reported as they start.
@@ -85,6 +100,8 @@ pub struct TrainReport {
     pub model: LogisticModel,
     pub metrics: Metrics,
     pub train_rows: usize,
+    /// The table written into the bundle, if any.
+    pub reason_codes: Option<ReasonCodes>,
 }
 
 /// Why training stopped.
@@ -96,6 +113,8 @@ pub enum TrainError {
     Data(String),
     #[error("fit: {0}")]
     Fit(String),
+    #[error("reason codes: {0}")]
+    ReasonCodes(String),
     #[error(transparent)]
     Input(#[from] InputError),
     #[error(transparent)]
@@ -118,6 +137,15 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
     let bytes = read_file(&spec.data)?;
     let table = Table::parse(&bytes, &spec.data, EmptyCells::Refused)?;
     let (specs, excluded) = feature_specs(spec, &table)?;
+    // Before the fit, so that a table that does not fit the features fails in a second.
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let reason_codes = match &spec.reason_codes {
+        ReasonCodesFrom::Default => Some(ReasonCodes::default_for(&names)),
+        ReasonCodesFrom::File(path) => {
+            Some(ReasonCodes::read(path, &names).map_err(TrainError::ReasonCodes)?)
+        }
+        ReasonCodesFrom::Omitted => None,
+    };
     let y = table.labels(&spec.label)?;
     let vectors = table.vectors(&specs)?;
 
@@ -186,6 +214,7 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
         version: spec.version.clone(),
         created_at: spec.created_at.clone(),
         trainer: TRAINER.to_string(),
+        reason_codes: reason_codes.as_ref().map(|_| REASON_CODES_FILE.to_string()),
         source: None,
         training: Some(Training {
             data_file: spec
@@ -208,6 +237,7 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
         &spec.models_dir,
         &manifest,
         bundle::parameters_file(&model)?,
+        reason_codes.as_ref(),
     )?;
     Ok(TrainReport {
         dir,
@@ -216,6 +246,7 @@ pub fn train(spec: &TrainSpec, progress: &mut dyn FnMut(Stage)) -> Result<TrainR
         model,
         metrics,
         train_rows: train_idx.len(),
+        reason_codes,
     })
 }
 

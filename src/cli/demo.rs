@@ -384,6 +384,7 @@ fn train_version(
         policy: None,
         models_dir: models.to_owned(),
         created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        reason_codes: train::ReasonCodesFrom::Default,
     };
     let report = train::train(&spec, &mut |_| {}).with_context(|| format!("training {version}"))?;
     println!(

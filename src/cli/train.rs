@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::bundle::{Metrics, SourceFormat};
 use crate::import::ImportSpec;
-use crate::train::{self, Stage, TrainSpec};
+use crate::train::{self, ReasonCodesFrom, Stage, TrainSpec};
 
 #[derive(Debug, Args)]
 pub(crate) struct TrainArgs {
@@ -46,6 +46,14 @@ pub(crate) struct TrainArgs {
     /// Default: $SOURCE_DATE_EPOCH if set, else now.
     #[arg(long)]
     created_at: Option<String>,
+    /// Reason-code table (TOML `[[reason]]` feature, code, text) for adverse-action
+    /// notices; default: riskserve's wording for the features (edit a bundle's
+    /// reason_codes.toml and pass it here for the next version).
+    #[arg(long, conflicts_with = "no_reason_codes")]
+    reason_codes: Option<PathBuf>,
+    /// Write no reason-code table, as bundles made before tables (reproduces the shipped v1).
+    #[arg(long)]
+    no_reason_codes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +95,10 @@ pub(crate) struct ImportArgs {
     /// Creation time for the manifest (RFC 3339). Default: $SOURCE_DATE_EPOCH if set, else now.
     #[arg(long)]
     created_at: Option<String>,
+    /// Reason-code table (TOML `[[reason]]` feature, code, text) for adverse-action notices,
+    /// one entry per model feature; without it the bundle has none.
+    #[arg(long)]
+    reason_codes: Option<PathBuf>,
 }
 
 /// The manifest's creation time: as given, else `$SOURCE_DATE_EPOCH`, else now.
@@ -120,6 +132,7 @@ pub(crate) fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         label: args.label,
         models_dir: args.models,
         created_at: created_at(args.created_at)?,
+        reason_codes: args.reason_codes,
     };
     let report = crate::import::import(&spec)?;
     let m = &report.manifest;
@@ -155,6 +168,10 @@ pub(crate) fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         rows.extend(metric_rows(metrics, "rows scored"));
     }
     rows.push(("created at", m.created_at.clone()));
+    rows.push((
+        "reason codes",
+        reason_codes_row(report.reason_codes.as_ref()),
+    ));
     print_rows(&rows);
     Ok(ExitCode::SUCCESS)
 }
@@ -173,6 +190,11 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         policy: args.policy,
         models_dir: args.models,
         created_at,
+        reason_codes: match (args.reason_codes, args.no_reason_codes) {
+            (Some(file), _) => ReasonCodesFrom::File(file),
+            (None, true) => ReasonCodesFrom::Omitted,
+            (None, false) => ReasonCodesFrom::Default,
+        },
     };
     let bar = indicatif::ProgressBar::new(Stage::ALL.len() as u64);
     bar.set_style(
@@ -208,8 +230,35 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     ];
     rows.extend(metric_rows(&report.metrics, "holdout rows"));
     rows.push(("created at", m.created_at.clone()));
+    rows.push((
+        "reason codes",
+        reason_codes_row(report.reason_codes.as_ref()),
+    ));
     print_rows(&rows);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a new bundle's reason-code table is, and which features still have generic words
+/// (someone should word them before the version serves customers).
+fn reason_codes_row(table: Option<&crate::reason_codes::ReasonCodes>) -> String {
+    let Some(table) = table else {
+        return "none (notices use the default wording)".into();
+    };
+    let generic = table.generic_features();
+    if generic.is_empty() {
+        format!(
+            "{} ({} features)",
+            crate::reason_codes::REASON_CODES_FILE,
+            table.reasons.len()
+        )
+    } else {
+        format!(
+            "{} ({} features; generic words for {}: edit them and retrain with --reason-codes)",
+            crate::reason_codes::REASON_CODES_FILE,
+            table.reasons.len(),
+            generic.join(", ")
+        )
+    }
 }
 
 /// The metrics of a version as `name value` rows, the rows scored named `scored`.

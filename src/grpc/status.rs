@@ -100,6 +100,7 @@ impl From<&RegistryError> for Refusal {
                 BundleError::DigestMismatch { .. } => Code::FailedPrecondition,
                 BundleError::Parse { .. } => Code::FailedPrecondition,
                 BundleError::Invalid(_) => Code::FailedPrecondition,
+                BundleError::ReasonCodes(_) => Code::FailedPrecondition,
             },
             RegistryError::Unusable { .. } => Code::FailedPrecondition,
             RegistryError::Persist { .. } => Code::Internal,

@@ -45,6 +45,7 @@ fn training_is_deterministic_and_reproduces_the_shipped_v1() {
             "7",
             "--created-at",
             "2026-11-28T00:00:00Z",
+            "--no-reason-codes",
             "--models",
         ])
         .arg(out.path())
@@ -60,6 +61,10 @@ fn training_is_deterministic_and_reproduces_the_shipped_v1() {
         stdout.contains("AUC") && stdout.contains(&shipped),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("reason codes  none (notices use the default wording)"),
+        "{stdout}"
+    );
     assert_eq!(digest_of(&out.path().join("credit-limit/v1")), shipped);
 
     let again = tempfile::tempdir().unwrap();
@@ -70,6 +75,100 @@ fn training_is_deterministic_and_reproduces_the_shipped_v1() {
     // Bundles are immutable: training the same version again is refused.
     let err = riskserve::train::train(&v1_spec(again.path()), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("immutable"), "{err}");
+}
+
+/// Without `--no-reason-codes` a trained bundle carries the default table, listed in its
+/// manifest and covered by its digest; an edited table given with `--reason-codes` replaces
+/// it, and one that does not fit the features is refused naming the entry, before anything
+/// is written.
+#[test]
+fn training_writes_a_reason_code_table_and_takes_an_edited_one() {
+    let out = tempfile::tempdir().unwrap();
+    let train = |version: &str, extra: &[&str]| {
+        riskserve()
+            .args([
+                "train",
+                "--data",
+                "data/taiwan_credit_default.csv",
+                "--label",
+                "DID_DEFAULT_PAYMENT",
+                "--model",
+                "credit-limit",
+                "--version",
+                version,
+                "--schema",
+                "data/taiwan_schema.toml",
+                "--exclude",
+                "USER_ID",
+                "SEX",
+                "MARITALSTATUS",
+                "--created-at",
+                "2026-12-02T00:00:00Z",
+                "--models",
+            ])
+            .arg(out.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = train("v2", &[]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("reason codes  reason_codes.toml (21 features)"),
+        "{stdout}"
+    );
+    let dir = out.path().join("credit-limit/v2");
+    let manifest = std::fs::read_to_string(dir.join("manifest.toml")).unwrap();
+    assert!(
+        manifest.contains("reason_codes = \"reason_codes.toml\""),
+        "{manifest}"
+    );
+    let table = std::fs::read_to_string(dir.join("reason_codes.toml")).unwrap();
+    assert!(
+        table.contains("feature = \"PAYMENTDELAY_1\"\ncode = \"R01\"\ntext = \"Timeliness of your payment last month\""),
+        "{table}"
+    );
+    let bundle = riskserve::bundle::Bundle::load(&dir, None).unwrap();
+    assert_eq!(bundle.reason_codes.as_ref().unwrap().reasons.len(), 21);
+
+    // The table edited and given back for the next version.
+    let edited = out.path().join("edited.toml");
+    std::fs::write(
+        &edited,
+        table.replace(
+            "Timeliness of your payment last month",
+            "Your most recent payment was late",
+        ),
+    )
+    .unwrap();
+    let run = train("v3", &["--reason-codes", edited.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v3 = riskserve::bundle::Bundle::load(&out.path().join("credit-limit/v3"), None).unwrap();
+    let codes = v3.reason_codes.unwrap();
+    assert_eq!(
+        codes.get("PAYMENTDELAY_1").unwrap().text,
+        "Your most recent payment was late"
+    );
+
+    let bad = out.path().join("bad.toml");
+    std::fs::write(&bad, table.replace("\"R12\"", "\"R01\"")).unwrap();
+    let run = train("v4", &["--reason-codes", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("code \"R01\" is used for both \"PAYMENTDELAY_1\" and \"BILL_AMT2\""),
+        "{stderr}"
+    );
+    assert!(!out.path().join("credit-limit/v4").exists());
 }
 
 #[test]

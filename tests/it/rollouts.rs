@@ -385,6 +385,7 @@ async fn a_tree_candidate_is_guarded_and_promoted_against_the_logistic_champion(
         label: None,
         models_dir: models.path().to_owned(),
         created_at: "2026-12-01T00:00:00Z".into(),
+        reason_codes: None,
     })
     .unwrap();
     let plan = fast_plan(&[0, 2500, 10000]);

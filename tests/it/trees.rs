@@ -65,6 +65,7 @@ fn spec(format: SourceFormat, file: PathBuf, model: &str, models: &Path) -> Impo
         label: None,
         models_dir: models.to_owned(),
         created_at: "2026-12-01T00:00:00Z".into(),
+        reason_codes: None,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use riskserve::train::{self, TrainSpec};
+use riskserve::train::{self, ReasonCodesFrom, TrainSpec};
 use tempfile::TempDir;
 
 pub const MODEL: &str = "credit-limit";
@@ -39,7 +39,8 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// The training run that reproduces the shipped v1 (the command in the README).
+/// The training run that reproduces the shipped v1 (the command in the README). v1 predates
+/// reason-code tables, so the run writes none.
 pub fn v1_spec(models_dir: &Path) -> TrainSpec {
     TrainSpec {
         data: taiwan_csv(),
@@ -53,11 +54,12 @@ pub fn v1_spec(models_dir: &Path) -> TrainSpec {
         policy: None,
         models_dir: models_dir.to_owned(),
         created_at: "2026-11-28T00:00:00Z".into(),
+        reason_codes: ReasonCodesFrom::Omitted,
     }
 }
 
-/// A bundle directory holding the shipped v1 and a v2 trained here on another seed and
-/// holdout (so its coefficients and digest differ). Trained once per test process and
+/// A bundle directory holding the shipped v1 (no reason-code table) and a v2 trained here on
+/// another seed and holdout (so its coefficients and digest differ) with the default table. Trained once per test process and
 /// shared by every test: read it, serve from it, copy from it, never write to it (use
 /// [`scratch_models`] for that).
 pub fn models_v1_v2() -> &'static Path {
@@ -69,6 +71,7 @@ pub fn models_v1_v2() -> &'static Path {
             version: "v2".into(),
             seed: 11,
             holdout: 0.3,
+            reason_codes: ReasonCodesFrom::Default,
             ..v1_spec(dir.path())
         };
         train::train(&spec, &mut |_| {}).expect("training v2");
