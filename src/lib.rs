@@ -24,7 +24,8 @@
 //! - [`server`]: assembles services, health and reflection on a bound listener (TLS when
 //!   configured); shutdown.
 //! - [`watcher`]: loads bundles that appear under `models/`.
-//! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify.
+//! - [`trace`]: what reviewers ask of the log: history, explain, replay, verify, a
+//!   decision's adverse-action notice and a customer's complaint; [`notice`] words them.
 //! - [`train`]: fits a version with linfa and writes its bundle; [`import`] makes a bundle of
 //!   a model file trained elsewhere; both read their data and schema files through [`inputs`].
 //! - [`config`]: defaults, file, environment and flags, checked before anything starts.
@@ -46,6 +47,7 @@ pub mod grpc;
 pub mod import;
 pub mod inputs;
 pub mod model;
+pub mod notice;
 pub mod policy;
 pub mod reason_codes;
 pub mod registry;

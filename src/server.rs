@@ -158,7 +158,7 @@ pub async fn serve(
     let evaluator = Evaluator::new(
         router.clone(),
         control.clone(),
-        store,
+        store.clone(),
         std::time::Duration::from_millis(config.rollout_snapshot_interval_ms),
     );
     let evaluator_task = tokio::spawn(evaluator.run(
@@ -187,7 +187,7 @@ pub async fn serve(
         config.max_batch,
     );
     let scoring = ScoringService::new(scorer, config.max_batch);
-    let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys));
+    let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys, store));
     let max_message = config.max_message_bytes;
     let authorizer = Arc::new(Authorizer::new(&config.auth, config.listen));
     let keepalive = std::time::Duration::from_secs(config.http2_keepalive_secs);

@@ -1,5 +1,6 @@
 //! What reviewers ask of the decision log: a decision, a customer's history, why a limit
-//! changed, a bit-for-bit replay, the chain's integrity, a version's record, an export.
+//! changed, a bit-for-bit replay, the chain's integrity, a version's record, an export, a
+//! decision's adverse-action notice, and a customer's complaint answered in one step.
 //!
 //! Everything here reads; nothing writes. Calls block (SQLite reads, bundle loads) and belong
 //! on a blocking thread. Replays use the bundle named by the record's digest, loaded from the
@@ -16,8 +17,16 @@ use crate::decision_log::{
     DecisionLog, DecisionRecord, LogError, VerifyReport, VersionStats, Window,
 };
 use crate::model::Contribution;
-use crate::policy::{Band, Outcome};
+use crate::notice::{self, Notice};
+use crate::policy::{Band, LimitMove, Outcome};
 use crate::registry::Registry;
+use crate::rollout::store::{RolloutStore, StoreError, Transition};
+use crate::rollout::{Arm, State};
+
+/// The arm of a decision recorded after a rollback to restore a limit the rolled-back
+/// version lowered. Such records come from the remediation work (issue 18, items 1–2); a
+/// complaint already looks for them so that it says "remediated" the moment they exist.
+pub const REMEDIATION_ARM: &str = "remediation";
 
 /// Why a trace query failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +41,13 @@ pub enum TraceError {
     Bundle { digest: String, reason: String },
     #[error("{field}: {value:?} is not an RFC 3339 time or a YYYY-MM-DD date")]
     BadTime { field: &'static str, value: String },
+    /// The id is not in the message: it is personal data, and statuses reach logs.
+    #[error("no decisions are recorded for this customer under any configured key")]
+    NoCustomer,
+    #[error("decision {decision_id}: {reason}")]
+    BadRecord { decision_id: String, reason: String },
+    #[error(transparent)]
+    Rollouts(#[from] StoreError),
     #[error(transparent)]
     Log(#[from] LogError),
 }
@@ -60,11 +76,37 @@ pub struct Replay {
     pub differences: Vec<String>,
 }
 
+/// The rollout that routed a decision, as it stands now.
+#[derive(Debug, Clone)]
+pub struct RolloutOfDecision {
+    pub id: String,
+    pub state: State,
+    /// The transition that rolled the rollout back, when it was.
+    pub rollback: Option<Transition>,
+}
+
+/// "Why did my limit change?", answered from the log and the rollout store.
+#[derive(Debug, Clone)]
+pub struct Complaint {
+    /// The customer's decisions on record, every arm.
+    pub decisions: usize,
+    /// The notice (or why none is needed) of the customer's latest served decision that
+    /// changed an existing limit, remediations aside; `None` when no decision changed it.
+    pub change: Option<Notice>,
+    /// The rollout that routed that decision, if one did.
+    pub rollout: Option<RolloutOfDecision>,
+    /// Whether that decision came from the candidate of a rollout since rolled back.
+    pub rolled_back: bool,
+    /// The first later decision of arm [`REMEDIATION_ARM`], if any.
+    pub remediation: Option<DecisionRecord>,
+}
+
 /// Answers reviewers' questions from a decision log.
 pub struct Tracer {
     log: Arc<dyn DecisionLog>,
     registry: Arc<Registry>,
     keys: CustomerKeys,
+    rollouts: Arc<RolloutStore>,
     /// Bundles read from disk for replays, by digest.
     bundles: Mutex<BTreeMap<String, Arc<Bundle>>>,
 }
@@ -76,11 +118,17 @@ impl std::fmt::Debug for Tracer {
 }
 
 impl Tracer {
-    pub fn new(log: Arc<dyn DecisionLog>, registry: Arc<Registry>, keys: CustomerKeys) -> Self {
+    pub fn new(
+        log: Arc<dyn DecisionLog>,
+        registry: Arc<Registry>,
+        keys: CustomerKeys,
+        rollouts: Arc<RolloutStore>,
+    ) -> Self {
         Tracer {
             log,
             registry,
             keys,
+            rollouts,
             bundles: Mutex::default(),
         }
     }
@@ -219,6 +267,93 @@ impl Tracer {
             reasons: scored.reasons,
             differences,
             recorded,
+        })
+    }
+
+    /// The adverse-action notice of a decision, worded by the bundle that made it (found by
+    /// its digest), or why it needs none.
+    pub fn notice(&self, decision_id: &str) -> Result<Notice, TraceError> {
+        let record = self.decision(decision_id)?;
+        self.notice_of(record)
+    }
+
+    fn notice_of(&self, record: DecisionRecord) -> Result<Notice, TraceError> {
+        let outcome =
+            Outcome::parse(&record.body.decision).ok_or_else(|| TraceError::BadRecord {
+                decision_id: record.body.decision_id.clone(),
+                reason: format!("unknown decision {:?}", record.body.decision),
+            })?;
+        match notice::needed(&record, outcome) {
+            Err(why) => Ok(Notice::not_needed(record, why)),
+            Ok(action) => {
+                // Only an adverse decision needs its bundle: the words are the version's.
+                let bundle = self.bundle(&record.body.digest)?;
+                Ok(Notice::adverse(
+                    record,
+                    action,
+                    bundle.reason_codes.as_ref(),
+                ))
+            }
+        }
+    }
+
+    /// The customer's latest limit change: its notice, the version and arm (in the record),
+    /// whether its rollout rolled that version back, and whether a remediation followed.
+    pub fn complaint(&self, customer_id: &str) -> Result<Complaint, TraceError> {
+        let records = self.customer(customer_id)?;
+        if records.is_empty() {
+            return Err(TraceError::NoCustomer);
+        }
+        let changed = records.iter().rposition(|r| {
+            let b = &r.body;
+            // A shadow decision never reached the customer, and a remediation is the answer
+            // to a change, not the change asked about.
+            Arm::parse(&b.arm).is_some_and(|a| a != Arm::Shadow)
+                && LimitMove::of(b.current_limit, b.granted_limit).is_change()
+        });
+        let Some(at) = changed else {
+            return Ok(Complaint {
+                decisions: records.len(),
+                change: None,
+                rollout: None,
+                rolled_back: false,
+                remediation: None,
+            });
+        };
+        let remediation = records[at + 1..]
+            .iter()
+            .find(|r| r.body.arm == REMEDIATION_ARM)
+            .cloned();
+        let record = records[at].clone();
+        let rollout = match &record.body.rollout_id {
+            None => None,
+            Some(id) => self.rollouts.get(id)?.map(|r| {
+                let rollback = match r.state {
+                    State::RolledBack => self.rollouts.transitions(id).map(|ts| {
+                        ts.into_iter()
+                            .rev()
+                            .find(|t| t.to_state == State::RolledBack)
+                    }),
+                    _ => Ok(None),
+                };
+                rollback.map(|rollback| RolloutOfDecision {
+                    id: r.id,
+                    state: r.state,
+                    rollback,
+                })
+            }),
+        }
+        .transpose()?;
+        let rolled_back = Arm::parse(&record.body.arm) == Some(Arm::Candidate)
+            && rollout
+                .as_ref()
+                .is_some_and(|r| r.state == State::RolledBack);
+        Ok(Complaint {
+            decisions: records.len(),
+            change: Some(self.notice_of(record)?),
+            rollout,
+            rolled_back,
+            remediation,
         })
     }
 

@@ -1,6 +1,6 @@
 //! `riskserve trace …`: the reviewers' queries of the decision log (a decision, a
-//! customer's history, explain, replay, verify, by version, export), one function each,
-//! printed as tables or JSON lines.
+//! customer's history, explain, replay, verify, by version, export, a decision's notice, a
+//! customer's complaint), one function each, printed as tables or JSON lines.
 
 use std::process::ExitCode;
 
@@ -12,6 +12,8 @@ use super::connect::{Conn, ServerArg, connect, status_error as status};
 use super::output::{arm_name, decision_name, passed, reasons_json, show};
 use crate::grpc::pb;
 use crate::grpc::pb::trace_client::TraceClient;
+use crate::policy::LimitMove;
+use crate::report::notice_action;
 
 type Client = TraceClient<Conn>;
 
@@ -50,6 +52,11 @@ pub(crate) enum TraceQuery {
         #[arg(long, default_value = "")]
         until: String,
     },
+    /// The adverse-action notice of a decision (decline, cut, withdrawal), or why none is needed.
+    Notice { decision_id: String },
+    /// Why did this customer's limit change: their latest change, its notice, the version and
+    /// arm, whether that version was rolled back, whether a remediation followed.
+    Complaint { customer_id: String },
     /// Every record in a window, for analysts.
     Export {
         #[arg(long, default_value = "")]
@@ -88,6 +95,8 @@ pub(crate) async fn ask(server: &str, json: bool, query: TraceQuery) -> anyhow::
         TraceQuery::Explain { decision_id } => explain(client, decision_id, json).await,
         TraceQuery::Replay { decision_id } => replay(client, decision_id, json).await,
         TraceQuery::Verify => verify(client, json).await,
+        TraceQuery::Notice { decision_id } => notice(client, decision_id, json).await,
+        TraceQuery::Complaint { customer_id } => complaint(client, customer_id, json).await,
         TraceQuery::ByVersion {
             model,
             version,
@@ -138,7 +147,7 @@ async fn customer(mut client: Client, id: String, json: bool) -> anyhow::Result<
         "recorded at", "decision", "version", "arm", "PD", "grade", "decision"
     );
     for r in &records {
-        let changed = r.current_limit.is_some_and(|c| c != r.granted_limit);
+        let changed = LimitMove::of(r.current_limit, r.granted_limit).is_change();
         println!(
             "{:<28} {:<36} {:<14} {:<9} {:>8.4} {:<5} {:<8} {}{}",
             r.recorded_at,
@@ -234,6 +243,151 @@ fn print_replay(r: &pb::ReplayResult) {
         println!("IDENTICAL: every field matches bit for bit");
     } else {
         println!("DIFFERENT: {}", r.differences.join("; "));
+    }
+}
+
+async fn notice(mut client: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let n = client
+        .notice(pb::DecisionRef { decision_id: id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    show(&n, json, notice_json, print_notice);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn notice_json(n: &pb::AdverseActionNotice) -> Value {
+    let d = n.decision.clone().unwrap_or_default();
+    json!({
+        "decision_id": d.decision_id, "model": d.model, "version": d.version,
+        "digest": d.digest, "arm": arm_name(d.arm), "decision": decision_name(d.decision),
+        "current_limit": d.current_limit, "granted_limit": d.granted_limit,
+        "required": n.required, "action": notice_action(n.action),
+        "not_needed": n.not_needed, "wording": n.wording,
+        "reasons": n.reasons.iter().map(|r| json!({"rank": r.rank, "feature": r.feature,
+            "code": r.code, "text": r.text, "contribution": r.contribution, "value": r.value}))
+            .collect::<Vec<_>>(),
+        "text": n.text,
+    })
+}
+
+fn print_notice(n: &pb::AdverseActionNotice) {
+    let d = n.decision.clone().unwrap_or_default();
+    if !n.required {
+        println!(
+            "decision {} ({} {}, {}): {}",
+            d.decision_id,
+            d.model,
+            d.version,
+            arm_name(d.arm),
+            n.not_needed
+        );
+        return;
+    }
+    println!(
+        "decision {}: {}, limit {}",
+        d.decision_id,
+        notice_action(n.action),
+        limit_change(&d)
+    );
+    println!(
+        "by {} {} ({}, {})",
+        d.model,
+        d.version,
+        arm_name(d.arm),
+        d.digest
+    );
+    println!(
+        "wording: {}",
+        if n.wording == "bundle" {
+            "the version's reason_codes.toml"
+        } else {
+            "riskserve's default (the version has no reason-code table)"
+        }
+    );
+    println!("reasons");
+    for r in &n.reasons {
+        let code = if r.code.is_empty() { "-" } else { &r.code };
+        println!(
+            "  {}. {:<6} {:<16} {:+.4}  {}",
+            r.rank, code, r.feature, r.contribution, r.text
+        );
+    }
+    println!("\nnotice to the customer:\n");
+    for line in n.text.lines() {
+        println!("  {line}");
+    }
+}
+
+async fn complaint(mut client: Client, id: String, json: bool) -> anyhow::Result<ExitCode> {
+    let c = client
+        .complaint(pb::CustomerRef { customer_id: id })
+        .await
+        .map_err(status)?
+        .into_inner();
+    show(&c, json, complaint_json, print_complaint);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn complaint_json(c: &pb::ComplaintAnswer) -> Value {
+    json!({
+        "decisions": c.decisions,
+        "change": c.change.as_ref().map(notice_json),
+        "rollout_id": c.rollout_id, "rollout_state": c.rollout_state,
+        "rolled_back": c.rolled_back,
+        "rollback": c.rollback.as_ref().map(|t| json!({"at": t.at, "actor": t.actor, "reason": t.reason})),
+        "remediated": c.remediated,
+        "remediation_decision_id": c.remediation.as_ref().map(|r| r.decision_id.clone()),
+    })
+}
+
+fn print_complaint(c: &pb::ComplaintAnswer) {
+    let Some(n) = &c.change else {
+        println!(
+            "no decision changed this customer's limit ({} decisions on record)",
+            c.decisions
+        );
+        return;
+    };
+    let d = n.decision.clone().unwrap_or_default();
+    println!(
+        "latest limit change: {} on {} by {} {} ({})",
+        limit_change(&d),
+        d.recorded_at,
+        d.model,
+        d.version,
+        arm_name(d.arm)
+    );
+    println!("decision     {}", d.decision_id);
+    let rollout = if c.rollout_id.is_empty() {
+        "none (the serving version decided)".to_string()
+    } else {
+        format!("{} ({})", c.rollout_id, c.rollout_state)
+    };
+    println!("rollout      {rollout}");
+    let rolled_back = match (&c.rollback, c.rolled_back) {
+        (Some(t), true) => format!(
+            "YES: {} was rolled back at {} by {}: {}",
+            d.version, t.at, t.actor, t.reason
+        ),
+        _ => "no".into(),
+    };
+    println!("rolled back  {rolled_back}");
+    let remediated = match &c.remediation {
+        Some(r) => format!(
+            "yes: decision {} on {} granted {}",
+            r.decision_id, r.recorded_at, r.granted_limit
+        ),
+        None => "no".into(),
+    };
+    println!("remediated   {remediated}");
+    if n.required {
+        println!("\nnotice ({}):\n", notice_action(n.action));
+        for line in n.text.lines() {
+            println!("  {line}");
+        }
+    } else {
+        println!("notice       none needed: {}", n.not_needed);
     }
 }
 
@@ -423,19 +577,13 @@ pub(crate) fn record_json(r: &pb::DecisionRecord) -> Value {
 
 /// How a decision moved the limit, for people: "20000 → 0 (withdrawn)".
 fn limit_change(r: &pb::DecisionRecord) -> String {
-    match r.current_limit {
-        None => format!("{} (new customer)", r.granted_limit),
-        Some(c) if r.granted_limit == c => format!("{c} (held)"),
-        Some(c) => {
-            let what = if r.granted_limit == 0 {
-                "withdrawn"
-            } else if r.granted_limit < c {
-                "cut"
-            } else {
-                "raised"
-            };
-            format!("{c} → {} ({what})", r.granted_limit)
-        }
+    match (
+        r.current_limit,
+        LimitMove::of(r.current_limit, r.granted_limit),
+    ) {
+        (None, _) => format!("{} (new customer)", r.granted_limit),
+        (Some(c), LimitMove::Held) => format!("{c} (held)"),
+        (Some(c), what) => format!("{c} → {} ({})", r.granted_limit, what.as_str()),
     }
 }
 

@@ -5,13 +5,15 @@ use std::time::{Duration, Instant};
 use crate::decision_log::{DecisionRecord, VerifyReport, VersionStats};
 use crate::grpc::pb;
 use crate::model::Contribution;
+use crate::notice::Notice;
 use crate::policy::Band;
-use crate::policy::Outcome;
+use crate::policy::{AdverseAction, Outcome};
 use crate::registry::{VersionInfo, VersionState};
 use crate::rollout::Arm;
+use crate::rollout::store::Transition;
 use crate::schema::RawValue;
 use crate::scoring::{Decision, ScoreRequest};
-use crate::trace::{Explanation, Replay};
+use crate::trace::{Complaint, Explanation, Replay};
 
 /// Longest request id or customer id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
@@ -368,6 +370,90 @@ impl From<crate::rollout::GuardrailReading> for pb::Guardrail {
     }
 }
 
+impl From<Transition> for pb::RolloutTransition {
+    fn from(t: Transition) -> Self {
+        pb::RolloutTransition {
+            at: t.at,
+            from_state: t
+                .from_state
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            to_state: t.to_state.as_str().into(),
+            from_step: t.from_step.map_or(-1, |s| s as i32),
+            to_step: t.to_step as u32,
+            actor: t.actor,
+            reason: t.reason,
+            figures: t.figures.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<AdverseAction> for pb::AdverseAction {
+    fn from(a: AdverseAction) -> Self {
+        match a {
+            AdverseAction::Withdrawal => pb::AdverseAction::Withdrawal,
+            AdverseAction::Cut => pb::AdverseAction::Cut,
+            AdverseAction::Decline => pb::AdverseAction::Decline,
+        }
+    }
+}
+
+impl From<Notice> for pb::AdverseActionNotice {
+    fn from(n: Notice) -> Self {
+        let (required, action, not_needed) = match &n.action {
+            Ok(a) => (true, pb::AdverseAction::from(*a), String::new()),
+            Err(why) => (false, pb::AdverseAction::Unspecified, why.describe()),
+        };
+        pb::AdverseActionNotice {
+            decision: Some(n.decision.into()),
+            required,
+            action: action as i32,
+            not_needed,
+            reasons: n
+                .reasons
+                .into_iter()
+                .map(|r| pb::NoticeReason {
+                    rank: r.rank as u32,
+                    feature: r.feature,
+                    code: r.code.unwrap_or_default(),
+                    text: r.text,
+                    contribution: r.contribution,
+                    value: r.value,
+                })
+                .collect(),
+            wording: if required {
+                n.wording.as_str().into()
+            } else {
+                String::new()
+            },
+            text: n.text,
+        }
+    }
+}
+
+impl From<Complaint> for pb::ComplaintAnswer {
+    fn from(c: Complaint) -> Self {
+        let (rollout_id, rollout_state, rollback) = match c.rollout {
+            Some(r) => (
+                r.id,
+                r.state.as_str().to_string(),
+                r.rollback.map(Into::into),
+            ),
+            None => (String::new(), String::new(), None),
+        };
+        pb::ComplaintAnswer {
+            decisions: c.decisions as u32,
+            change: c.change.map(Into::into),
+            rollout_id,
+            rollout_state,
+            rolled_back: c.rolled_back,
+            rollback,
+            remediated: c.remediation.is_some(),
+            remediation: c.remediation.map(Into::into),
+        }
+    }
+}
+
 impl From<crate::rollout::RolloutStatus> for pb::RolloutStatus {
     fn from(s: crate::rollout::RolloutStatus) -> Self {
         let r = s.record;
@@ -389,23 +475,7 @@ impl From<crate::rollout::RolloutStatus> for pb::RolloutStatus {
             candidate_errors: s.counts.errors,
             shadow_dropped: s.shadow_dropped,
             guardrails: s.readings.into_iter().map(Into::into).collect(),
-            transitions: s
-                .transitions
-                .into_iter()
-                .map(|t| pb::RolloutTransition {
-                    at: t.at,
-                    from_state: t
-                        .from_state
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default(),
-                    to_state: t.to_state.as_str().into(),
-                    from_step: t.from_step.map_or(-1, |s| s as i32),
-                    to_step: t.to_step as u32,
-                    actor: t.actor,
-                    reason: t.reason,
-                    figures: t.figures.into_iter().map(Into::into).collect(),
-                })
-                .collect(),
+            transitions: s.transitions.into_iter().map(Into::into).collect(),
             plan_toml: toml::to_string_pretty(&r.plan).unwrap_or_default(),
             created_at: r.created_at,
             backtest: r.backtest.map(Into::into),

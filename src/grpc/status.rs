@@ -170,6 +170,10 @@ impl From<&TraceError> for Refusal {
             TraceError::BadTime { field, .. } => {
                 Refusal::new(Code::InvalidArgument, e).on_field(field.to_string())
             }
+            TraceError::NoCustomer => Refusal::new(Code::NotFound, e),
+            // A record the log holds but this build cannot read: the server's fault.
+            TraceError::BadRecord { .. } => Refusal::new(Code::Internal, e),
+            TraceError::Rollouts(_) => Refusal::new(Code::Unavailable, e),
             TraceError::Log(e) => e.into(),
         }
     }

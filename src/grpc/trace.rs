@@ -111,6 +111,27 @@ impl Trace for TraceService {
         )))
     }
 
+    async fn notice(
+        &self,
+        request: Request<pb::DecisionRef>,
+    ) -> Result<Response<pb::AdverseActionNotice>, Status> {
+        let id = request.into_inner().decision_id;
+        let n = self.blocking(move |t| t.notice(&id)).await?;
+        Ok(Response::new(n.into()))
+    }
+
+    async fn complaint(
+        &self,
+        request: Request<pb::CustomerRef>,
+    ) -> Result<Response<pb::ComplaintAnswer>, Status> {
+        let customer = request.into_inner().customer_id;
+        if customer.is_empty() {
+            return Err(RequestError::required("customer_id").into());
+        }
+        let c = self.blocking(move |t| t.complaint(&customer)).await?;
+        Ok(Response::new(c.into()))
+    }
+
     type ExportStream = RecordStream;
 
     async fn export(

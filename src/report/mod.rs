@@ -511,6 +511,18 @@ fn backtest_section(body: &mut String, s: &pb::RolloutStatus) {
     }
 }
 
+/// An adverse action's name in lower case ("withdrawal", "cut", "decline"); "" when the
+/// decision is not adverse.
+pub fn notice_action(a: i32) -> String {
+    match pb::AdverseAction::try_from(a) {
+        Ok(pb::AdverseAction::Unspecified) | Err(_) => String::new(),
+        Ok(a) => a
+            .as_str_name()
+            .trim_start_matches("ADVERSE_ACTION_")
+            .to_lowercase(),
+    }
+}
+
 fn step_is_shadow(plan: Option<&Plan>, step: u32) -> bool {
     plan.and_then(|p| p.steps.get(step as usize))
         .is_some_and(|s| s.share_bp == 0 && s.shadow)

@@ -21,6 +21,7 @@ mod inference;
 mod journal;
 mod lifecycle;
 mod limits;
+mod notices;
 mod report;
 mod rollouts;
 mod scoring;
