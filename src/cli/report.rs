@@ -93,13 +93,15 @@ pub(crate) async fn rollout(
     Ok(history)
 }
 
-/// Writes the report of one customer's limit over time; returns their decisions.
+/// Writes the report of one customer's limit over time, with the notice of each adverse
+/// decision; returns their decisions.
 pub(crate) async fn customer(
     server: &str,
     customer_id: &str,
     out: &Path,
 ) -> anyhow::Result<Vec<pb::DecisionRecord>> {
-    let records = TraceClient::new(connect(server).await?)
+    let mut trace = TraceClient::new(connect(server).await?);
+    let records = trace
         .customer_history(pb::CustomerRef {
             customer_id: customer_id.into(),
         })
@@ -107,7 +109,23 @@ pub(crate) async fn customer(
         .map_err(status_error)?
         .into_inner()
         .records;
-    write(out, &report::customer_page(customer_id, &records))?;
+    // The server says which decisions are adverse (one definition, in policy), so every
+    // decision is asked about; a customer's history is short.
+    let mut notices = Vec::new();
+    for r in &records {
+        let n = trace
+            .notice(pb::DecisionRef {
+                decision_id: r.decision_id.clone(),
+            })
+            .await
+            .map_err(status_error)
+            .with_context(|| format!("the notice of decision {}", r.decision_id))?
+            .into_inner();
+        if n.required {
+            notices.push(n);
+        }
+    }
+    write(out, &report::customer_page(customer_id, &records, &notices))?;
     Ok(records)
 }
 

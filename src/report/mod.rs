@@ -2,8 +2,8 @@
 //! SVG charts and no reference to anything outside the page.
 //!
 //! The pages are rendered on the client side from what the gRPC API returns
-//! (`Rollouts.History`, `Trace.CustomerHistory`), so a report shows exactly what any other
-//! client of the API would see.
+//! (`Rollouts.History`, `Trace.CustomerHistory` and `Trace.Notice`), so a report shows exactly
+//! what any other client of the API would see.
 
 pub mod svg;
 
@@ -37,6 +37,7 @@ svg .mark, svg .note { font-size: 11px; } svg .note { fill: #222; }
 svg .band { font-size: 12px; fill: white; font-weight: 600; }
 svg .empty { font-size: 13px; fill: #999; }
 svg .grid { stroke: #eee; } svg .axis { stroke: #888; }
+tr.notice pre { font-family: inherit; font-size: 13px; white-space: pre-wrap; margin: 4px 0 8px 16px; }
 ";
 
 fn page(title: &str, body: &str) -> String {
@@ -537,8 +538,14 @@ fn limit_text(r: &pb::DecisionRecord) -> String {
 }
 
 /// The customer page: the limit over time, each change marked by the version and arm that
-/// made it, and every decision with its reasons.
-pub fn customer_page(customer_id: &str, records: &[pb::DecisionRecord]) -> String {
+/// made it, and every decision with its reasons; under each adverse decision, its notice as
+/// the customer reads it (`notices`: the server's notices of these records, any order; those
+/// not required are ignored).
+pub fn customer_page(
+    customer_id: &str,
+    records: &[pb::DecisionRecord],
+    notices: &[pb::AdverseActionNotice],
+) -> String {
     let mut body = String::new();
     let served: Vec<&pb::DecisionRecord> = records
         .iter()
@@ -620,6 +627,14 @@ pub fn customer_page(customer_id: &str, records: &[pb::DecisionRecord]) -> Strin
         .render(300.0),
     );
     body.push_str("<h2>Decisions</h2>");
+    let notice_of = |r: &pb::DecisionRecord| {
+        notices.iter().find(|n| {
+            n.required
+                && n.decision
+                    .as_ref()
+                    .is_some_and(|d| d.decision_id == r.decision_id)
+        })
+    };
     let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
@@ -647,20 +662,100 @@ pub fn customer_page(customer_id: &str, records: &[pb::DecisionRecord]) -> Strin
             ]
         })
         .collect();
-    table(
-        &mut body,
-        &[
-            "recorded at",
-            "version",
-            "arm",
-            "decision",
-            "grade",
-            "PD",
-            "limit",
-            "reasons",
-            "decision id",
-        ],
-        &rows,
-    );
+    let head = [
+        "recorded at",
+        "version",
+        "arm",
+        "decision",
+        "grade",
+        "PD",
+        "limit",
+        "reasons",
+        "decision id",
+    ];
+    let mut decisions = String::new();
+    table(&mut decisions, &head, &[]);
+    // The table without its closing tag: each row, and under an adverse one its notice.
+    decisions.truncate(decisions.len() - "</table>".len());
+    for (r, row) in records.iter().zip(&rows) {
+        decisions.push_str("<tr>");
+        for cell in row {
+            let _ = write!(decisions, "<td>{}</td>", escape(cell));
+        }
+        decisions.push_str("</tr>");
+        if let Some(n) = notice_of(r) {
+            let codes: Vec<String> = n
+                .reasons
+                .iter()
+                .map(|x| {
+                    let code = if x.code.is_empty() {
+                        "no code"
+                    } else {
+                        &x.code
+                    };
+                    format!("{} {} ({code})", x.rank, x.feature)
+                })
+                .collect();
+            let _ = write!(
+                decisions,
+                "<tr class=\"notice\"><td class=\"text\" colspan=\"{}\"><div class=\"meta\">Notice sent for this {}: reasons {}</div><pre>{}</pre></td></tr>",
+                head.len(),
+                escape(&notice_action(n.action)),
+                escape(&codes.join(", ")),
+                escape(&n.text)
+            );
+        }
+    }
+    decisions.push_str("</table>");
+    body.push_str(&decisions);
     page(&format!("Customer {customer_id}"), &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, current: i64, granted: i64) -> pb::DecisionRecord {
+        pb::DecisionRecord {
+            decision_id: id.into(),
+            recorded_at: "2026-12-02T10:00:00Z".into(),
+            model: "credit-limit".into(),
+            version: "v9".into(),
+            arm: pb::Arm::Candidate as i32,
+            decision: pb::Decision::Decline as i32,
+            current_limit: Some(current),
+            granted_limit: granted,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_notice_of_an_adverse_decision_is_printed_under_it_and_only_there() {
+        let records = [record("d-1", 50_000, 60_000), record("d-2", 60_000, 0)];
+        let notice = pb::AdverseActionNotice {
+            decision: Some(records[1].clone()),
+            required: true,
+            action: pb::AdverseAction::Withdrawal as i32,
+            reasons: vec![pb::NoticeReason {
+                rank: 1,
+                feature: "AGE".into(),
+                code: "R41".into(),
+                text: "Your age".into(),
+                ..Default::default()
+            }],
+            text: "On 2026-12-02 we withdrew your credit limit of 60,000. <Your limit is now 0.>"
+                .into(),
+            ..Default::default()
+        };
+        let page = customer_page("7", &records, &[notice]);
+        let at = |s: &str| {
+            page.find(s)
+                .unwrap_or_else(|| panic!("no {s:?} in the page"))
+        };
+        assert_eq!(page.matches("<tr class=\"notice\">").count(), 1);
+        // Under d-2's row, after d-1's: escaped, with the action and the codes.
+        assert!(at("d-1") < at("d-2") && at("d-2") < at("<tr class=\"notice\">"));
+        assert!(page.contains("Notice sent for this withdrawal: reasons 1 AGE (R41)"));
+        assert!(page.contains("60,000. &lt;Your limit is now 0.&gt;</pre>"));
+    }
 }
