@@ -49,30 +49,10 @@ fn v1_with_table(models: &Path, version: &str) -> ReasonCodes {
     table
 }
 
-/// Scores customers [0, n) in batches; each answer with the customer it was for.
+/// Scores customers [0, n); each answer with the customer it was for.
 async fn score(server: &TestServer, tag: &str, n: usize) -> Vec<(Customer, pb::ScoreResponse)> {
-    let all = customers();
-    let mut out = Vec::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
-        let requests = chunk
-            .iter()
-            .map(|i| request(&all[*i], &format!("{tag}-{i}")))
-            .collect();
-        let items = server
-            .scoring()
-            .score_batch(pb::ScoreBatchRequest { requests })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for (i, item) in chunk.iter().zip(items) {
-            match item.outcome {
-                Some(pb::score_batch_item::Outcome::Response(r)) => out.push((all[*i].clone(), r)),
-                other => panic!("customer {i}: {other:?}"),
-            }
-        }
-    }
-    out
+    let answers = record_traffic(server, tag, n).await;
+    customers().iter().cloned().zip(answers).collect()
 }
 
 /// Runs the `riskserve` program (off the runtime, which serves it) and returns its stdout.
