@@ -104,7 +104,8 @@ async fn rollout_and_customer_reports_are_self_contained_charts_a_browser_draws(
         for (i, item) in (round * 500..).zip(items) {
             if let Some(pb::score_batch_item::Outcome::Response(r)) = item.outcome
                 && r.arm == pb::Arm::Candidate as i32
-                && r.current_limit != Some(r.granted_limit)
+                && r.current_limit.is_some_and(|c| c > 0)
+                && r.granted_limit == 0
             {
                 candidate_customer.get_or_insert(all[i % all.len()].id.clone());
             }
@@ -123,7 +124,7 @@ async fn rollout_and_customer_reports_are_self_contained_charts_a_browser_draws(
         }
         assert!(Instant::now() < deadline, "v9 was never rolled back");
     }
-    let customer = &candidate_customer.expect("the candidate changed someone's limit");
+    let customer = &candidate_customer.expect("the candidate withdrew someone's limit");
 
     // The reports, through the command line a reviewer uses.
     let dir = tempfile::tempdir().unwrap();
@@ -188,6 +189,12 @@ async fn rollout_and_customer_reports_are_self_contained_charts_a_browser_draws(
         page.contains("v9 candidate"),
         "the change by v9 is not marked"
     );
+    // Under v9's withdrawal, the notice the customer was given.
+    assert!(
+        page.contains("Notice sent for this withdrawal: reasons 1 "),
+        "no notice under the withdrawal"
+    );
+    assert!(page.contains("we withdrew your credit limit of"));
 
     let png = dir.path().join("rollout.png");
     screenshot(&rollout_html, &png, dir.path());
