@@ -5,8 +5,8 @@
 //! traffic, trains a flawed v2 (every customer under 30 relabelled as defaulted, so v2
 //! withdraws their limits), shows the backtest flagging it, rolls it out anyway with
 //! `skip_backtest` and watches the live guardrail roll it back, traces one customer whose
-//! limit v2 withdrew (history, explain, replay, verify), then trains a sound v3 that passes
-//! the backtest gate, rolls out to 100% and is promoted. Reports of both rollouts and of the
+//! limit v2 withdrew (history, explain, the complaint with its notice, replay, verify), then
+//! trains a sound v3 that passes the backtest gate, rolls out to 100% and is promoted. Reports of both rollouts and of the
 //! customer are written to the directory. Everything goes through the public gRPC API, as
 //! any client would.
 
@@ -227,6 +227,10 @@ async fn story(
         },
         TraceQuery::Explain {
             decision_id: affected.decision_id.clone(),
+        },
+        // What support answers the customer: the notice, the version, the rollback.
+        TraceQuery::Complaint {
+            customer_id: affected.customer_id.clone(),
         },
         TraceQuery::Replay {
             decision_id: affected.decision_id.clone(),

@@ -314,8 +314,17 @@ fn print_notice(n: &pb::AdverseActionNotice) {
         );
     }
     println!("\nnotice to the customer:\n");
-    for line in n.text.lines() {
-        println!("  {line}");
+    print_indented(&n.text);
+}
+
+/// A notice's text, indented, its blank lines left empty.
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        if line.is_empty() {
+            println!();
+        } else {
+            println!("  {line}");
+        }
     }
 }
 
@@ -383,9 +392,7 @@ fn print_complaint(c: &pb::ComplaintAnswer) {
     println!("remediated   {remediated}");
     if n.required {
         println!("\nnotice ({}):\n", notice_action(n.action));
-        for line in n.text.lines() {
-            println!("  {line}");
-        }
+        print_indented(&n.text);
     } else {
         println!("notice       none needed: {}", n.not_needed);
     }
