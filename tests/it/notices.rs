@@ -458,3 +458,56 @@ fn a_reason_code_table_that_does_not_fit_its_bundle_is_refused_at_load() {
     });
     assert_eq!(err, "bundle is incomplete: reason_codes.toml is missing");
 }
+
+/// `import --reason-codes` puts the table in the imported bundle, checked against the model
+/// file's features; one that misses a feature is refused and nothing is written.
+#[test]
+fn an_import_takes_a_reason_code_table_for_the_model_files_features() {
+    let models = tempfile::tempdir().unwrap();
+    let fixtures = repo().join("tests/fixtures/trees");
+    let schema: toml::Value =
+        toml::from_str(&std::fs::read_to_string(fixtures.join("schema.toml")).unwrap()).unwrap();
+    let names: Vec<String> = schema["feature"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut table = ReasonCodes::default_for(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let file = models.path().join("codes.toml");
+    std::fs::write(&file, toml::to_string_pretty(&table).unwrap()).unwrap();
+    let spec = |version: &str| riskserve::import::ImportSpec {
+        format: riskserve::bundle::SourceFormat::Xgboost,
+        file: fixtures.join("xgboost.json"),
+        model: MODEL.into(),
+        version: version.into(),
+        schema: Some(fixtures.join("schema.toml")),
+        policy: None,
+        data: None,
+        label: None,
+        models_dir: models.path().to_owned(),
+        created_at: "2026-12-02T00:00:00Z".into(),
+        reason_codes: Some(file.clone()),
+    };
+    let report = riskserve::import::import(&spec("v3")).unwrap();
+    assert_eq!(
+        report.manifest.reason_codes.as_deref(),
+        Some("reason_codes.toml")
+    );
+    let bundle = riskserve::bundle::Bundle::load(&report.dir, None).unwrap();
+    assert_eq!(bundle.reason_codes.as_ref(), Some(&table));
+
+    let missing = table.reasons.pop().unwrap().feature;
+    std::fs::write(&file, toml::to_string_pretty(&table).unwrap()).unwrap();
+    let err = riskserve::import::import(&spec("v4"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("reason codes: ")
+            && err.ends_with(&format!(
+                "feature \"{missing}\" of the model has no reason (every feature needs words)"
+            )),
+        "{err}"
+    );
+    assert!(!models.path().join(MODEL).join("v4").exists());
+}
