@@ -169,7 +169,8 @@ impl Notice {
                     (Some(e), _) => Some(e.text.clone()),
                     (None, Some(f)) => f.get(&r.feature).map(|e| e.text.clone()),
                     // A table is checked to name every feature of its model at load, so a
-                    // reason it lacks cannot come from that model; say so rather than guess.
+                    // reason it lacks cannot come from that model; the generic words below
+                    // at least name the feature rather than borrow another's.
                     (None, None) => None,
                 }
                 .unwrap_or_else(|| crate::reason_codes::generic_text(&r.feature));

@@ -308,7 +308,8 @@ impl Tracer {
             let b = &r.body;
             // A shadow decision never reached the customer, and a remediation is the answer
             // to a change, not the change asked about.
-            Arm::parse(&b.arm).is_some_and(|a| a != Arm::Shadow)
+            b.arm != REMEDIATION_ARM
+                && Arm::parse(&b.arm).is_some_and(|a| a != Arm::Shadow)
                 && LimitMove::of(b.current_limit, b.granted_limit).is_change()
         });
         let Some(at) = changed else {
