@@ -12,7 +12,10 @@
 //! - 2: the journal's first view, one wide `decisions` table. The view is a cache of the
 //!   journal, so the step to layout 3 drops it (and its checkpoint) and the indexer rebuilds
 //!   it from the journal on this start.
-//! - 0 without one: a new directory; 3: the current layout. Anything newer was written by a
+//! - 3: the rows of layout 4, with the customer and request indexes over the whole log. The step
+//!   to layout 4 drops those two and builds their per-span successors over the rows in place
+//!   (no rebuild from the journal).
+//! - 0 without one: a new directory; 4: the current layout. Anything newer was written by a
 //!   later release and is refused rather than guessed at.
 
 use rusqlite::{Connection, OptionalExtension};
@@ -61,6 +64,13 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
     if version == 2 {
         tx.execute_batch(
             "DROP TABLE IF EXISTS decisions; DROP TABLE IF EXISTS journal_checkpoint;",
+        )
+        .map_err(q)?;
+    }
+    if version == 3 {
+        tracing::info!("layout 3 to 4: indexing customers and request ids per span of the log");
+        tx.execute_batch(
+            "DROP INDEX IF EXISTS decision_rows_customer; DROP INDEX IF EXISTS decision_rows_request;",
         )
         .map_err(q)?;
     }

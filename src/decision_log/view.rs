@@ -1,7 +1,7 @@
 //! The query view: the SQLite file reviewers open with any SQLite tool, built from the
 //! journal off the request path (issue 16, item 4).
 //!
-//! Layout 3. The rows live in `decision_rows`, kept narrow because the indexer writes one
+//! Layout 4. The rows live in `decision_rows`, kept narrow because the indexer writes one
 //! per decision: ids and hashes as bytes, the time as µs, the model, version, digest,
 //! rollout and arm as one small integer into `arms`, the vector as a JSON array of numbers
 //! in the order of its bundle's names (`feature_names`), reasons as `[index, contribution]`
@@ -9,6 +9,10 @@
 //! earlier layouts (features and reasons as JSON objects by name), so reviewers' queries
 //! keep working. A record the journal holds in format 1 (migrated, or not canonical) keeps
 //! its JSON in `body_json`, which the view and the readers then take as it is.
+//!
+//! The two lookups whose keys arrive in random order (customer, request id) are indexed per
+//! span of the log (`seq >> SPAN_BITS`), so that inserts stay in a small, cached subtree;
+//! a lookup probes every span.
 //!
 //! `prev_hash` is stored only where it is not the hash of the row before (the first row,
 //! the first after a retention cut, a broken link): every other row's is that hash.
@@ -38,7 +42,56 @@ use super::{
 /// `PRAGMA user_version` of a file in this layout. 0 is the log before the journal (its
 /// `decisions` table was the log itself, with `chain_head`), 2 the first view of the journal
 /// (one wide `decisions` table); see [`super::migrate`].
-pub const USER_VERSION: i64 = 3;
+pub const USER_VERSION: i64 = 4;
+
+/// log2 of the seqs per span of the customer and request indexes; the schema's index
+/// expressions (`seq >> 17`) and the lookups' must match it, character for character, for
+/// SQLite to use the indexes.
+const SPAN_BITS: u32 = 17;
+
+/// The spans from the newest down to the first, as SQL (a recursive CTE named `span`,
+/// starting at parameter `?{top}`: the newest span, `max(seq) >> SPAN_BITS`).
+fn spans_cte(top: usize) -> String {
+    format!(
+        "WITH RECURSIVE span(s) AS (SELECT ?{top} UNION ALL SELECT s - 1 FROM span WHERE s > 0) "
+    )
+}
+
+/// A served request id's record: ?1 its key, ?2 the id, ?3 the newest span.
+fn by_request_sql() -> String {
+    format!(
+        "{}{SELECT} WHERE (d.seq >> {SPAN_BITS}) IN span AND d.request_key = ?1 \
+         AND d.request_id = ?2 AND a.arm != 'shadow' LIMIT 1",
+        spans_cte(3)
+    )
+}
+
+/// A customer ref's records: ?1 its key, ?2 the ref, ?3 the newest span.
+fn by_customer_sql() -> String {
+    format!(
+        "{}{SELECT} WHERE (d.seq >> {SPAN_BITS}) IN span AND d.customer_key = ?1 \
+         AND d.customer_ref = ?2 ORDER BY d.seq",
+        spans_cte(3)
+    )
+}
+
+/// A customer ref's latest served record before ?3 in span ?4: ?1 its key, ?2 the ref.
+fn previous_sql() -> String {
+    format!(
+        "{SELECT} WHERE (d.seq >> {SPAN_BITS}) = ?4 AND d.customer_key = ?1 \
+         AND d.customer_ref = ?2 AND d.seq < ?3 AND a.arm != 'shadow' \
+         ORDER BY d.seq DESC LIMIT 1"
+    )
+}
+
+/// The newest span of the view (0 when it is empty).
+fn top_span(c: &Connection) -> Result<i64, LogError> {
+    c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM decision_rows")
+        .map_err(query_err)?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .map(|seq| seq >> SPAN_BITS)
+        .map_err(query_err)
+}
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS arms (
@@ -80,8 +133,12 @@ CREATE TABLE IF NOT EXISTS decision_rows (
     body_json      TEXT
 );
 CREATE INDEX IF NOT EXISTS decision_rows_id ON decision_rows(decision_id);
-CREATE INDEX IF NOT EXISTS decision_rows_customer ON decision_rows(customer_key, seq);
-CREATE INDEX IF NOT EXISTS decision_rows_request ON decision_rows(request_key);
+-- The two lookups whose keys arrive in random order are indexed per span of 2^17 seqs
+-- (`seq >> 17`, SPAN_BITS below): new entries go into the newest span's small subtree, which
+-- stays in the page cache, instead of anywhere in one index as large as the log; a lookup
+-- probes each span.
+CREATE INDEX IF NOT EXISTS decision_rows_customer_span ON decision_rows(seq >> 17, customer_key);
+CREATE INDEX IF NOT EXISTS decision_rows_request_span ON decision_rows(seq >> 17, request_key);
 CREATE INDEX IF NOT EXISTS decision_rows_arm ON decision_rows(arm_id, at);
 CREATE INDEX IF NOT EXISTS decision_rows_time ON decision_rows(at);
 -- The journal record the view holds up to (seq, and where the journal has it).
@@ -593,12 +650,14 @@ pub(super) fn by_request(
     names: &FeatureNames,
     request_id: &str,
 ) -> Result<Option<DecisionRecord>, LogError> {
-    select_one(
-        c,
-        names,
-        "d.request_key = ?1 AND d.request_id = ?2 AND a.arm != 'shadow' LIMIT 1",
-        params![text_key(request_id), request_id],
-    )
+    let top = top_span(c)?;
+    c.prepare_cached(&by_request_sql())
+        .map_err(query_err)?
+        .query_row(params![text_key(request_id), request_id, top], |r| {
+            row_to_record(r, names)
+        })
+        .optional()
+        .map_err(query_err)
 }
 
 /// Every served request id, for the writer's filter.
@@ -674,14 +733,11 @@ pub(super) fn by_customer(
     refs: &[String],
 ) -> Result<Vec<DecisionRecord>, LogError> {
     let mut out = Vec::new();
-    let mut stmt = c
-        .prepare_cached(&format!(
-            "{SELECT} WHERE d.customer_key = ?1 AND d.customer_ref = ?2 ORDER BY d.seq"
-        ))
-        .map_err(query_err)?;
+    let top = top_span(c)?;
+    let mut stmt = c.prepare_cached(&by_customer_sql()).map_err(query_err)?;
     for r in refs {
         let rows = stmt
-            .query_map(params![text_key(r), Key::hex::<32>(r)], |row| {
+            .query_map(params![text_key(r), Key::hex::<32>(r), top], |row| {
                 row_to_record(row, names)
             })
             .map_err(query_err)?;
@@ -699,28 +755,30 @@ pub(super) fn previous(
     refs: &[String],
     seq: i64,
 ) -> Result<Option<DecisionRecord>, LogError> {
-    let mut best: Option<DecisionRecord> = None;
-    let mut stmt = c
-        .prepare_cached(&format!(
-            "{SELECT} WHERE d.customer_key = ?1 AND d.customer_ref = ?2 AND d.seq < ?3 \
-             AND a.arm != 'shadow' \
-             ORDER BY d.seq DESC LIMIT 1"
-        ))
-        .map_err(query_err)?;
-    for r in refs {
-        let found = stmt
-            .query_row(params![text_key(r), Key::hex::<32>(r), seq], |row| {
-                row_to_record(row, names)
-            })
-            .optional()
-            .map_err(query_err)?;
-        if let Some(f) = found
-            && best.as_ref().is_none_or(|b| f.seq > b.seq)
-        {
-            best = Some(f);
+    let mut stmt = c.prepare_cached(&previous_sql()).map_err(query_err)?;
+    // Span by span from the one `seq` is in, newest first: the first span that has one of
+    // the customer's records has the latest.
+    let mut span = ((seq - 1).max(0) >> SPAN_BITS).min(top_span(c)?);
+    loop {
+        let mut best: Option<DecisionRecord> = None;
+        for r in refs {
+            let found = stmt
+                .query_row(params![text_key(r), Key::hex::<32>(r), seq, span], |row| {
+                    row_to_record(row, names)
+                })
+                .optional()
+                .map_err(query_err)?;
+            if let Some(f) = found
+                && best.as_ref().is_none_or(|b| f.seq > b.seq)
+            {
+                best = Some(f);
+            }
         }
+        if best.is_some() || span == 0 {
+            return Ok(best);
+        }
+        span -= 1;
     }
-    Ok(best)
 }
 
 /// A window's bounds in µs (inclusive, exclusive).
@@ -1102,8 +1160,9 @@ mod tests_support {
         ]
     }
 
-    /// `n` compact records of one bundle: distinct ids and request ids, 5,000 customers.
-    pub(super) fn many(names: &FeatureNames, n: usize) -> Vec<Arc<Entry>> {
+    /// `n` compact records of one bundle, distinct ids and request ids, of `customers`
+    /// customers in turn.
+    pub(super) fn many_of(names: &FeatureNames, n: usize, customers: i64) -> Vec<Arc<Entry>> {
         let first = records(names).remove(0);
         (1..=n as i64)
             .map(|seq| {
@@ -1112,7 +1171,7 @@ mod tests_support {
                 b.request_id = format!("req-{seq}");
                 b.recorded_at = rfc3339_micros(1_800_000_000_000_000 + seq * 150);
                 b.customer_ref = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                    (seq % 5_000).to_le_bytes(),
+                    (seq % customers).to_le_bytes(),
                 ));
                 let prev = if seq == 1 {
                     crate::decision_log::chain::GENESIS.to_string()
@@ -1131,6 +1190,79 @@ mod tests_support {
 mod tests {
     use super::tests_support::*;
     use crate::decision_log::migrate;
+
+    #[test]
+    fn lookups_find_records_in_every_span_of_the_log() {
+        // The schema's index expressions are the ones the lookups use.
+        let f = fixture();
+        // Each lookup searches its index; none scans the rows.
+        let plan = |sql: String, index: &str| {
+            let c = open_ro(&f.path).unwrap();
+            let mut s = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let n = s.parameter_count();
+            let steps: Vec<String> = s
+                .query_map(rusqlite::params_from_iter(vec![1i64; n]), |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                steps
+                    .iter()
+                    .any(|p| p.starts_with(&format!("SEARCH d USING INDEX {index}"))),
+                "{steps:?}"
+            );
+        };
+        plan(by_request_sql(), "decision_rows_request_span");
+        plan(by_customer_sql(), "decision_rows_customer_span");
+        plan(previous_sql(), "decision_rows_customer_span");
+        let first = records(&f.names).remove(0);
+        let span = 1i64 << SPAN_BITS;
+        // One customer's records in spans 0, 2 and 5 (none in 1, 3, 4), a shadow decision
+        // in the newest; each with its own request id.
+        let seqs = [3, 2 * span + 7, 5 * span - 1, 5 * span + 1];
+        let entries: Vec<Arc<Entry>> = seqs
+            .iter()
+            .map(|&seq| {
+                let mut b = first.record.body.clone();
+                b.decision_id = uuid::Uuid::now_v7().to_string();
+                b.request_id = format!("span-{seq}");
+                if seq == 5 * span + 1 {
+                    b.arm = "shadow".into();
+                }
+                entry(seq, b, &format!("{:064x}", seq - 1), true)
+            })
+            .collect();
+        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        w.insert(&entries).unwrap();
+        let c = open_ro(&f.path).unwrap();
+        let customer = [first.record.body.customer_ref.clone()];
+        let found: Vec<i64> = by_customer(&c, &f.names, &customer)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(found, seqs);
+        for &seq in &seqs[..3] {
+            let r = by_request(&c, &f.names, &format!("span-{seq}")).unwrap();
+            assert_eq!(r.map(|r| r.seq), Some(seq));
+        }
+        // A shadow decision is not the answer to its request id.
+        assert_eq!(
+            by_request(&c, &f.names, &format!("span-{}", seqs[3])).unwrap(),
+            None
+        );
+        // The latest served decision before a seq, across empty spans; the shadow one never.
+        let before = |seq: i64| {
+            previous(&c, &f.names, &customer, seq)
+                .unwrap()
+                .map(|r| r.seq)
+        };
+        assert_eq!(before(i64::MAX), Some(seqs[2]));
+        assert_eq!(before(seqs[2]), Some(seqs[1]));
+        assert_eq!(before(4 * span), Some(seqs[1]));
+        assert_eq!(before(seqs[1]), Some(seqs[0]));
+        assert_eq!(before(seqs[0]), None);
+    }
 
     #[test]
     fn every_record_reads_back_as_it_was_written() {
@@ -1314,13 +1446,17 @@ mod speed {
     use super::tests_support::*;
 
     /// Not a test: `cargo test --release --lib view::speed -- --ignored --nocapture` prints
-    /// the indexer's cost per row on this machine, alone on a core; `DROP_INDEXES=a,b`
-    /// drops those indexes first, to see what each costs.
+    /// the indexer's cost per row on this machine, alone on a core, overall and for each
+    /// tenth of the run (the cost as the view grows); `ROWS=n` rows (100,000) of
+    /// `CUSTOMERS=n` customers (5,000); `DROP_INDEXES=a,b` drops those indexes first, to see
+    /// what each costs.
     #[test]
     #[ignore]
     fn rows_per_second_alone() {
         let f = fixture();
-        let rows = many(&f.names, 100_000);
+        let n = std::env::var("ROWS").map_or(100_000, |r| r.parse().expect("ROWS is a count"));
+        let customers = std::env::var("CUSTOMERS").map_or(5_000, |c| c.parse().expect("a count"));
+        let rows = many_of(&f.names, n, customers);
         let conn = open_rw(&f.path).unwrap();
         if let Ok(drop) = std::env::var("DROP_INDEXES") {
             for i in drop.split(',') {
@@ -1329,8 +1465,16 @@ mod speed {
         }
         let mut w = ViewWriter::new(conn, f.names.clone()).unwrap();
         let t = std::time::Instant::now();
-        for chunk in rows.chunks(8192) {
+        let mut last = (t, 0);
+        for (i, chunk) in rows.chunks(8192).enumerate() {
             w.insert(chunk).unwrap();
+            // Each tenth of the run on its own: the cost per row as the view grows.
+            let done = (i + 1) * 8192;
+            if done - last.1 >= rows.len() / 10 {
+                let us = last.0.elapsed().as_secs_f64() * 1e6 / (done - last.1) as f64;
+                eprintln!("  rows {}..{done}: {us:.2} µs per row", last.1);
+                last = (std::time::Instant::now(), done);
+            }
         }
         let us = t.elapsed().as_secs_f64() * 1e6 / rows.len() as f64;
         eprintln!("{us:.2} µs per row ({} rows)", rows.len());

@@ -433,7 +433,77 @@ async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal()
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, rows), (3, 9));
+    assert_eq!((version, rows), (4, 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_3_view_gets_its_customer_and_request_indexes_per_span() {
+    // Layout 3 had the same rows as layout 4, with the customer and request indexes over the
+    // whole log: make one from a view of this release by swapping the indexes back.
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    score_each(&server, 9, 3, "layout3").await;
+    let before = history(&server, 2).await;
+    let first = history(&server, 0)
+        .await
+        .into_iter()
+        .find(|r| r.request_id == "layout3-0")
+        .expect("customer 0's first request")
+        .decision_id;
+    server.stop().await.unwrap();
+    let indexes = |db: &rusqlite::Connection| -> Vec<String> {
+        let mut s = db
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' \
+                 AND tbl_name = 'decision_rows' AND sql IS NOT NULL ORDER BY name",
+            )
+            .unwrap();
+        s.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    {
+        let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+        db.execute_batch(
+            "BEGIN;
+             DROP INDEX decision_rows_customer_span; DROP INDEX decision_rows_request_span;
+             CREATE INDEX decision_rows_customer ON decision_rows(customer_key, seq);
+             CREATE INDEX decision_rows_request ON decision_rows(request_key);
+             PRAGMA user_version = 3;
+             COMMIT;",
+        )
+        .unwrap();
+    }
+
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    assert_eq!(server.records().await, 9);
+    assert_eq!(history(&server, 2).await, before, "the same history");
+    // A retry of a recorded request is still found (through the request index).
+    let again = server
+        .scoring()
+        .score(request(&customers()[0], "layout3-0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.decision_id, first);
+    assert_eq!(server.records().await, 9, "the retry recorded nothing");
+    server.stop().await.unwrap();
+    let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+    let version: i64 = db
+        .query_row("SELECT user_version FROM pragma_user_version", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(version, 4);
+    let names = indexes(&db);
+    assert!(
+        names.contains(&"decision_rows_customer_span".to_string())
+            && names.contains(&"decision_rows_request_span".to_string())
+            && !names.contains(&"decision_rows_customer".to_string())
+            && !names.contains(&"decision_rows_request".to_string()),
+        "{names:?}"
+    );
 }
 
 /// The decision ids of `n` requests scored one after another.
