@@ -36,6 +36,7 @@
 //! it must keep its own form (a migrated log's records keep their JSON and their hashes).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 #[cfg(test)]
 use std::time::SystemTime;
 use std::time::{Duration, UNIX_EPOCH};
@@ -156,6 +157,201 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
     Ok(w)
 }
 
+/// A decision's record as the recorder makes it: typed, the vector in the deciding bundle's
+/// schema order, so that the writer puts format 2 together without parsing any text (the
+/// text form, [`RecordBody`], is what readers get back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompactBody {
+    pub decision_id: [u8; 16],
+    /// µs since the Unix epoch.
+    pub recorded_at: i64,
+    pub request_id: String,
+    pub request_hash: [u8; 32],
+    pub customer_ref: [u8; 32],
+    pub key_id: String,
+    pub model: String,
+    pub version: String,
+    pub digest: [u8; 32],
+    pub rollout_id: Option<[u8; 16]>,
+    /// An index into [`ARMS`].
+    pub arm: u8,
+    /// The bundle's feature names in schema order, shared by its records.
+    pub names: Arc<[String]>,
+    /// The vector as scored, in schema order.
+    pub x: Vec<f64>,
+    pub probability_of_default: f64,
+    pub grade: String,
+    /// An index into [`DECISIONS`].
+    pub decision: u8,
+    pub current_limit: Option<i64>,
+    pub granted_limit: i64,
+    /// (schema index, contribution); each reason's value is the vector's.
+    pub reasons: Vec<(u16, f64)>,
+    pub caller: Option<String>,
+    pub trace_id: Option<[u8; 16]>,
+}
+
+impl CompactBody {
+    pub fn is_shadow(&self) -> bool {
+        self.arm == 2
+    }
+
+    /// The same record in text form.
+    pub fn body(&self) -> RecordBody {
+        let name = |i: u16| self.names[usize::from(i)].clone();
+        RecordBody {
+            decision_id: uuid::Uuid::from_bytes(self.decision_id).to_string(),
+            recorded_at: rfc3339(self.recorded_at),
+            request_id: self.request_id.clone(),
+            request_hash: hex::encode(self.request_hash),
+            customer_ref: hex::encode(self.customer_ref),
+            key_id: self.key_id.clone(),
+            model: self.model.clone(),
+            version: self.version.clone(),
+            digest: format!("sha256:{}", hex::encode(self.digest)),
+            rollout_id: self
+                .rollout_id
+                .map(|id| uuid::Uuid::from_bytes(id).to_string()),
+            arm: ARMS[usize::from(self.arm)].to_string(),
+            features: self
+                .names
+                .iter()
+                .cloned()
+                .zip(self.x.iter().copied())
+                .collect(),
+            probability_of_default: self.probability_of_default,
+            grade: self.grade.clone(),
+            decision: DECISIONS[usize::from(self.decision)].to_string(),
+            current_limit: self.current_limit,
+            granted_limit: self.granted_limit,
+            reasons: self
+                .reasons
+                .iter()
+                .map(|&(i, contribution)| RecordedReason {
+                    feature: name(i),
+                    contribution,
+                    value: self.x[usize::from(i)],
+                })
+                .collect(),
+            caller: self.caller.clone(),
+            trace_id: self.trace_id.map(hex::encode),
+        }
+    }
+}
+
+/// How a bundle's schema order maps onto the order of the names stored for its digest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredOrder {
+    /// For each stored position, the schema index it holds.
+    schema_index: Vec<u16>,
+    /// For each schema index, its stored position.
+    stored_index: Vec<u16>,
+}
+
+impl StoredOrder {
+    /// None unless `stored` names exactly the features of `schema`, each once.
+    pub fn new(stored: &[String], schema: &[String]) -> Option<StoredOrder> {
+        if stored.len() != schema.len() || schema.len() > usize::from(u16::MAX) {
+            return None;
+        }
+        let mut stored_index = vec![u16::MAX; schema.len()];
+        let mut schema_index = Vec::with_capacity(stored.len());
+        for (at, name) in stored.iter().enumerate() {
+            let i = schema.iter().position(|n| n == name)?;
+            if stored_index[i] != u16::MAX {
+                return None;
+            }
+            stored_index[i] = at as u16;
+            schema_index.push(i as u16);
+        }
+        Some(StoredOrder {
+            schema_index,
+            stored_index,
+        })
+    }
+}
+
+/// Appends the format-2 bytes of `c` to `w`: the same bytes [`encode`] gives for its text
+/// form. Refused (and `w` left as it was) where format 2 cannot hold it: a text field over
+/// 255 bytes, a code out of range, a vector or reason that does not fit `order`.
+pub fn encode_compact(
+    c: &CompactBody,
+    order: &StoredOrder,
+    w: &mut Vec<u8>,
+) -> Result<(), RecordError> {
+    let start = w.len();
+    let written = put_compact(c, order, w);
+    if written.is_err() {
+        w.truncate(start);
+    }
+    written
+}
+
+fn put_compact(c: &CompactBody, order: &StoredOrder, w: &mut Vec<u8>) -> Result<(), RecordError> {
+    if usize::from(c.arm) >= ARMS.len() || usize::from(c.decision) >= DECISIONS.len() {
+        return Err(not_canonical("arm", "code out of range"));
+    }
+    if c.x.len() != order.schema_index.len() {
+        return Err(not_canonical(
+            "features",
+            "the vector does not fit the names",
+        ));
+    }
+    w.reserve(200 + 8 * c.x.len());
+    w.push(FORMAT);
+    w.extend_from_slice(&c.decision_id);
+    w.extend_from_slice(&c.recorded_at.to_le_bytes());
+    put_str(w, "request_id", &c.request_id)?;
+    w.extend_from_slice(&c.request_hash);
+    w.extend_from_slice(&c.customer_ref);
+    put_str(w, "key_id", &c.key_id)?;
+    put_str(w, "model", &c.model)?;
+    put_str(w, "version", &c.version)?;
+    w.extend_from_slice(&c.digest);
+    match &c.rollout_id {
+        None => w.push(0),
+        Some(id) => {
+            w.push(1);
+            w.extend_from_slice(id);
+        }
+    }
+    w.push(c.arm);
+    w.extend_from_slice(&(c.x.len() as u16).to_le_bytes());
+    for &i in &order.schema_index {
+        w.extend_from_slice(&c.x[usize::from(i)].to_le_bytes());
+    }
+    w.extend_from_slice(&c.probability_of_default.to_le_bytes());
+    put_str(w, "grade", &c.grade)?;
+    w.push(c.decision);
+    put_opt_i64(w, c.current_limit);
+    w.extend_from_slice(&c.granted_limit.to_le_bytes());
+    let n = u8::try_from(c.reasons.len()).map_err(|_| not_canonical("reasons", "too many"))?;
+    w.push(n);
+    for &(i, contribution) in &c.reasons {
+        let at = order
+            .stored_index
+            .get(usize::from(i))
+            .ok_or_else(|| not_canonical("reasons", format!("feature index {i}")))?;
+        w.extend_from_slice(&at.to_le_bytes());
+        w.extend_from_slice(&contribution.to_le_bytes());
+    }
+    match &c.caller {
+        None => w.push(0),
+        Some(caller) => {
+            w.push(1);
+            put_str(w, "caller", caller)?;
+        }
+    }
+    match &c.trace_id {
+        None => w.push(0),
+        Some(t) => {
+            w.push(1);
+            w.extend_from_slice(t);
+        }
+    }
+    Ok(())
+}
+
 /// The vector's values in the order of `names` (which must name each feature once), and
 /// whether that is the map's own order; the name missing from the map if one is. Stored
 /// names are sorted, as the map iterates, so the values usually come without a lookup each.
@@ -182,128 +378,210 @@ pub(super) fn feature_index(names: &[String], sorted: bool, feature: &str) -> Op
     }
 }
 
-/// The bundle digest a record names (`sha256:<hex>`), read without decoding the rest: the
-/// caller needs it to find the feature names before [`decode`].
+/// The bundle digest a record names (`sha256:<hex>`): the caller needs it to find the
+/// feature names before [`decode`].
 pub fn digest_of(bytes: &[u8]) -> Result<String, RecordError> {
-    let mut r = Reader { bytes, at: 0 };
-    r.header()?;
-    r.take(16, "decision_id")?;
-    r.take(8, "recorded_at")?;
-    r.str("request_id")?;
-    r.take(64, "hashes")?;
-    r.str("key_id")?;
-    r.str("model")?;
-    r.str("version")?;
-    Ok(format!("sha256:{}", hex::encode(r.take(32, "digest")?)))
+    Ok(Fields::read(bytes)?.digest_text())
+}
+
+/// A format-2 record read in place: every field borrowed from the bytes, nothing decoded
+/// that a reader does not ask for. The indexer writes view rows from it and the tail selects
+/// records by it, neither of which needs the text form.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    pub decision_id: &'a [u8; 16],
+    /// µs since the Unix epoch.
+    pub recorded_at: i64,
+    pub request_id: &'a str,
+    pub request_hash: &'a [u8; 32],
+    pub customer_ref: &'a [u8; 32],
+    pub key_id: &'a str,
+    pub model: &'a str,
+    pub version: &'a str,
+    pub digest: &'a [u8; 32],
+    pub rollout_id: Option<&'a [u8; 16]>,
+    /// 0 champion, 1 candidate, 2 shadow.
+    pub arm: u8,
+    /// n × f64 (little-endian), in the order of the names stored for the digest.
+    features: &'a [u8],
+    pub probability_of_default: f64,
+    pub grade: &'a str,
+    /// 0 approve, 1 review, 2 decline.
+    pub decision: u8,
+    pub current_limit: Option<i64>,
+    pub granted_limit: i64,
+    /// n × (u16 feature index, f64 contribution), little-endian.
+    reasons: &'a [u8],
+    pub caller: Option<&'a str>,
+    pub trace_id: Option<&'a [u8; 16]>,
+}
+
+/// The arms format 2 knows, by code.
+pub const ARMS: [&str; 3] = ["champion", "candidate", "shadow"];
+/// The decisions format 2 knows, by code.
+pub const DECISIONS: [&str; 3] = ["approve", "review", "decline"];
+
+impl<'a> Fields<'a> {
+    /// Reads the fields of format-2 bytes (checking their framing, not their names).
+    pub fn read(bytes: &'a [u8]) -> Result<Fields<'a>, RecordError> {
+        let mut r = Reader { bytes, at: 0 };
+        r.header()?;
+        let decision_id = r.array::<16>("decision_id")?;
+        let recorded_at = r.i64("recorded_at")?;
+        let request_id = r.str_ref("request_id")?;
+        let request_hash = r.array::<32>("request_hash")?;
+        let customer_ref = r.array::<32>("customer_ref")?;
+        let key_id = r.str_ref("key_id")?;
+        let model = r.str_ref("model")?;
+        let version = r.str_ref("version")?;
+        let digest = r.array::<32>("digest")?;
+        let rollout_id = match r.u8("rollout_id")? {
+            0 => None,
+            1 => Some(r.array::<16>("rollout_id")?),
+            t => return Err(invalid("rollout_id", format!("tag {t}"))),
+        };
+        let arm = r.u8("arm")?;
+        if usize::from(arm) >= ARMS.len() {
+            return Err(invalid("arm", format!("code {arm}")));
+        }
+        let n = usize::from(r.u16("features")?);
+        let features = r.take(8 * n, "features")?;
+        let probability_of_default = r.f64("probability_of_default")?;
+        let grade = r.str_ref("grade")?;
+        let decision = r.u8("decision")?;
+        if usize::from(decision) >= DECISIONS.len() {
+            return Err(invalid("decision", format!("code {decision}")));
+        }
+        let current_limit = match r.u8("current_limit")? {
+            0 => None,
+            1 => Some(r.i64("current_limit")?),
+            t => return Err(invalid("current_limit", format!("tag {t}"))),
+        };
+        let granted_limit = r.i64("granted_limit")?;
+        let n_reasons = usize::from(r.u8("reasons")?);
+        let reasons = r.take(10 * n_reasons, "reasons")?;
+        for k in 0..n_reasons {
+            let i = usize::from(u16::from_le_bytes([reasons[10 * k], reasons[10 * k + 1]]));
+            if i >= n {
+                return Err(invalid("reasons", format!("feature index {i}")));
+            }
+        }
+        let caller = match r.u8("caller")? {
+            0 => None,
+            1 => Some(r.str_ref("caller")?),
+            t => return Err(invalid("caller", format!("tag {t}"))),
+        };
+        let trace_id = match r.u8("trace_id")? {
+            0 => None,
+            1 => Some(r.array::<16>("trace_id")?),
+            t => return Err(invalid("trace_id", format!("tag {t}"))),
+        };
+        if r.at != bytes.len() {
+            return Err(RecordError::Trailing(bytes.len() - r.at));
+        }
+        Ok(Fields {
+            decision_id,
+            recorded_at,
+            request_id,
+            request_hash,
+            customer_ref,
+            key_id,
+            model,
+            version,
+            digest,
+            rollout_id,
+            arm,
+            features,
+            probability_of_default,
+            grade,
+            decision,
+            current_limit,
+            granted_limit,
+            reasons,
+            caller,
+            trace_id,
+        })
+    }
+
+    /// How many features the vector has.
+    pub fn feature_count(&self) -> usize {
+        self.features.len() / 8
+    }
+
+    /// The vector, in the order of the names stored for the digest.
+    pub fn features(&self) -> impl Iterator<Item = f64> + 'a {
+        self.features
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
+    }
+
+    /// The reasons: (feature index into the vector, contribution), in their order.
+    pub fn reasons(&self) -> impl Iterator<Item = (usize, f64)> + 'a {
+        self.reasons.chunks_exact(10).map(|c| {
+            (
+                usize::from(u16::from_le_bytes([c[0], c[1]])),
+                f64::from_le_bytes(c[2..].try_into().expect("8")),
+            )
+        })
+    }
+
+    /// `sha256:<hex>`, as the body's digest reads.
+    pub fn digest_text(&self) -> String {
+        format!("sha256:{}", hex::encode(self.digest))
+    }
+
+    pub fn is_shadow(&self) -> bool {
+        self.arm == 2
+    }
+
+    /// The body; `schema` gives the feature names stored for the digest.
+    pub fn body(&self, schema: &[String]) -> Result<RecordBody, RecordError> {
+        let n = self.feature_count();
+        if n != schema.len() {
+            return Err(invalid(
+                "features",
+                format!("{n} recorded, the bundle's schema has {}", schema.len()),
+            ));
+        }
+        let x: Vec<f64> = self.features().collect();
+        let reasons = self
+            .reasons()
+            .map(|(i, contribution)| RecordedReason {
+                feature: schema[i].clone(),
+                contribution,
+                value: x[i],
+            })
+            .collect();
+        Ok(RecordBody {
+            decision_id: uuid::Uuid::from_bytes(*self.decision_id).to_string(),
+            recorded_at: rfc3339(self.recorded_at),
+            request_id: self.request_id.to_string(),
+            request_hash: hex::encode(self.request_hash),
+            customer_ref: hex::encode(self.customer_ref),
+            key_id: self.key_id.to_string(),
+            model: self.model.to_string(),
+            version: self.version.to_string(),
+            digest: self.digest_text(),
+            rollout_id: self
+                .rollout_id
+                .map(|id| uuid::Uuid::from_bytes(*id).to_string()),
+            arm: ARMS[usize::from(self.arm)].to_string(),
+            features: schema.iter().cloned().zip(x).collect(),
+            probability_of_default: self.probability_of_default,
+            grade: self.grade.to_string(),
+            decision: DECISIONS[usize::from(self.decision)].to_string(),
+            current_limit: self.current_limit,
+            granted_limit: self.granted_limit,
+            reasons,
+            caller: self.caller.map(str::to_string),
+            trace_id: self.trace_id.map(hex::encode),
+        })
+    }
 }
 
 /// Decodes a record; `schema` gives the feature names of the bundle its digest names.
 pub fn decode(bytes: &[u8], schema: &[String]) -> Result<RecordBody, RecordError> {
-    let mut r = Reader { bytes, at: 0 };
-    r.header()?;
-    let decision_id = uuid::Uuid::from_slice(r.take(16, "decision_id")?)
-        .expect("16 bytes")
-        .to_string();
-    let recorded_at = rfc3339(r.i64("recorded_at")?);
-    let request_id = r.str("request_id")?;
-    let request_hash = hex::encode(r.take(32, "request_hash")?);
-    let customer_ref = hex::encode(r.take(32, "customer_ref")?);
-    let key_id = r.str("key_id")?;
-    let model = r.str("model")?;
-    let version = r.str("version")?;
-    let digest = format!("sha256:{}", hex::encode(r.take(32, "digest")?));
-    let rollout_id = match r.u8("rollout_id")? {
-        0 => None,
-        1 => Some(
-            uuid::Uuid::from_slice(r.take(16, "rollout_id")?)
-                .expect("16 bytes")
-                .to_string(),
-        ),
-        t => return Err(invalid("rollout_id", format!("tag {t}"))),
-    };
-    let arm = match r.u8("arm")? {
-        0 => "champion",
-        1 => "candidate",
-        2 => "shadow",
-        a => return Err(invalid("arm", format!("code {a}"))),
-    }
-    .to_string();
-    let n = usize::from(r.u16("features")?);
-    if n != schema.len() {
-        return Err(invalid(
-            "features",
-            format!("{n} recorded, the bundle's schema has {}", schema.len()),
-        ));
-    }
-    let mut x = Vec::with_capacity(n);
-    for _ in 0..n {
-        x.push(r.f64("features")?);
-    }
-    let probability_of_default = r.f64("probability_of_default")?;
-    let grade = r.str("grade")?;
-    let decision = match r.u8("decision")? {
-        0 => "approve",
-        1 => "review",
-        2 => "decline",
-        d => return Err(invalid("decision", format!("code {d}"))),
-    }
-    .to_string();
-    let current_limit = match r.u8("current_limit")? {
-        0 => None,
-        1 => Some(r.i64("current_limit")?),
-        t => return Err(invalid("current_limit", format!("tag {t}"))),
-    };
-    let granted_limit = r.i64("granted_limit")?;
-    let reasons = (0..r.u8("reasons")?)
-        .map(|_| {
-            let i = usize::from(r.u16("reasons")?);
-            let contribution = r.f64("reasons")?;
-            let feature = schema
-                .get(i)
-                .ok_or_else(|| invalid("reasons", format!("feature index {i}")))?;
-            Ok(RecordedReason {
-                feature: feature.clone(),
-                contribution,
-                value: x[i],
-            })
-        })
-        .collect::<Result<Vec<_>, RecordError>>()?;
-    let caller = match r.u8("caller")? {
-        0 => None,
-        1 => Some(r.str("caller")?),
-        t => return Err(invalid("caller", format!("tag {t}"))),
-    };
-    let trace_id = match r.u8("trace_id")? {
-        0 => None,
-        1 => Some(hex::encode(r.take(16, "trace_id")?)),
-        t => return Err(invalid("trace_id", format!("tag {t}"))),
-    };
-    if r.at != bytes.len() {
-        return Err(RecordError::Trailing(bytes.len() - r.at));
-    }
-    let features: BTreeMap<String, f64> = schema.iter().cloned().zip(x).collect();
-    Ok(RecordBody {
-        decision_id,
-        recorded_at,
-        request_id,
-        request_hash,
-        customer_ref,
-        key_id,
-        model,
-        version,
-        digest,
-        rollout_id,
-        arm,
-        features,
-        probability_of_default,
-        grade,
-        decision,
-        current_limit,
-        granted_limit,
-        reasons,
-        caller,
-        trace_id,
-    })
+    Fields::read(bytes)?.body(schema)
 }
 
 fn invalid(field: &'static str, why: impl Into<String>) -> RecordError {
@@ -503,10 +781,14 @@ impl<'a> Reader<'a> {
         ))
     }
 
-    fn str(&mut self, what: &'static str) -> Result<String, RecordError> {
+    fn str_ref(&mut self, what: &'static str) -> Result<&'a str, RecordError> {
         let n = usize::from(self.u8(what)?);
         let s = self.take(n, what)?;
-        String::from_utf8(s.to_vec()).map_err(|_| invalid(what, "not UTF-8"))
+        std::str::from_utf8(s).map_err(|_| invalid(what, "not UTF-8"))
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<&'a [u8; N], RecordError> {
+        Ok(self.take(N, what)?.try_into().expect("N bytes"))
     }
 }
 
@@ -601,6 +883,90 @@ pub(super) mod tests {
             decode(&encode(&bare, &schema).unwrap(), &schema).unwrap(),
             bare
         );
+    }
+
+    /// The compact form of a body made by [`body`].
+    pub(crate) fn compact(b: &RecordBody, schema: &[String]) -> CompactBody {
+        let hex32 = |s: &str| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(s, &mut out).unwrap();
+            out
+        };
+        CompactBody {
+            decision_id: *uuid::Uuid::parse_str(&b.decision_id).unwrap().as_bytes(),
+            recorded_at: micros("recorded_at", &b.recorded_at).unwrap(),
+            request_id: b.request_id.clone(),
+            request_hash: hex32(&b.request_hash),
+            customer_ref: hex32(&b.customer_ref),
+            key_id: b.key_id.clone(),
+            model: b.model.clone(),
+            version: b.version.clone(),
+            digest: hex32(b.digest.strip_prefix("sha256:").unwrap()),
+            rollout_id: b
+                .rollout_id
+                .as_ref()
+                .map(|id| *uuid::Uuid::parse_str(id).unwrap().as_bytes()),
+            arm: ARMS.iter().position(|a| *a == b.arm).unwrap() as u8,
+            names: schema.to_vec().into(),
+            x: schema.iter().map(|n| b.features[n]).collect(),
+            probability_of_default: b.probability_of_default,
+            grade: b.grade.clone(),
+            decision: DECISIONS.iter().position(|d| *d == b.decision).unwrap() as u8,
+            current_limit: b.current_limit,
+            granted_limit: b.granted_limit,
+            reasons: b
+                .reasons
+                .iter()
+                .map(|r| {
+                    let i = schema.iter().position(|n| *n == r.feature).unwrap();
+                    (i as u16, r.contribution)
+                })
+                .collect(),
+            caller: b.caller.clone(),
+            trace_id: b.trace_id.as_ref().map(|t| {
+                let mut out = [0u8; 16];
+                hex::decode_to_slice(t, &mut out).unwrap();
+                out
+            }),
+        }
+    }
+
+    #[test]
+    fn a_compact_body_encodes_to_the_bytes_of_its_text_form() {
+        let schema = schema();
+        let b = body(&schema);
+        let c = compact(&b, &schema);
+        assert_eq!(c.body(), b);
+        // Names stored sorted (as every log so far stores them) and in schema order.
+        let mut sorted = schema.clone();
+        sorted.sort();
+        for stored in [sorted, schema.clone()] {
+            let order = StoredOrder::new(&stored, &schema).unwrap();
+            let mut w = b"prefix".to_vec();
+            encode_compact(&c, &order, &mut w).unwrap();
+            assert_eq!(&w[..6], b"prefix");
+            assert_eq!(w[6..], encode(&b, &stored).unwrap()[..]);
+            assert_eq!(decode(&w[6..], &stored).unwrap(), b);
+            // A field format 2 cannot hold leaves nothing behind.
+            let long = CompactBody {
+                caller: Some("x".repeat(256)),
+                ..c.clone()
+            };
+            let mut w = b"prefix".to_vec();
+            assert!(matches!(
+                encode_compact(&long, &order, &mut w),
+                Err(RecordError::NotCanonical {
+                    field: "caller",
+                    ..
+                })
+            ));
+            assert_eq!(w, b"prefix");
+        }
+        // Names that are not the schema's features, each once, give no order.
+        let mut twice = schema.clone();
+        twice[1] = twice[0].clone();
+        assert_eq!(StoredOrder::new(&twice, &schema), None);
+        assert_eq!(StoredOrder::new(&schema[1..], &schema), None);
     }
 
     #[test]
