@@ -221,7 +221,8 @@ impl Tracer {
                     })
             })
             .collect::<Result<_, _>>()?;
-        let verdict = bundle.decide(&x, b.current_limit);
+        // A remediation was decided on the pre-harm limit, not its current (harmed) one.
+        let verdict = bundle.decide(&x, b.decided_on_limit());
         let (scored, applied) = (verdict.scored, verdict.applied);
 
         let mut differences = Vec::new();
