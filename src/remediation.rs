@@ -325,12 +325,6 @@ fn survey(
     let mut harmful: Vec<DecisionRecord> = first_harm.into_values().collect();
     harmful.sort_by_key(|r| r.seq);
 
-    let names: Vec<&str> = champion
-        .schema
-        .features()
-        .iter()
-        .map(|f| f.name.as_str())
-        .collect();
     let mut harms = Vec::with_capacity(harmful.len());
     for record in harmful {
         let candidate_limit = record.body.granted_limit;
@@ -346,7 +340,7 @@ fn survey(
             });
             continue;
         }
-        let x = inputs(&record, &names, champion.version())?;
+        let x = inputs(&record, &champion)?;
         let champion_limit = champion
             .decide(&x, record.body.current_limit)
             .applied
@@ -381,27 +375,16 @@ fn survey(
     })
 }
 
-/// The recorded vector in the champion's schema order.
-fn inputs(
-    record: &DecisionRecord,
-    names: &[&str],
-    version: &str,
-) -> Result<Vec<f64>, RemediationError> {
-    names
-        .iter()
-        .map(|n| {
-            record
-                .body
-                .features
-                .get(*n)
-                .copied()
-                .ok_or_else(|| RemediationError::Inputs {
-                    decision_id: record.body.decision_id.clone(),
-                    version: version.to_string(),
-                    feature: n.to_string(),
-                })
+/// The harmful decision's recorded vector in the champion's schema order.
+fn inputs(record: &DecisionRecord, champion: &Bundle) -> Result<Vec<f64>, RemediationError> {
+    champion
+        .schema
+        .recorded_vector(&record.body.features)
+        .map_err(|feature| RemediationError::Inputs {
+            decision_id: record.body.decision_id.clone(),
+            version: champion.version().to_string(),
+            feature: feature.to_string(),
         })
-        .collect()
 }
 
 /// The record of one remediation: the champion's decision on the pre-harm limit, recorded
@@ -415,7 +398,7 @@ fn remediation_body(
     let h = &harm.harmful.body;
     let features = champion.schema.features();
     let names: Vec<&str> = features.iter().map(|f| f.name.as_str()).collect();
-    let x = inputs(&harm.harmful, &names, champion.version())?;
+    let x = inputs(&harm.harmful, champion)?;
     let pre_harm = h.current_limit;
     let verdict = champion.decide(&x, pre_harm);
     Ok(RecordBody {
