@@ -634,50 +634,6 @@ pub fn trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
     valid.then(|| trace.to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    fn metadata(key: &'static str, value: &str) -> tonic::metadata::MetadataMap {
-        let mut m = tonic::metadata::MetadataMap::new();
-        m.insert(key, value.parse().unwrap());
-        m
-    }
-
-    #[test]
-    fn traceparent_gives_its_trace_id_and_malformed_ones_are_ignored() {
-        let with = |v: &str| super::trace_id(&metadata("traceparent", v));
-        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
-        assert_eq!(
-            with(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
-            Some(id)
-        );
-        assert_eq!(
-            with("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-            None
-        );
-        assert_eq!(with(&format!("00-{id}-00f067aa0ba902b7")), None);
-        assert_eq!(
-            with(&format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase())),
-            None
-        );
-        assert_eq!(with(&format!("00-{id}-00f067aa0ba902b7-01-extra")), None);
-        assert_eq!(super::trace_id(&tonic::metadata::MetadataMap::new()), None);
-    }
-
-    #[test]
-    fn grpc_timeout_sets_a_deadline_and_a_malformed_one_none() {
-        let now = Instant::now();
-        let at = |v: &str| super::deadline(&metadata("grpc-timeout", v), now);
-        assert_eq!(at("250m"), Some(now + Duration::from_millis(250)));
-        assert_eq!(at("2S"), Some(now + Duration::from_secs(2)));
-        assert_eq!(at("1H"), Some(now + Duration::from_secs(3_600)));
-        assert_eq!(at("10x"), None);
-        assert_eq!(at("m"), None);
-        assert_eq!(at(""), None);
-    }
-}
-
 /// A Remediate request as the domain asks it; `actor` is who the credentials say called.
 pub(crate) fn remediate_spec(
     r: pb::RemediateRequest,
@@ -756,5 +712,49 @@ impl From<&Survey> for pb::RemediationSummary {
                 champion_agrees: t.champion_agrees,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    fn metadata(key: &'static str, value: &str) -> tonic::metadata::MetadataMap {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert(key, value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn traceparent_gives_its_trace_id_and_malformed_ones_are_ignored() {
+        let with = |v: &str| super::trace_id(&metadata("traceparent", v));
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            with(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            with("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(with(&format!("00-{id}-00f067aa0ba902b7")), None);
+        assert_eq!(
+            with(&format!("00-{}-00f067aa0ba902b7-01", id.to_uppercase())),
+            None
+        );
+        assert_eq!(with(&format!("00-{id}-00f067aa0ba902b7-01-extra")), None);
+        assert_eq!(super::trace_id(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn grpc_timeout_sets_a_deadline_and_a_malformed_one_none() {
+        let now = Instant::now();
+        let at = |v: &str| super::deadline(&metadata("grpc-timeout", v), now);
+        assert_eq!(at("250m"), Some(now + Duration::from_millis(250)));
+        assert_eq!(at("2S"), Some(now + Duration::from_secs(2)));
+        assert_eq!(at("1H"), Some(now + Duration::from_secs(3_600)));
+        assert_eq!(at("10x"), None);
+        assert_eq!(at("m"), None);
+        assert_eq!(at(""), None);
     }
 }
