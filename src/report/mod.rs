@@ -821,4 +821,35 @@ mod tests {
         );
         assert!(page.contains("<td>remediation</td>"));
     }
+
+    #[test]
+    fn a_rollout_page_counts_the_customers_remediated_after_it() {
+        let arm = |arm: pb::Arm, version: &str, decisions: u64| pb::ArmSummary {
+            arm: arm as i32,
+            summary: Some(pb::VersionSummary {
+                version: version.into(),
+                decisions,
+                ..Default::default()
+            }),
+            pd_histogram: vec![0; PD_BINS],
+        };
+        let mut h = pb::RolloutHistory {
+            arms: vec![
+                arm(pb::Arm::Champion, "v1", 900),
+                arm(pb::Arm::Candidate, "v9", 100),
+            ],
+            ..Default::default()
+        };
+        assert!(!rollout_page(&h).contains("remediated"));
+        h.arms.push(arm(pb::Arm::Remediation, "v1", 17));
+        let page = rollout_page(&h);
+        assert!(
+            page.contains("<span class=\"good\">17 customers remediated</span>: after the rollout closed, v1 re-decided"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<td>remediation</td><td>v1</td><td>17</td>"),
+            "{page}"
+        );
+    }
 }

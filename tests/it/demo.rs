@@ -101,4 +101,17 @@ async fn the_demo_catches_the_flaw_traces_the_harm_and_promotes_the_sound_versio
         let page = std::fs::read_to_string(report).unwrap();
         assert!(page.contains("<svg"), "{} has no chart", report.display());
     }
+    // v2's report counts the remediated; the customer's marks the remediation under its row.
+    let v2_page = std::fs::read_to_string(&outcome.reports[0]).unwrap();
+    assert!(
+        v2_page.contains(&format!("{} customers remediated", totals.remediated)),
+        "the v2 report does not count the remediated"
+    );
+    let customer_page = std::fs::read_to_string(&outcome.reports[2]).unwrap();
+    if traced.status == "remediated" {
+        assert!(customer_page.contains(&format!(
+            "Remediation</span> of decision {}",
+            outcome.decision_id
+        )));
+    }
 }
