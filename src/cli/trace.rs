@@ -644,21 +644,21 @@ fn print_record(r: &pb::DecisionRecord) {
             ),
         ),
         ("limit", limit_change(r)),
-        (
-            "remediates",
-            match r.pre_harm_limit {
-                Some(before) if !r.remediates.is_empty() => format!(
-                    "{} (decided on the limit before it, {before}; by {}: {})",
-                    r.remediates, r.caller, r.reason
-                ),
-                _ => "-".into(),
-            },
-        ),
         ("hash", r.hash.clone()),
         ("prev hash", r.prev_hash.clone()),
     ];
     for (k, v) in rows {
         println!("{k:<13} {v}");
+    }
+    if !r.remediates.is_empty() {
+        println!(
+            "{:<13} {} (decided on the limit before it, {}; applied by {}: {})",
+            "remediates",
+            r.remediates,
+            r.pre_harm_limit.unwrap_or_default(),
+            r.caller,
+            if r.reason.is_empty() { "-" } else { &r.reason }
+        );
     }
     println!("reasons");
     for (i, x) in r.reasons.iter().enumerate() {

@@ -531,6 +531,19 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
         )),
         "{history}"
     );
+    let record = riskserve(
+        &server,
+        &["trace", "decision", &remedy.remediation_decision_id],
+    )
+    .await;
+    assert!(
+        record.contains(&format!(
+            "remediates    {} (decided on the limit before it, {}; applied by test: v9 withdrew young customers' limits)",
+            stuck_harm.decision_id, stuck.limit
+        )),
+        "{record}"
+    );
+    assert!(record.contains("arm           remediation"), "{record}");
     let verify = riskserve(&server, &["trace", "verify"]).await;
     assert!(verify.starts_with("chain intact: "), "{verify}");
 
