@@ -31,7 +31,9 @@
 //! - [`config`]: defaults, file, environment and flags, checked before anything starts.
 //! - [`rollout`]: plans and sticky assignment; the router (request path), control
 //!   operations, the guardrail evaluator and the history, one type each; its store.
-//!   [`backtest`] previews a candidate on recorded traffic (and gates rollout starts).
+//!   [`backtest`] previews a candidate on recorded traffic (and gates rollout starts);
+//!   [`remediation`] finds the customers a closed rollout's candidate harmed and records
+//!   the decisions that restore their limits.
 //! - [`report`]: self-contained HTML pages of a rollout or a customer, from API messages.
 //! - [`cli`]: the `riskserve` command (the only place that uses `anyhow`), one file per
 //!   subcommand family; [`cli::demo`] (the incident end to end) and [`cli::bench`] (the
@@ -51,6 +53,7 @@ pub mod notice;
 pub mod policy;
 pub mod reason_codes;
 pub mod registry;
+pub mod remediation;
 pub mod report;
 pub mod rollout;
 pub mod schema;

@@ -167,6 +167,18 @@ impl Schema {
         self.features.iter().map(|f| f.name.clone()).collect()
     }
 
+    /// A recorded vector (the values as scored, by name) in this schema's order, to decide
+    /// it again with this version; the first of the schema's features the record lacks.
+    pub fn recorded_vector<'a>(
+        &'a self,
+        recorded: &BTreeMap<String, f64>,
+    ) -> Result<Vec<f64>, &'a str> {
+        self.features
+            .iter()
+            .map(|f| recorded.get(&f.name).copied().ok_or(f.name.as_str()))
+            .collect()
+    }
+
     /// Checks that the schema itself is sound: unique names, finite ordered ranges, and
     /// imputed values inside their range. Returns the first problem found.
     pub fn check(&self) -> Result<(), String> {

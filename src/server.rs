@@ -36,6 +36,7 @@ use crate::grpc::{
     InferenceService, ModelsService, RolloutsService, ScoringService, TraceService, pb,
 };
 use crate::registry::{Registry, RegistryError};
+use crate::remediation::Remediator;
 use crate::rollout::store::{RolloutStore, StoreError};
 use crate::rollout::{Control, Evaluator, History, RolloutError, Router};
 use crate::scoring::{Recorder, Scorer, Shadow};
@@ -187,6 +188,11 @@ pub async fn serve(
         config.max_batch,
     );
     let scoring = ScoringService::new(scorer, config.max_batch);
+    let remediator = Arc::new(Remediator::new(
+        log.clone(),
+        registry.clone(),
+        store.clone(),
+    ));
     let trace = TraceService::new(Tracer::new(log.clone(), registry.clone(), keys, store));
     let max_message = config.max_message_bytes;
     let authorizer = Arc::new(Authorizer::new(&config.auth, config.listen));
@@ -217,8 +223,10 @@ pub async fn serve(
                 .max_decoding_message_size(max_message),
         )
         .add_service(
-            RolloutsServer::new(RolloutsService::new(control, history, backtester))
-                .max_decoding_message_size(max_message),
+            RolloutsServer::new(RolloutsService::new(
+                control, history, backtester, remediator,
+            ))
+            .max_decoding_message_size(max_message),
         )
         .add_service(TraceServer::new(trace).max_decoding_message_size(max_message));
 

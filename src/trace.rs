@@ -24,8 +24,8 @@ use crate::rollout::store::{RolloutStore, StoreError, Transition};
 use crate::rollout::{Arm, State};
 
 /// The arm of a decision recorded after a rollback to restore a limit the rolled-back
-/// version lowered. Such records come from the remediation work (issue 18, items 1–2); a
-/// complaint already looks for them so that it says "remediated" the moment they exist.
+/// version lowered ([`crate::remediation`] records them); a complaint reports the first one
+/// after the change it is about.
 pub const REMEDIATION_ARM: &str = "remediation";
 
 /// Why a trace query failed.
@@ -207,21 +207,15 @@ impl Tracer {
         let recorded = self.decision(decision_id)?;
         let b = &recorded.body;
         let bundle = self.bundle(&b.digest)?;
-        let x: Vec<f64> = bundle
+        let x = bundle
             .schema
-            .features()
-            .iter()
-            .map(|f| {
-                b.features
-                    .get(&f.name)
-                    .copied()
-                    .ok_or_else(|| TraceError::Bundle {
-                        digest: b.digest.clone(),
-                        reason: format!("the record has no value for {}", f.name),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        let verdict = bundle.decide(&x, b.current_limit);
+            .recorded_vector(&b.features)
+            .map_err(|name| TraceError::Bundle {
+                digest: b.digest.clone(),
+                reason: format!("the record has no value for {name}"),
+            })?;
+        // A remediation was decided on the pre-harm limit, not its current (harmed) one.
+        let verdict = bundle.decide(&x, b.decided_on_limit());
         let (scored, applied) = (verdict.scored, verdict.applied);
 
         let mut differences = Vec::new();

@@ -5,11 +5,15 @@
 //! traffic, trains a flawed v2 (every customer under 30 relabelled as defaulted, so v2
 //! withdraws their limits), shows the backtest flagging it, rolls it out anyway with
 //! `skip_backtest` and watches the live guardrail roll it back, traces one customer whose
-//! limit v2 withdrew (history, explain, the complaint with its notice, replay, verify), then
-//! trains a sound v3 that passes the backtest gate, rolls out to 100% and is promoted. Reports of both rollouts and of the
-//! customer are written to the directory. Everything goes through the public gRPC API, as
-//! any client would.
+//! limit v2 withdrew (history, explain, the complaint with its notice, replay, verify),
+//! previews and applies the remediation of v2's harm (every customer whose limit it lowered,
+//! restored by v1's decision on the limit they had; the traffic's limits follow, as the
+//! service that owns limits would) and shows the traced customer's notice and complaint,
+//! then trains a sound v3 that passes the backtest gate, rolls out to 100% and is promoted.
+//! Reports of both rollouts and of the customer are written to the directory. Everything
+//! goes through the public gRPC API, as any client would.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +23,7 @@ use anyhow::{Context, bail, ensure};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Conn, connect, status_error};
+use super::remediate::{fetch as fetch_remediation, print_summary as print_remediation};
 use super::rollout::{fetch_backtest, print_backtest, print_rollout};
 use super::trace::{self, TraceQuery};
 use super::{bench, report};
@@ -81,6 +86,11 @@ pub struct DemoOutcome {
     pub verify: pb::VerifyResult,
     /// Decisions answered to the demo when it verified the chain.
     pub sent_at_verify: u64,
+    /// v2's harm after the remediation was applied, and the remediations recorded.
+    pub remediation: pb::RemediationSummary,
+    pub remediated: Vec<pb::HarmedCustomer>,
+    /// The traced customer's complaint once remediated.
+    pub complaint: pb::ComplaintAnswer,
     /// v3's rollout after promotion.
     pub sound: pb::RolloutStatus,
     pub serving_after: String,
@@ -261,7 +271,65 @@ async fn story(
         replay.differences
     );
 
-    heading("6. A sound v3 (trained on the true labels) passes the backtest gate and rolls out");
+    heading("6. v2's harm undone: every customer whose limit it lowered, restored by v1");
+    let request = |apply: bool| pb::RemediateRequest {
+        rollout_id: flawed.id.clone(),
+        apply,
+        reason: if apply {
+            "v2 withdrew limits on a flawed label; restored by the serving version".into()
+        } else {
+            String::new()
+        },
+        actor: "demo".into(),
+        ..Default::default()
+    };
+    let (_, preview_harm) = fetch_remediation(server, request(false), false).await?;
+    print_remediation(&preview_harm, false);
+    println!(
+        "
+  applying:"
+    );
+    let (remediated, remediation) = fetch_remediation(server, request(true), true).await?;
+    let totals = remediation.totals.unwrap_or_default();
+    println!(
+        "  {} customers remediated ({} restored), {} restored since by a later decision, {} that v1 would lower too",
+        totals.remediated, totals.amount_remediated, totals.restored, totals.champion_agrees
+    );
+    ensure!(
+        totals.to_restore == 0,
+        "{} customers are still to restore after the remediation",
+        totals.to_restore
+    );
+    ensure!(
+        remediation
+            .customers
+            .iter()
+            .any(|h| h.harmful_decision_id == affected.decision_id),
+        "the traced customer's withdrawal is not in the remediation"
+    );
+    // The service that owns limits acts on the applied set; so does the demo's traffic.
+    traffic.restore(&remediated);
+    println!();
+    for query in [
+        TraceQuery::Notice {
+            decision_id: affected.decision_id.clone(),
+        },
+        TraceQuery::Complaint {
+            customer_id: affected.customer_id.clone(),
+        },
+    ] {
+        trace::ask(server, false, query).await?;
+        println!();
+    }
+    let complaint = trace
+        .complaint(pb::CustomerRef {
+            customer_id: affected.customer_id.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+
+    heading("7. A sound v3 (trained on the true labels) passes the backtest gate and rolls out");
     train_version(args, &args.data, "v3", 11, &dir.join("models"))?;
     let sound = rollouts
         .start(start("v3", false))
@@ -307,7 +375,7 @@ async fn story(
         .unwrap_or_default();
     println!("  {MODEL} now serves {serving_after}");
 
-    heading("7. Reports");
+    heading("8. Reports");
     let reports = vec![
         dir.join("rollout-v2.html"),
         dir.join("rollout-v3.html"),
@@ -330,6 +398,9 @@ async fn story(
         replay,
         verify,
         sent_at_verify,
+        remediation,
+        remediated,
+        complaint,
         sound,
         serving_after,
         reports,
@@ -443,6 +514,9 @@ struct Traffic {
     shares: Vec<Vec<pb::ScoreRequest>>,
     sent: Arc<AtomicU64>,
     affected: Arc<Mutex<Option<Affected>>>,
+    /// Each candidate decision that lowered a limit, to its customer id: what the service
+    /// that owns limits knows when a remediation names the decision it undoes.
+    lowered: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Traffic {
@@ -456,6 +530,25 @@ impl Traffic {
             shares,
             sent: Arc::default(),
             affected: Arc::default(),
+            lowered: Arc::default(),
+        }
+    }
+
+    /// Takes the remediated limits as the customers' current limits, as the service that
+    /// owns limits does with the applied set.
+    fn restore(&mut self, remediated: &[pb::HarmedCustomer]) {
+        let lowered = self.lowered.lock().expect("not poisoned");
+        let limits: HashMap<&str, i64> = remediated
+            .iter()
+            .filter_map(|h| {
+                let customer = lowered.get(&h.harmful_decision_id)?;
+                Some((customer.as_str(), h.champion_limit))
+            })
+            .collect();
+        for request in self.shares.iter_mut().flatten() {
+            if let Some(limit) = limits.get(request.customer_id.as_str()) {
+                request.current_limit = Some(*limit);
+            }
         }
     }
 
@@ -555,6 +648,7 @@ impl Traffic {
                 halt: halt.clone(),
                 sent: self.sent.clone(),
                 affected: self.affected.clone(),
+                lowered: self.lowered.clone(),
             };
             tasks.push(tokio::spawn(sender.run(share, passes)));
         }
@@ -602,6 +696,7 @@ struct Sender {
     halt: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     affected: Arc<Mutex<Option<Affected>>>,
+    lowered: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Sender {
@@ -656,7 +751,18 @@ impl Sender {
                 }
                 None => bail!("an empty batch item"),
             };
-            let withdrawn = response.arm == pb::Arm::Candidate as i32
+            let candidate = response.arm == pb::Arm::Candidate as i32;
+            if candidate
+                && response
+                    .current_limit
+                    .is_some_and(|c| response.granted_limit < c)
+            {
+                self.lowered
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(response.decision_id.clone(), request.customer_id.clone());
+            }
+            let withdrawn = candidate
                 && response.granted_limit == 0
                 && response.current_limit.is_some_and(|c| c > 0);
             if withdrawn {

@@ -1,5 +1,5 @@
 //! The `riskserve` command line: `serve`, `train`, `score`, `models`, `rollout`, `backtest`,
-//! `trace`, `report`, `demo` and `bench`.
+//! `remediate`, `trace`, `report`, `demo` and `bench`.
 //!
 //! Arguments are parsed by clap into typed structs before any work starts; every command
 //! returns `anyhow::Result`, and `main` prints errors with their whole cause chain. Client
@@ -12,6 +12,7 @@ mod connect;
 pub mod demo;
 mod models;
 mod output;
+mod remediate;
 mod report;
 mod rollout;
 mod score;
@@ -51,6 +52,9 @@ enum Command {
     Rollout(rollout::RolloutArgs),
     /// Preview what a candidate would do to recently decided customers, before any sees it.
     Backtest(rollout::BacktestArgs),
+    /// After a rollback: the customers whose limits the candidate lowered, what the serving
+    /// version grants them, and with --apply the recorded decisions that restore them.
+    Remediate(remediate::RemediateArgs),
     /// Ask the decision log: a decision, a customer's history, explain, replay, verify.
     Trace(trace::TraceArgs),
     /// Write a rollout's or a customer's history as one self-contained HTML page.
@@ -96,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(args) => runtime.block_on(models::run(args)),
         Command::Rollout(args) => runtime.block_on(rollout::run(args)),
         Command::Backtest(args) => runtime.block_on(rollout::backtest(args)),
+        Command::Remediate(args) => runtime.block_on(remediate::run(args)),
         Command::Trace(args) => runtime.block_on(trace::run(args)),
         Command::Report(args) => runtime.block_on(report::run(args)),
         Command::Demo(args) => runtime.block_on(demo::run(args)).map(|_| ExitCode::SUCCESS),

@@ -148,6 +148,20 @@ async fn customer(mut client: Client, id: String, json: bool) -> anyhow::Result<
     );
     for r in &records {
         let changed = LimitMove::of(r.current_limit, r.granted_limit).is_change();
+        // A remediation names the harm it undoes, and the version that did it.
+        let harm = (!r.remediates.is_empty()).then(|| {
+            match records.iter().find(|h| h.decision_id == r.remediates) {
+                Some(h) => format!(
+                    "  ← remediation by {} of {} ({} {}: {})",
+                    r.version,
+                    h.decision_id,
+                    h.version,
+                    arm_name(h.arm),
+                    limit_change(h)
+                ),
+                None => format!("  ← remediation by {} of {}", r.version, r.remediates),
+            }
+        });
         println!(
             "{:<28} {:<36} {:<14} {:<9} {:>8.4} {:<5} {:<8} {}{}",
             r.recorded_at,
@@ -158,7 +172,9 @@ async fn customer(mut client: Client, id: String, json: bool) -> anyhow::Result<
             r.grade,
             decision_name(r.decision),
             limit_change(r),
-            if changed {
+            if let Some(harm) = harm {
+                harm
+            } else if changed {
                 format!("  ← by {} ({})", r.version, arm_name(r.arm))
             } else {
                 String::new()
@@ -579,6 +595,9 @@ pub(crate) fn record_json(r: &pb::DecisionRecord) -> Value {
         "trace_id": r.trace_id,
         "prev_hash": r.prev_hash,
         "hash": r.hash,
+        "remediates": r.remediates,
+        "pre_harm_limit": r.pre_harm_limit,
+        "reason": r.reason,
     })
 }
 
@@ -630,6 +649,16 @@ fn print_record(r: &pb::DecisionRecord) {
     ];
     for (k, v) in rows {
         println!("{k:<13} {v}");
+    }
+    if !r.remediates.is_empty() {
+        println!(
+            "{:<13} {} (decided on the limit before it, {}; applied by {}: {})",
+            "remediates",
+            r.remediates,
+            r.pre_harm_limit.unwrap_or_default(),
+            r.caller,
+            if r.reason.is_empty() { "-" } else { &r.reason }
+        );
     }
     println!("reasons");
     for (i, x) in r.reasons.iter().enumerate() {

@@ -295,6 +295,9 @@ mod tests {
                     reasons: vec![],
                     caller: None,
                     trace_id: None,
+                    remediates: None,
+                    pre_harm_limit: None,
+                    reason: None,
                 };
                 let hash = link_hash(&prev, &body);
                 let r = DecisionRecord {

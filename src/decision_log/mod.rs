@@ -82,6 +82,27 @@ pub struct RecordBody {
     pub reasons: Vec<RecordedReason>,
     pub caller: Option<String>,
     pub trace_id: Option<String>,
+    // Remediation only (issue 18). Absent, they are left out of the JSON, so every record
+    // written before them keeps its bytes and its hash; a body with any of them set is not
+    // format 2 (`record::encode` refuses it) and is stored as its JSON (format 1).
+    /// The harmful decision a remediation restores the limit of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remediates: Option<String>,
+    /// The limit the remediation was decided on: the customer's limit before the harmful
+    /// decision (its `current_limit` is the harmed limit). Replay decides on this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_harm_limit: Option<i64>,
+    /// Why the operator applied the remediation, in their words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl RecordBody {
+    /// The limit the decision was made on: the pre-harm limit of a remediation, the current
+    /// limit the caller gave otherwise.
+    pub fn decided_on_limit(&self) -> Option<i64> {
+        self.pre_harm_limit.or(self.current_limit)
+    }
 }
 
 /// One record of the log.
@@ -149,7 +170,7 @@ pub const PD_BINS: usize = 20;
 /// What one arm of a rollout decided.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ArmSummary {
-    /// champion, candidate or shadow.
+    /// champion, candidate, shadow or remediation.
     pub arm: String,
     pub stats: VersionStats,
     /// Decisions by probability of default, in [`PD_BINS`] equal bins.
@@ -169,7 +190,8 @@ pub struct ArmTraffic {
 /// A rollout's decisions in aggregate, for its report.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RolloutDecisions {
-    /// Arms in the order champion, candidate, shadow; an arm without decisions is absent.
+    /// Arms in the order champion, candidate, shadow, then the rollout's remediations
+    /// (recorded after it closed); an arm without decisions is absent.
     pub arms: Vec<ArmSummary>,
     /// Decisions per arm over time, oldest first, at the finest of second, minute, hour or
     /// day that keeps the series within a few hundred points.

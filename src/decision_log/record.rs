@@ -30,6 +30,9 @@
 //! | caller | opt str |
 //! | trace_id | opt 16 |
 //!
+//! A remediation's fields (`remediates`, `pre_harm_limit`, `reason`) have no place here:
+//! encoding refuses a body with any of them, so it is stored as format 1.
+//!
 //! Encoding refuses a body whose text fields are not in the canonical form the server writes
 //! (lowercase hex, hyphenated lowercase UUIDs, RFC 3339 with microseconds, a reason whose
 //! value is not the vector's): such a record cannot be rebuilt bit for bit from its bytes, so
@@ -71,6 +74,15 @@ fn not_canonical(field: &'static str, why: impl Into<String>) -> RecordError {
 /// Encodes a body; `schema` is the deciding bundle's feature names in schema order (every
 /// recorded feature must be one of them, and every one of them recorded).
 pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordError> {
+    // A remediation's fields have no place in this layout: such a (rare) body keeps its JSON.
+    let extra = [
+        ("remediates", body.remediates.is_some()),
+        ("pre_harm_limit", body.pre_harm_limit.is_some()),
+        ("reason", body.reason.is_some()),
+    ];
+    if let Some((field, _)) = extra.iter().find(|(_, set)| *set) {
+        return Err(not_canonical(field, "format 2 has no such field"));
+    }
     let mut w = Vec::with_capacity(256 + 8 * schema.len());
     w.push(FORMAT);
     w.extend_from_slice(&uuid_bytes("decision_id", &body.decision_id)?);
@@ -235,6 +247,9 @@ impl CompactBody {
                 .collect(),
             caller: self.caller.clone(),
             trace_id: self.trace_id.map(hex::encode),
+            remediates: None,
+            pre_harm_limit: None,
+            reason: None,
         }
     }
 }
@@ -575,6 +590,9 @@ impl<'a> Fields<'a> {
             reasons,
             caller: self.caller.map(str::to_string),
             trace_id: self.trace_id.map(hex::encode),
+            remediates: None,
+            pre_harm_limit: None,
+            reason: None,
         })
     }
 }
@@ -854,6 +872,9 @@ pub(super) mod tests {
             reasons,
             caller: Some("limit-service".into()),
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            remediates: None,
+            pre_harm_limit: None,
+            reason: None,
         }
     }
 
@@ -1018,6 +1039,52 @@ pub(super) mod tests {
             }),
             "arm"
         );
+    }
+
+    #[test]
+    fn a_remediation_is_stored_as_json_and_older_json_keeps_its_bytes() {
+        let schema = schema();
+        // A record as a release before the remediation fields wrote it, byte for byte.
+        let old = concat!(
+            r#"{"decision_id":"0193a1b2-0000-7000-8000-000000000001","#,
+            r#""recorded_at":"2026-12-01T10:00:00.000001Z","request_id":"req-1","#,
+            r#""request_hash":"ababababababababababababababababababababababababababababababab","#,
+            r#""customer_ref":"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f","#,
+            r#""key_id":"dev-1","model":"credit-limit","version":"v2","#,
+            r#""digest":"sha256:9c9c","rollout_id":null,"arm":"candidate","#,
+            r#""features":{"AGE":24.0,"PAYMENTDELAY_1":2.0},"probability_of_default":0.61,"#,
+            r#""grade":"F","decision":"decline","current_limit":96000,"granted_limit":0,"#,
+            r#""reasons":[{"feature":"AGE","contribution":1.25,"value":24.0}],"#,
+            r#""caller":null,"trace_id":null}"#
+        );
+        let read = decode_body(old.as_bytes(), |_| None).unwrap();
+        assert_eq!(
+            (&read.remediates, read.pre_harm_limit, &read.reason),
+            (&None, None, &None)
+        );
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec(&read).unwrap()).unwrap(),
+            old
+        );
+        let b = body(&schema);
+
+        let remediation = RecordBody {
+            arm: "champion".into(),
+            remediates: Some(uuid::Uuid::now_v7().to_string()),
+            pre_harm_limit: Some(96_000),
+            reason: Some("restore after rollback".into()),
+            ..b.clone()
+        };
+        assert!(matches!(
+            encode(&remediation, &schema),
+            Err(RecordError::NotCanonical {
+                field: "remediates",
+                ..
+            })
+        ));
+        let bytes = body_bytes(&remediation, Some(&schema));
+        assert_eq!(bytes[0], JSON_FORMAT);
+        assert_eq!(decode_body(&bytes, |_| None).unwrap(), remediation);
     }
 
     #[test]

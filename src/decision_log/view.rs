@@ -901,7 +901,7 @@ fn rollout_snapshot(
         });
     }
     let order = |a: &str| {
-        ["champion", "candidate", "shadow"]
+        ["champion", "candidate", "shadow", "remediation"]
             .iter()
             .position(|x| *x == a)
     };
@@ -986,7 +986,9 @@ fn rollout_snapshot(
         match arm.as_str() {
             "champion" => t.champion += n as u64,
             "candidate" => t.candidate += n as u64,
-            _ => t.shadow += n as u64,
+            "shadow" => t.shadow += n as u64,
+            // Remediations restore limits after the rollout; they are not its traffic.
+            _ => {}
         }
     }
     Ok(out)
@@ -1074,6 +1076,9 @@ fn row_to_record(r: &Row<'_>, names: &FeatureNames) -> rusqlite::Result<Decision
             reasons,
             caller: r.get(19)?,
             trace_id,
+            remediates: None,
+            pre_harm_limit: None,
+            reason: None,
         },
         prev_hash,
         hash,

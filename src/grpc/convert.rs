@@ -9,6 +9,7 @@ use crate::notice::Notice;
 use crate::policy::Band;
 use crate::policy::{AdverseAction, Outcome};
 use crate::registry::{VersionInfo, VersionState};
+use crate::remediation::{Harm, HarmStatus, REMEDIATION_ARM, RemediateSpec, Survey};
 use crate::rollout::Arm;
 use crate::rollout::store::Transition;
 use crate::schema::RawValue;
@@ -157,6 +158,16 @@ impl From<Arm> for pb::Arm {
     }
 }
 
+/// A recorded arm on the wire: a rollout's three, or a remediation (not a rollout arm, so
+/// not an [`Arm`]).
+fn arm_i32(arm: &str) -> i32 {
+    match Arm::parse(arm) {
+        Some(a) => pb::Arm::from(a) as i32,
+        None if arm == REMEDIATION_ARM => pb::Arm::Remediation as i32,
+        None => pb::Arm::Unspecified as i32,
+    }
+}
+
 impl From<Contribution> for pb::Reason {
     fn from(c: Contribution) -> Self {
         pb::Reason {
@@ -234,9 +245,7 @@ impl From<DecisionRecord> for pb::DecisionRecord {
         let b = r.body;
         pb::DecisionRecord {
             seq: r.seq,
-            arm: Arm::parse(&b.arm)
-                .map(|a| pb::Arm::from(a) as i32)
-                .unwrap_or(pb::Arm::Unspecified as i32),
+            arm: arm_i32(&b.arm),
             decision: outcome_i32(&b.decision),
             decision_id: b.decision_id,
             recorded_at: b.recorded_at,
@@ -266,6 +275,9 @@ impl From<DecisionRecord> for pb::DecisionRecord {
             trace_id: b.trace_id.unwrap_or_default(),
             prev_hash: r.prev_hash,
             hash: r.hash,
+            remediates: b.remediates.unwrap_or_default(),
+            pre_harm_limit: b.pre_harm_limit,
+            reason: b.reason.unwrap_or_default(),
         }
     }
 }
@@ -532,25 +544,25 @@ impl From<crate::backtest::BacktestReport> for pb::BacktestReport {
 impl From<crate::rollout::RolloutHistory> for pb::RolloutHistory {
     fn from(h: crate::rollout::RolloutHistory) -> Self {
         let record = &h.status.record;
-        let version_of = |arm: Option<Arm>| match arm {
+        // A remediation is made by the champion's side (the serving version), never the
+        // candidate's.
+        let version_of = |arm: &str| match Arm::parse(arm) {
             Some(Arm::Champion) => record.champion.clone(),
+            None if arm == REMEDIATION_ARM => record.champion.clone(),
             _ => record.candidate.clone(),
         };
         let arms = h
             .decisions
             .arms
             .into_iter()
-            .map(|a| {
-                let arm = Arm::parse(&a.arm);
-                pb::ArmSummary {
-                    arm: arm.map_or(pb::Arm::Unspecified, pb::Arm::from) as i32,
-                    summary: Some(version_summary(
-                        record.model.clone(),
-                        version_of(arm),
-                        a.stats,
-                    )),
-                    pd_histogram: a.pd_histogram,
-                }
+            .map(|a| pb::ArmSummary {
+                arm: arm_i32(&a.arm),
+                summary: Some(version_summary(
+                    record.model.clone(),
+                    version_of(&a.arm),
+                    a.stats,
+                )),
+                pd_histogram: a.pd_histogram,
             })
             .collect();
         pb::RolloutHistory {
@@ -620,6 +632,87 @@ pub fn trace_id(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
         && hex(flags, 2)
         && (version != "00" || parts.next().is_none());
     valid.then(|| trace.to_string())
+}
+
+/// A Remediate request as the domain asks it; `actor` is who the credentials say called.
+pub(crate) fn remediate_spec(
+    r: pb::RemediateRequest,
+    actor: String,
+) -> Result<RemediateSpec, RequestError> {
+    let rollout_id = required_id("rollout_id", r.rollout_id)?;
+    let with_version = match r.with_version.is_empty() {
+        true => None,
+        false => Some(required_id("with_version", r.with_version)?),
+    };
+    if r.reason.chars().count() > 1024 {
+        return Err(RequestError::new(
+            "reason",
+            "must be at most 1024 characters",
+        ));
+    }
+    if !r.apply && !r.reason.is_empty() {
+        return Err(RequestError::new(
+            "reason",
+            "is recorded with applied remediations only: set apply, or leave it out",
+        ));
+    }
+    Ok(RemediateSpec {
+        rollout_id,
+        with_version,
+        apply: r.apply,
+        reason: (!r.reason.is_empty()).then_some(r.reason),
+        actor,
+    })
+}
+
+impl From<&Harm> for pb::HarmedCustomer {
+    fn from(h: &Harm) -> Self {
+        let b = &h.harmful.body;
+        let (restored_by, remediation) = match &h.status {
+            HarmStatus::Restored { decision_id } => (decision_id.clone(), String::new()),
+            HarmStatus::Remediated { decision_id } => (String::new(), decision_id.clone()),
+            HarmStatus::ToRestore | HarmStatus::ChampionAgrees => (String::new(), String::new()),
+        };
+        pb::HarmedCustomer {
+            customer_ref: b.customer_ref.clone(),
+            harmful_decision_id: b.decision_id.clone(),
+            harmed_at: b.recorded_at.clone(),
+            candidate_version: b.version.clone(),
+            limit_before: h.limit_before(),
+            candidate_limit: h.candidate_limit(),
+            limit_move: h.movement.as_str().to_string(),
+            champion_limit: h.champion_limit,
+            champion_version: h.champion_version.clone(),
+            status: h.status.as_str().to_string(),
+            restored_by_decision_id: restored_by,
+            remediation_decision_id: remediation,
+        }
+    }
+}
+
+impl From<&Survey> for pb::RemediationSummary {
+    fn from(s: &Survey) -> Self {
+        let t = s.totals();
+        pb::RemediationSummary {
+            rollout_id: s.rollout.id.clone(),
+            model: s.rollout.model.clone(),
+            candidate: s.rollout.candidate.clone(),
+            state: s.rollout.state.as_str().to_string(),
+            champion: s.champion.version().to_string(),
+            champion_digest: s.champion.digest.to_string(),
+            customers: s.harms.iter().map(Into::into).collect(),
+            totals: Some(pb::RemediationTotals {
+                customers: t.customers,
+                amount_lowered: t.amount_lowered,
+                to_restore: t.to_restore,
+                amount_to_restore: t.amount_to_restore,
+                remediated: t.remediated,
+                amount_remediated: t.amount_remediated,
+                restored: t.restored,
+                champion_agrees: t.champion_agrees,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

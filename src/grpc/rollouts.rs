@@ -5,27 +5,35 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::backtest::{BacktestSpec, Backtester};
-use crate::grpc::convert::RequestError;
+use crate::grpc::convert::{RequestError, remediate_spec};
 use crate::grpc::gate::auth::Caller;
 use crate::grpc::pb::{self, rollouts_server::Rollouts as RolloutsApi};
 use crate::grpc::to_the_end;
+use crate::remediation::Remediator;
 use crate::rollout::{Control, History, Plan, Thresholds};
 use crate::trace::parse_bound;
 
-/// Rollout control, status and previews over the server's rollout parts.
+/// Rollout control, status, previews and remediation over the server's rollout parts.
 #[derive(Debug, Clone)]
 pub struct RolloutsService {
     control: Arc<Control>,
     history: Arc<History>,
     backtester: Arc<Backtester>,
+    remediator: Arc<Remediator>,
 }
 
 impl RolloutsService {
-    pub fn new(control: Arc<Control>, history: Arc<History>, backtester: Arc<Backtester>) -> Self {
+    pub fn new(
+        control: Arc<Control>,
+        history: Arc<History>,
+        backtester: Arc<Backtester>,
+        remediator: Arc<Remediator>,
+    ) -> Self {
         RolloutsService {
             control,
             history,
             backtester,
+            remediator,
         }
     }
 
@@ -201,6 +209,47 @@ impl RolloutsApi for RolloutsService {
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type RemediateStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::RemediateUpdate, Status>> + Send>,
+    >;
+
+    async fn remediate(
+        &self,
+        request: Request<pb::RemediateRequest>,
+    ) -> Result<Response<Self::RemediateStream>, Status> {
+        let who = actor(&request, &request.get_ref().actor);
+        let spec = remediate_spec(request.into_inner(), who)?;
+        // A preview's refusals (unknown id, open rollout) come back as the call's status.
+        if !spec.apply {
+            let survey = self.remediator.survey(&spec).await?;
+            let summary = pb::RemediateUpdate {
+                update: Some(pb::remediate_update::Update::Summary((&survey).into())),
+            };
+            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(summary)))));
+        }
+        // Applying runs to the end on its own task: a client that goes away stops reading,
+        // not recording. Each remediation is sent once durable, the summary last.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let remediator = self.remediator.clone();
+        tokio::spawn(async move {
+            let each = tx.clone();
+            let applied = remediator
+                .apply(&spec, |harm| {
+                    let _ = each.send(Ok(pb::RemediateUpdate {
+                        update: Some(pb::remediate_update::Update::Applied(harm.into())),
+                    }));
+                })
+                .await;
+            let last = applied.map(|survey| pb::RemediateUpdate {
+                update: Some(pb::remediate_update::Update::Summary((&survey).into())),
+            });
+            let _ = tx.send(last.map_err(Status::from));
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
         )))
     }
 

@@ -15,6 +15,7 @@ use crate::grpc::convert::RequestError;
 use crate::grpc::gate::admission::AdmissionError;
 use crate::grpc::gate::auth::AuthError;
 use crate::registry::RegistryError;
+use crate::remediation::RemediationError;
 use crate::rollout::RolloutError;
 use crate::schema::FeatureError;
 use crate::scoring::ScoreError;
@@ -257,6 +258,35 @@ impl From<BacktestError> for Status {
 
 impl From<RolloutError> for Status {
     fn from(e: RolloutError) -> Status {
+        Refusal::from(&e).into()
+    }
+}
+
+impl From<&RemediationError> for Refusal {
+    fn from(e: &RemediationError) -> Self {
+        match e {
+            RemediationError::UnknownRollout(_) => {
+                Refusal::new(Code::NotFound, e).on_field("rollout_id".into())
+            }
+            RemediationError::Open { .. } => {
+                Refusal::new(Code::FailedPrecondition, e).on_field("rollout_id".into())
+            }
+            // The recorded inputs cannot be re-decided by the version asked for.
+            RemediationError::Inputs { .. } => Refusal::new(Code::FailedPrecondition, e),
+            RemediationError::WithVersion(inner) => Refusal {
+                message: e.to_string(),
+                ..Refusal::from(inner).on_field("with_version".into())
+            },
+            RemediationError::Registry(inner) => inner.into(),
+            RemediationError::Store(_) => Refusal::new(Code::Unavailable, e),
+            RemediationError::Log(inner) => inner.into(),
+            RemediationError::Task(_) => Refusal::new(Code::Internal, e),
+        }
+    }
+}
+
+impl From<RemediationError> for Status {
+    fn from(e: RemediationError) -> Status {
         Refusal::from(&e).into()
     }
 }

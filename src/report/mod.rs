@@ -69,6 +69,7 @@ fn arm_name(a: i32) -> &'static str {
         Ok(pb::Arm::Champion) => "champion",
         Ok(pb::Arm::Candidate) => "candidate",
         Ok(pb::Arm::Shadow) => "shadow",
+        Ok(pb::Arm::Remediation) => "remediation",
         _ => "?",
     }
 }
@@ -77,6 +78,7 @@ fn arm_color(a: i32) -> &'static str {
     match pb::Arm::try_from(a) {
         Ok(pb::Arm::Candidate) => CANDIDATE,
         Ok(pb::Arm::Shadow) => SHADOW,
+        Ok(pb::Arm::Remediation) => PROMOTED,
         _ => CHAMPION,
     }
 }
@@ -452,6 +454,15 @@ fn arms_section(body: &mut String, h: &pb::RolloutHistory) {
     if h.arms.iter().any(|a| a.arm == pb::Arm::Shadow as i32) {
         body.push_str("<p class=\"meta\">Shadow decisions were recorded but never returned: no customer saw them.</p>");
     }
+    if let Some(r) = h.arms.iter().find(|a| a.arm == pb::Arm::Remediation as i32) {
+        let v = r.summary.clone().unwrap_or_default();
+        let _ = write!(
+            body,
+            "<p class=\"meta\"><span class=\"good\">{} customers remediated</span>: after the rollout closed, {} re-decided each customer whose limit the candidate lowered, on the limit they had, and the decision restoring it is recorded (arm remediation).</p>",
+            v.decisions,
+            escape(&v.version)
+        );
+    }
 }
 
 /// Each arm's version and decision counts.
@@ -683,6 +694,31 @@ pub fn customer_page(
             let _ = write!(decisions, "<td>{}</td>", escape(cell));
         }
         decisions.push_str("</tr>");
+        if !r.remediates.is_empty() {
+            let harm = records.iter().find(|h| h.decision_id == r.remediates);
+            let _ = write!(
+                decisions,
+                "<tr class=\"remediation\"><td class=\"text\" colspan=\"{}\"><div class=\"meta\"><span class=\"good\">Remediation</span> of decision {}{}: {} {} re-decided it on the limit before it ({}) and restored {}. Applied by {}{}.</div></td></tr>",
+                head.len(),
+                escape(&r.remediates),
+                escape(&harm.map_or(String::new(), |h| format!(
+                    " ({} {}, {})",
+                    h.version,
+                    arm_name(h.arm),
+                    limit_text(h)
+                ))),
+                escape(&r.model),
+                escape(&r.version),
+                r.pre_harm_limit.unwrap_or_default(),
+                r.granted_limit,
+                escape(&r.caller),
+                escape(&if r.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.reason)
+                })
+            );
+        }
         if let Some(n) = notice_of(r) {
             let codes: Vec<String> = n
                 .reasons
@@ -757,5 +793,63 @@ mod tests {
         assert!(at("d-1") < at("d-2") && at("d-2") < at("<tr class=\"notice\">"));
         assert!(page.contains("Notice sent for this withdrawal: reasons 1 AGE (R41)"));
         assert!(page.contains("60,000. &lt;Your limit is now 0.&gt;</pre>"));
+    }
+
+    #[test]
+    fn a_remediation_is_marked_under_its_row_with_the_harm_it_undoes() {
+        let harm = record("d-2", 60_000, 0);
+        let remedy = pb::DecisionRecord {
+            version: "v1".into(),
+            arm: pb::Arm::Remediation as i32,
+            decision: pb::Decision::Approve as i32,
+            remediates: "d-2".into(),
+            pre_harm_limit: Some(60_000),
+            caller: "ops".into(),
+            reason: "v9 rolled back".into(),
+            ..record("d-3", 0, 60_000)
+        };
+        let page = customer_page("7", &[harm, remedy], &[]);
+        assert_eq!(page.matches("<tr class=\"remediation\">").count(), 1);
+        assert!(page.find("d-3").unwrap() < page.find("<tr class=\"remediation\">").unwrap());
+        assert!(
+            page.contains(
+                "Remediation</span> of decision d-2 (v9 candidate, 60000 → 0): credit-limit v1 \
+                 re-decided it on the limit before it (60000) and restored 60000. Applied by \
+                 ops: v9 rolled back."
+            ),
+            "{page}"
+        );
+        assert!(page.contains("<td>remediation</td>"));
+    }
+
+    #[test]
+    fn a_rollout_page_counts_the_customers_remediated_after_it() {
+        let arm = |arm: pb::Arm, version: &str, decisions: u64| pb::ArmSummary {
+            arm: arm as i32,
+            summary: Some(pb::VersionSummary {
+                version: version.into(),
+                decisions,
+                ..Default::default()
+            }),
+            pd_histogram: vec![0; PD_BINS],
+        };
+        let mut h = pb::RolloutHistory {
+            arms: vec![
+                arm(pb::Arm::Champion, "v1", 900),
+                arm(pb::Arm::Candidate, "v9", 100),
+            ],
+            ..Default::default()
+        };
+        assert!(!rollout_page(&h).contains("remediated"));
+        h.arms.push(arm(pb::Arm::Remediation, "v1", 17));
+        let page = rollout_page(&h);
+        assert!(
+            page.contains("<span class=\"good\">17 customers remediated</span>: after the rollout closed, v1 re-decided"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<td>remediation</td><td>v1</td><td>17</td>"),
+            "{page}"
+        );
     }
 }

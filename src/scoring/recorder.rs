@@ -161,6 +161,9 @@ impl Recorder {
                 .collect(),
             caller: req.caller.clone(),
             trace_id: req.trace_id.clone(),
+            remediates: None,
+            pre_harm_limit: None,
+            reason: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `riskserve demo` on less traffic: the flawed v2 is caught and rolled back, the customer
-//! it harmed is traced and replayed, the log verifies, and the sound v3 ends up serving.
+//! it harmed is traced and replayed, the log verifies, v2's harm is remediated (the traced
+//! customer's complaint says so), and the sound v3 ends up serving.
 
 use crate::harness::repo;
 use riskserve::cli::demo::{self, DemoArgs};
@@ -61,6 +62,31 @@ async fn the_demo_catches_the_flaw_traces_the_harm_and_promotes_the_sound_versio
     assert!(outcome.verify.ok, "{:?}", outcome.verify.first_break);
     assert!(outcome.verify.records >= outcome.sent_at_verify);
 
+    // v2's harm undone: the traced customer among the remediated, nobody left to restore,
+    // and the customer's complaint names the remediation.
+    let totals = outcome.remediation.totals.unwrap();
+    assert_eq!(totals.to_restore, 0);
+    assert_eq!(totals.remediated, outcome.remediated.len() as u64);
+    let traced = outcome
+        .remediation
+        .customers
+        .iter()
+        .find(|h| h.harmful_decision_id == outcome.decision_id)
+        .expect("the traced withdrawal is in the remediation");
+    assert_eq!(
+        (traced.candidate_limit, traced.champion_version.as_str()),
+        (0, "v1")
+    );
+    let complaint = &outcome.complaint;
+    assert!(complaint.rolled_back, "{complaint:?}");
+    if traced.status == "remediated" {
+        assert!(complaint.remediated, "{complaint:?}");
+        assert_eq!(
+            complaint.remediation.as_ref().unwrap().decision_id,
+            traced.remediation_decision_id
+        );
+    }
+
     // v3 passed the gate, reached everyone and serves.
     let sound = &outcome.sound;
     assert_eq!(
@@ -74,5 +100,18 @@ async fn the_demo_catches_the_flaw_traces_the_harm_and_promotes_the_sound_versio
     for report in &outcome.reports {
         let page = std::fs::read_to_string(report).unwrap();
         assert!(page.contains("<svg"), "{} has no chart", report.display());
+    }
+    // v2's report counts the remediated; the customer's marks the remediation under its row.
+    let v2_page = std::fs::read_to_string(&outcome.reports[0]).unwrap();
+    assert!(
+        v2_page.contains(&format!("{} customers remediated", totals.remediated)),
+        "the v2 report does not count the remediated"
+    );
+    let customer_page = std::fs::read_to_string(&outcome.reports[2]).unwrap();
+    if traced.status == "remediated" {
+        assert!(customer_page.contains(&format!(
+            "Remediation</span> of decision {}",
+            outcome.decision_id
+        )));
     }
 }

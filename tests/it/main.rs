@@ -22,6 +22,7 @@ mod journal;
 mod lifecycle;
 mod limits;
 mod notices;
+mod remediation;
 mod report;
 mod rollouts;
 mod scoring;
