@@ -47,7 +47,10 @@ impl std::fmt::Debug for Key {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerRef {
     pub key_id: String,
+    /// The HMAC as lowercase hex: the ref as records and lookups name it.
     pub value: String,
+    /// The same HMAC's bytes.
+    pub bytes: [u8; 32],
 }
 
 /// The configured keys; the first is current.
@@ -119,9 +122,13 @@ impl CustomerKeys {
 fn pseudonym(key: &Key, customer_id: &str) -> CustomerRef {
     let mut mac = Hmac::<Sha256>::new_from_slice(&key.bytes).expect("HMAC takes any key length");
     mac.update(customer_id.as_bytes());
+    let bytes: [u8; 32] = mac.finalize().into_bytes().into();
+    let mut hex = [0u8; 64];
+    hex::encode_to_slice(bytes, &mut hex).expect("64 digits");
     CustomerRef {
         key_id: key.id.clone(),
-        value: hex::encode(mac.finalize().into_bytes()),
+        value: std::str::from_utf8(&hex).expect("hex").to_string(),
+        bytes,
     }
 }
 
@@ -151,5 +158,6 @@ mod tests {
         assert!(rotated.all("customer-42").contains(&before));
         assert!(!before.value.contains("customer-42"));
         assert_eq!(before.value.len(), 64);
+        assert_eq!(before.value, hex::encode(before.bytes));
     }
 }

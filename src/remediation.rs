@@ -30,7 +30,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::bundle::Bundle;
 use crate::decision_log::{
-    Appended, DecisionLog, DecisionRecord, LogError, RecordBody, RecordedReason, Window,
+    Appended, DecisionLog, DecisionRecord, LogError, NewBody, RecordBody, RecordedReason, Window,
 };
 use crate::policy::LimitMove;
 use crate::registry::{Registry, RegistryError};
@@ -265,7 +265,10 @@ impl Remediator {
                 .collect::<Result<_, _>>()?;
             let ids: Vec<String> = bodies.iter().map(|b| b.decision_id.clone()).collect();
             // One commit for the chunk: all of it durable, or none of it.
-            let outcomes = self.log.append_all(bodies).await?;
+            let outcomes = self
+                .log
+                .append_all(bodies.into_iter().map(NewBody::from).collect())
+                .await?;
             for ((&i, id), outcome) in chunk.iter().zip(ids).zip(outcomes) {
                 let harm = &mut survey.harms[i];
                 match outcome {

@@ -7,6 +7,7 @@
 //! checkpoint, so an acknowledged decision is visible at once. Aggregates and scans wait for
 //! the view to catch up with the durable head instead (they are reports, not lookups).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -21,10 +22,10 @@ use super::journal::{self, Journal, JournalError, JournalOptions};
 use super::names::FeatureNames;
 use super::record::{decode_body, decode_entry};
 use super::seen::SeenIds;
-use super::tail::{Entry, Tail};
+use super::tail::{Entry, Select, Tail};
 use super::writer::{Head, Job, Msg, Writer, file_identity};
 use super::{
-    AppendAllFuture, AppendFuture, DecisionLog, DecisionRecord, Durability, LogError,
+    AppendAllFuture, AppendFuture, DecisionLog, DecisionRecord, Durability, LogError, NewBody,
     RolloutDecisions, VerifyReport, VersionStats, Window, chain, migrate, view,
 };
 
@@ -138,28 +139,6 @@ fn journal_err(e: JournalError) -> LogError {
     }
 }
 
-/// A journal record as the log reads it back.
-fn entry_of(names: &FeatureNames, r: journal::Record) -> Result<Entry, LogError> {
-    let damaged = |what: String| {
-        LogError::Damaged(format!(
-            "record seq {} (segment {}, offset {}): {what}",
-            r.position.seq, r.position.segment, r.position.offset
-        ))
-    };
-    let e = decode_entry(&r.payload).map_err(|e| damaged(e.to_string()))?;
-    let body = decode_body(e.record, |d| names.get(d)).map_err(|e| damaged(e.to_string()))?;
-    Ok(Entry {
-        compact: e.record.first() == Some(&super::record::FORMAT),
-        record: DecisionRecord {
-            seq: r.position.seq as i64,
-            body,
-            prev_hash: e.prev_hash,
-            hash: e.hash,
-        },
-        position: r.position,
-    })
-}
-
 /// The decision log of a data directory.
 pub struct JournalLog {
     files: LogFiles,
@@ -214,7 +193,7 @@ impl JournalLog {
             if bad.is_some() {
                 return;
             }
-            match entry_of(&names, r) {
+            match Entry::read(r.position, r.payload, &names) {
                 Ok(e) => recovered.push(Arc::new(e)),
                 Err(e) => {
                     bad = Some(e);
@@ -276,8 +255,8 @@ impl JournalLog {
         let mut seen = SeenIds::new(1 << 20);
         view::each_request_id(view_writer.conn(), |id| seen.insert(id))?;
         for e in &recovered {
-            if e.record.body.arm != "shadow" {
-                seen.insert(&e.record.body.request_id);
+            if let Some(id) = &e.request_id {
+                seen.insert(id);
             }
         }
         if !recovered.is_empty() {
@@ -295,6 +274,7 @@ impl JournalLog {
         let mut writer = Writer {
             journal,
             names: names.clone(),
+            orders: HashMap::new(),
             seen,
             tail: tail.clone(),
             head,
@@ -376,7 +356,7 @@ impl JournalLog {
     fn with_tail<T>(
         &self,
         query: impl Fn(&Connection) -> Result<T, LogError>,
-        keep: impl Fn(&DecisionRecord) -> bool,
+        select: &Select<'_>,
     ) -> Result<(T, Vec<Arc<Entry>>), LogError> {
         loop {
             let (found, c) = self.read(|conn| {
@@ -385,7 +365,7 @@ impl JournalLog {
                 let _ = conn.execute_batch("COMMIT");
                 result
             })?;
-            if let Some(extra) = self.tail.after(c, &keep) {
+            if let Some(extra) = self.tail.after(c, |e| select.selects(e, &self.names)) {
                 return Ok((found, extra));
             }
         }
@@ -522,7 +502,7 @@ fn index(mut view: view::ViewWriter, tail: &Tail) {
                     tracing::info!("the query view takes writes again");
                     failing = false;
                 }
-                tail.indexed_to(last.record.seq);
+                tail.indexed_to(last.seq());
             }
             Err(e) => {
                 // The journal has these records; the view catches up once it can, or on the
@@ -542,7 +522,7 @@ fn index(mut view: view::ViewWriter, tail: &Tail) {
 }
 
 impl DecisionLog for JournalLog {
-    fn append(&self, body: super::RecordBody) -> AppendFuture {
+    fn append(&self, body: NewBody) -> AppendFuture {
         let group = self.append_all(vec![body]);
         Box::pin(async move {
             let mut appended = group.await?;
@@ -550,7 +530,7 @@ impl DecisionLog for JournalLog {
         })
     }
 
-    fn append_all(&self, bodies: Vec<super::RecordBody>) -> AppendAllFuture {
+    fn append_all(&self, bodies: Vec<NewBody>) -> AppendAllFuture {
         let (reply, rx) = oneshot::channel();
         let queued = self
             .queue
@@ -594,17 +574,22 @@ impl DecisionLog for JournalLog {
     fn get(&self, decision_id: &str) -> Result<Option<DecisionRecord>, LogError> {
         let (found, extra) = self.with_tail(
             |c| view::get(c, &self.names, decision_id),
-            |r| r.body.decision_id == decision_id,
+            &Select::Decision(decision_id),
         )?;
-        Ok(found.or_else(|| extra.first().map(|e| e.record.clone())))
+        match found {
+            Some(r) => Ok(Some(r)),
+            None => extra.first().map(|e| e.decode(&self.names)).transpose(),
+        }
     }
 
     fn by_customer(&self, refs: &[String]) -> Result<Vec<DecisionRecord>, LogError> {
         let (mut found, extra) = self.with_tail(
             |c| view::by_customer(c, &self.names, refs),
-            |r| refs.contains(&r.body.customer_ref),
+            &Select::Customer { refs, before: None },
         )?;
-        found.extend(extra.iter().map(|e| e.record.clone()));
+        for e in &extra {
+            found.push(e.decode(&self.names)?);
+        }
         found.sort_by_key(|r| r.seq);
         found.dedup_by_key(|r| r.seq);
         Ok(found)
@@ -613,9 +598,12 @@ impl DecisionLog for JournalLog {
     fn previous(&self, refs: &[String], seq: i64) -> Result<Option<DecisionRecord>, LogError> {
         let (found, extra) = self.with_tail(
             |c| view::previous(c, &self.names, refs, seq),
-            |r| r.seq < seq && r.body.arm != "shadow" && refs.contains(&r.body.customer_ref),
+            &Select::Customer {
+                refs,
+                before: Some(seq),
+            },
         )?;
-        let later = extra.last().map(|e| e.record.clone());
+        let later = extra.last().map(|e| e.decode(&self.names)).transpose()?;
         Ok(match (found, later) {
             (Some(a), Some(b)) => Some(if b.seq > a.seq { b } else { a }),
             (a, b) => a.or(b),
@@ -758,12 +746,13 @@ pub fn scan_offline(
 ) -> Result<(), LogError> {
     let (files, names) = offline(data_dir)?;
     let mut bad = None;
-    journal::read_only(&files.journal, |r| match entry_of(&names, r) {
-        Ok(e) => {
-            let at = e.record.body.recorded_at.as_str();
+    let read = |r: journal::Record| Entry::read(r.position, r.payload, &names)?.decode(&names);
+    journal::read_only(&files.journal, |r| match read(r) {
+        Ok(record) => {
+            let at = record.body.recorded_at.as_str();
             let inside = window.since.as_deref().is_none_or(|s| at >= s)
                 && window.until.as_deref().is_none_or(|u| at < u);
-            !inside || visit(e.record)
+            !inside || visit(record)
         }
         Err(e) => {
             bad = Some(e);

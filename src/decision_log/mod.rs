@@ -105,6 +105,55 @@ impl RecordBody {
     }
 }
 
+/// A decision on its way into the log: compact, as the recorder makes it (stored as format 2),
+/// or in text form (stored as format 2 if it is canonical, else as its JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NewBody {
+    Compact(record::CompactBody),
+    Text(RecordBody),
+}
+
+impl From<RecordBody> for NewBody {
+    fn from(b: RecordBody) -> Self {
+        NewBody::Text(b)
+    }
+}
+
+impl From<record::CompactBody> for NewBody {
+    fn from(c: record::CompactBody) -> Self {
+        NewBody::Compact(c)
+    }
+}
+
+impl NewBody {
+    pub fn request_id(&self) -> &str {
+        match self {
+            NewBody::Compact(c) => &c.request_id,
+            NewBody::Text(b) => &b.request_id,
+        }
+    }
+
+    /// A shadow decision is never an answer to its request id.
+    pub fn is_shadow(&self) -> bool {
+        match self {
+            NewBody::Compact(c) => c.is_shadow(),
+            NewBody::Text(b) => b.arm == "shadow",
+        }
+    }
+
+    /// Whether `r` was recorded for the same request: the same request hash.
+    pub fn same_request(&self, r: &DecisionRecord) -> bool {
+        match self {
+            NewBody::Compact(c) => {
+                let mut hex = [0u8; 64];
+                hex::encode_to_slice(c.request_hash, &mut hex).expect("64 digits");
+                r.body.request_hash.as_bytes() == hex
+            }
+            NewBody::Text(b) => b.request_hash == r.body.request_hash,
+        }
+    }
+}
+
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecisionRecord {
@@ -212,11 +261,11 @@ pub struct Window {
 pub trait DecisionLog: Send + Sync + 'static {
     /// Queues a decision for the next group commit. The queueing happens in this call; the
     /// future resolves when the decision is durable, was found recorded already, or failed.
-    fn append(&self, body: RecordBody) -> AppendFuture;
+    fn append(&self, body: NewBody) -> AppendFuture;
 
     /// Queues decisions that are recorded all together or not at all: one commit, and if any
     /// of them cannot be recorded (a request id reused with other inputs), none is.
-    fn append_all(&self, bodies: Vec<RecordBody>) -> AppendAllFuture;
+    fn append_all(&self, bodies: Vec<NewBody>) -> AppendAllFuture;
 
     /// Whether writes currently succeed; false from the first failure until a probe write
     /// succeeds again.
@@ -275,12 +324,12 @@ impl Default for Unrecorded {
 }
 
 impl DecisionLog for Unrecorded {
-    fn append(&self, body: RecordBody) -> AppendFuture {
+    fn append(&self, body: NewBody) -> AppendFuture {
         let _ = body;
         Box::pin(async move { Ok(Appended::New { seq: 0 }) })
     }
 
-    fn append_all(&self, bodies: Vec<RecordBody>) -> AppendAllFuture {
+    fn append_all(&self, bodies: Vec<NewBody>) -> AppendAllFuture {
         Box::pin(async move {
             Ok(bodies
                 .into_iter()

@@ -11,17 +11,166 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::DecisionRecord;
 use super::journal::Position;
+use super::names::FeatureNames;
+use super::record::{self, Fields};
+use super::{DecisionRecord, LogError, RecordBody};
 
-/// A durable record and where the journal holds it.
+/// A durable record as the journal holds it: its bytes, read only when somebody asks.
 #[derive(Debug)]
 pub struct Entry {
-    pub record: DecisionRecord,
     pub position: Position,
-    /// Stored in format 2: its fields are in canonical form, so the view keeps them as
-    /// bytes and numbers (a format-1 record keeps its JSON there).
-    pub compact: bool,
+    /// The journal's payload: prev_hash (32) | hash (32) | record.
+    pub payload: Vec<u8>,
+    /// The request id, if this is a served (non-shadow) decision: the answer to a retry.
+    pub request_id: Option<String>,
+}
+
+impl Entry {
+    pub fn seq(&self) -> i64 {
+        self.position.seq as i64
+    }
+
+    /// The bytes the chain hashes: format 2, or format 1's JSON.
+    pub fn record_bytes(&self) -> &[u8] {
+        &self.payload[64..]
+    }
+
+    pub fn prev_hash(&self) -> &[u8; 32] {
+        self.payload[..32].try_into().expect("32 bytes")
+    }
+
+    pub fn hash(&self) -> &[u8; 32] {
+        self.payload[32..64].try_into().expect("32 bytes")
+    }
+
+    /// The record's fields in place, if it is format 2 (else its JSON must be decoded).
+    pub fn fields(&self) -> Option<Fields<'_>> {
+        if self.record_bytes().first() != Some(&record::FORMAT) {
+            return None;
+        }
+        Fields::read(self.record_bytes()).ok()
+    }
+
+    /// The record, decoded.
+    pub fn decode(&self, names: &FeatureNames) -> Result<DecisionRecord, LogError> {
+        let damaged = |what: String| {
+            LogError::Damaged(format!(
+                "record seq {} (segment {}, offset {}): {what}",
+                self.position.seq, self.position.segment, self.position.offset
+            ))
+        };
+        let e = record::decode_entry(&self.payload).map_err(|e| damaged(e.to_string()))?;
+        let body =
+            record::decode_body(e.record, |d| names.get(d)).map_err(|e| damaged(e.to_string()))?;
+        Ok(DecisionRecord {
+            seq: self.seq(),
+            body,
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        })
+    }
+
+    /// An entry read back from the journal, checked: a format-2 record must parse and have
+    /// its feature names stored, a format-1 record must decode.
+    pub fn read(
+        position: Position,
+        payload: Vec<u8>,
+        names: &FeatureNames,
+    ) -> Result<Entry, LogError> {
+        let mut e = Entry {
+            position,
+            payload,
+            request_id: None,
+        };
+        if e.payload.len() <= 64 {
+            return Err(LogError::Damaged(format!(
+                "record seq {} (segment {}, offset {}): {} bytes, too short for an entry",
+                position.seq,
+                position.segment,
+                position.offset,
+                e.payload.len()
+            )));
+        }
+        e.request_id = match e.fields() {
+            Some(f) => {
+                let digest = f.digest_text();
+                match names.get(&digest) {
+                    Some(n) if n.len() == f.feature_count() => {}
+                    _ => {
+                        return Err(e.decode(names).err().unwrap_or_else(|| {
+                            LogError::Damaged(format!(
+                                "record seq {}: no feature names fit {digest}",
+                                position.seq
+                            ))
+                        }));
+                    }
+                }
+                (!f.is_shadow()).then(|| f.request_id.to_string())
+            }
+            None => {
+                let r = e.decode(names)?;
+                (r.body.arm != "shadow").then_some(r.body.request_id)
+            }
+        };
+        Ok(e)
+    }
+}
+
+/// What a reader selects from the tail, compared on the bytes of format-2 records.
+pub enum Select<'a> {
+    /// The record of this decision id.
+    Decision(&'a str),
+    /// The records of these customer refs; with `before`, only served decisions before it.
+    Customer {
+        refs: &'a [String],
+        before: Option<i64>,
+    },
+}
+
+impl Select<'_> {
+    /// Whether `e` is selected; a format-1 record is decoded to tell.
+    pub fn selects(&self, e: &Entry, names: &FeatureNames) -> bool {
+        if let Select::Customer {
+            before: Some(seq), ..
+        } = self
+            && e.seq() >= *seq
+        {
+            return false;
+        }
+        match e.fields() {
+            Some(f) => match self {
+                Select::Decision(id) => {
+                    let mut buf = [0u8; 36];
+                    let text = uuid::Uuid::from_bytes(*f.decision_id)
+                        .hyphenated()
+                        .encode_lower(&mut buf);
+                    &*text == *id
+                }
+                Select::Customer { refs, before } => {
+                    if before.is_some() && f.is_shadow() {
+                        return false;
+                    }
+                    let mut hex = [0u8; 64];
+                    hex::encode_to_slice(f.customer_ref, &mut hex).expect("64 digits");
+                    refs.iter().any(|r| r.as_bytes() == hex)
+                }
+            },
+            None => match e.decode(names) {
+                Ok(r) => self.selects_body(&r.body),
+                Err(_) => false,
+            },
+        }
+    }
+
+    fn selects_body(&self, b: &RecordBody) -> bool {
+        match self {
+            Select::Decision(id) => b.decision_id == *id,
+            Select::Customer { refs, before } => {
+                (before.is_none() || b.arm != "shadow") && refs.contains(&b.customer_ref)
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -68,11 +217,10 @@ impl Tail {
     pub fn push(&self, entries: Vec<Arc<Entry>>) {
         let mut t = self.lock();
         for e in entries {
-            if e.record.body.arm != "shadow" {
-                t.by_request
-                    .insert(e.record.body.request_id.clone(), e.record.seq);
+            if let Some(id) = &e.request_id {
+                t.by_request.insert(id.clone(), e.seq());
             }
-            t.head = e.record.seq;
+            t.head = e.seq();
             t.records.push_back(e);
         }
         drop(t);
@@ -83,19 +231,15 @@ impl Tail {
     pub fn find_request(&self, request_id: &str) -> Option<Arc<Entry>> {
         let t = self.lock();
         let seq = *t.by_request.get(request_id)?;
-        let first = t.records.front()?.record.seq;
+        let first = t.records.front()?.seq();
         t.records.get((seq - first) as usize).cloned()
     }
 
     /// The records after `c` that `keep` selects, or None if the tail no longer holds all of
     /// them (trimmed past `c`: read the view again).
-    pub fn after(
-        &self,
-        c: i64,
-        mut keep: impl FnMut(&DecisionRecord) -> bool,
-    ) -> Option<Vec<Arc<Entry>>> {
+    pub fn after(&self, c: i64, mut keep: impl FnMut(&Entry) -> bool) -> Option<Vec<Arc<Entry>>> {
         let t = self.lock();
-        let kept_from = t.records.front().map_or(t.head + 1, |e| e.record.seq);
+        let kept_from = t.records.front().map_or(t.head + 1, |e| e.seq());
         if kept_from > c + 1 {
             return None;
         }
@@ -104,7 +248,7 @@ impl Tail {
             t.records
                 .iter()
                 .skip(skip)
-                .filter(|e| keep(&e.record))
+                .filter(|e| keep(e))
                 .cloned()
                 .collect(),
         )
@@ -152,7 +296,7 @@ impl Tail {
                 .0;
         }
         let first = match t.records.front() {
-            Some(e) => e.record.seq,
+            Some(e) => e.seq(),
             None => return Vec::new(),
         };
         let skip = (t.indexed + 1 - first).max(0) as usize;
@@ -163,11 +307,12 @@ impl Tail {
     pub fn indexed_to(&self, seq: i64) {
         let mut t = self.lock();
         t.indexed = t.indexed.max(seq);
-        while t.records.front().is_some_and(|e| e.record.seq <= seq) {
+        while t.records.front().is_some_and(|e| e.seq() <= seq) {
             let e = t.records.pop_front().expect("front");
-            let r = &e.record;
-            if r.body.arm != "shadow" && t.by_request.get(&r.body.request_id) == Some(&r.seq) {
-                t.by_request.remove(&r.body.request_id);
+            if let Some(id) = &e.request_id
+                && t.by_request.get(id) == Some(&e.seq())
+            {
+                t.by_request.remove(id);
             }
         }
         drop(t);

@@ -33,10 +33,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
 use super::journal::Position;
 use super::names::FeatureNames;
+use super::record::{self, Fields};
 use super::tail::Entry;
 use super::{
     ArmSummary, ArmTraffic, DecisionRecord, LogError, PD_BINS, RecordBody, RecordedReason,
-    RolloutDecisions, VersionStats, Window,
+    RolloutDecisions, VersionStats, Window, chain,
 };
 
 /// `PRAGMA user_version` of a file in this layout. 0 is the log before the journal (its
@@ -284,6 +285,8 @@ pub(super) fn set_checkpoint(c: &Connection, p: Position) -> Result<(), LogError
 /// values, so lookups convert their argument the same way.
 pub(super) enum Key<'a> {
     Bytes(Vec<u8>),
+    /// Bytes already at hand (a format-2 record's).
+    Slice(&'a [u8]),
     Text(&'a str),
 }
 
@@ -308,19 +311,11 @@ impl<'a> Key<'a> {
     }
 }
 
-impl Key<'_> {
-    fn value(&self) -> Value {
-        match self {
-            Key::Bytes(b) => Value::Blob(b.clone()),
-            Key::Text(s) => Value::Text(s.to_string()),
-        }
-    }
-}
-
 impl ToSql for Key<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(match self {
             Key::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Key::Slice(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
             Key::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
         })
     }
@@ -383,45 +378,24 @@ fn json_numbers(out: &mut String, values: impl Iterator<Item = f64>) {
     out.push(']');
 }
 
-/// The vector of `b` as a JSON array in the order of `names`, its reasons as `[index,
-/// contribution]` pairs; false (and `features`, `reasons` unusable) when a feature is not
-/// one of `names` or a reason's value is not the vector's.
-fn compact_columns(
-    b: &RecordBody,
-    names: &[String],
-    features: &mut String,
-    reasons: &mut String,
-) -> bool {
-    use std::fmt::Write as _;
-    features.clear();
-    reasons.clear();
-    if names.len() != b.features.len() {
-        return false;
-    }
-    let Ok((x, in_order)) = super::record::in_schema_order(&b.features, names) else {
-        return false;
-    };
-    json_numbers(features, x.iter().copied());
-    let mut buf = ryu::Buffer::new();
-    reasons.push('[');
-    for (i, reason) in b.reasons.iter().enumerate() {
-        let Some(idx) = super::record::feature_index(names, in_order, &reason.feature) else {
-            return false;
-        };
-        if x[idx].to_bits() != reason.value.to_bits() {
-            return false;
+/// The FNV-1a key ([`text_key`]) of the lowercase hex text of `bytes`, without the text.
+fn hex_text_key(bytes: &[u8]) -> i64 {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        for d in [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]] {
+            h ^= u64::from(d);
+            h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        if i > 0 {
-            reasons.push(',');
-        }
-        let _ = write!(reasons, "[{idx},{}]", buf.format(reason.contribution));
     }
-    reasons.push(']');
-    true
+    h as i64
 }
 
 /// model, version, digest, rollout id, arm: what an `arms` row stands for.
 type ArmKey = (String, String, String, Option<String>, String);
+
+/// The same for a format-2 record, as its bytes say it.
+type CompactArmKey = (String, String, [u8; 32], Option<[u8; 16]>, u8);
 
 /// The indexer's side of the view: writes batches of journal records as rows.
 pub(super) struct ViewWriter {
@@ -429,6 +403,8 @@ pub(super) struct ViewWriter {
     names: Arc<FeatureNames>,
     /// `arms.id` by (model, version, digest, rollout_id, arm).
     arms: Vec<(ArmKey, i64)>,
+    /// `arms.id` of format-2 records, by their bytes.
+    compact_arms: Vec<(CompactArmKey, i64)>,
     /// Digests whose names `feature_names` holds.
     named: std::collections::HashSet<String>,
     /// The view's last row: its seq and hash, so a row whose prev_hash is that hash need
@@ -450,6 +426,7 @@ impl ViewWriter {
             conn,
             names,
             arms: Vec::new(),
+            compact_arms: Vec::new(),
             named: std::collections::HashSet::new(),
             last,
         })
@@ -460,37 +437,31 @@ impl ViewWriter {
         &self.conn
     }
 
-    /// The arm row of `b`, added (with its bundle's names) if new.
+    /// The arm row of `key`, added (with its bundle's names) if new.
     fn arm_id(
         tx: &rusqlite::Transaction<'_>,
         names: &FeatureNames,
         named: &mut std::collections::HashSet<String>,
         arms: &mut Vec<(ArmKey, i64)>,
-        b: &RecordBody,
+        key: (&str, &str, &str, Option<&str>, &str),
     ) -> Result<i64, LogError> {
+        let (model, version, digest, rollout_id, arm) = key;
         // A handful of arms exist at a time: a scan compares in place, where a map lookup
         // would first clone five strings per row.
         if let Some((_, id)) = arms.iter().find(|(k, _)| {
-            k.0 == b.model
-                && k.1 == b.version
-                && k.2 == b.digest
-                && k.3 == b.rollout_id
-                && k.4 == b.arm
+            k.0 == model
+                && k.1 == version
+                && k.2 == digest
+                && k.3.as_deref() == rollout_id
+                && k.4 == arm
         }) {
             return Ok(*id);
         }
-        let key = (
-            b.model.clone(),
-            b.version.clone(),
-            b.digest.clone(),
-            b.rollout_id.clone(),
-            b.arm.clone(),
-        );
         let found: Option<i64> = tx
             .query_row(
                 "SELECT id FROM arms WHERE model = ?1 AND version = ?2 AND digest = ?3 \
                  AND rollout_id IS ?4 AND arm = ?5",
-                params![b.model, b.version, b.digest, b.rollout_id, b.arm],
+                params![model, version, digest, rollout_id, arm],
                 |r| r.get(0),
             )
             .optional()
@@ -501,27 +472,79 @@ impl ViewWriter {
                 tx.execute(
                     "INSERT INTO arms (model, version, digest, rollout_id, arm) \
                      VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![b.model, b.version, b.digest, b.rollout_id, b.arm],
+                    params![model, version, digest, rollout_id, arm],
                 )
                 .map_err(query_err)?;
                 tx.last_insert_rowid()
             }
         };
-        if !named.contains(&b.digest) {
-            if let Some(list) = names.get(&b.digest) {
+        if !named.contains(digest) {
+            if let Some(list) = names.get(digest) {
                 let mut put = tx
                     .prepare_cached(
                         "INSERT OR IGNORE INTO feature_names (digest, idx, name) VALUES (?1, ?2, ?3)",
                     )
                     .map_err(query_err)?;
                 for (i, n) in list.iter().enumerate() {
-                    put.execute(params![b.digest, i as i64, n])
+                    put.execute(params![digest, i as i64, n])
                         .map_err(query_err)?;
                 }
             }
-            named.insert(b.digest.clone());
+            named.insert(digest.to_string());
         }
+        let key = (
+            model.to_string(),
+            version.to_string(),
+            digest.to_string(),
+            rollout_id.map(str::to_string),
+            arm.to_string(),
+        );
         arms.push((key, id));
+        Ok(id)
+    }
+
+    /// The arm row of a format-2 record.
+    fn compact_arm_id(
+        tx: &rusqlite::Transaction<'_>,
+        names: &FeatureNames,
+        named: &mut std::collections::HashSet<String>,
+        arms: &mut Vec<(ArmKey, i64)>,
+        compact_arms: &mut Vec<(CompactArmKey, i64)>,
+        f: &Fields<'_>,
+    ) -> Result<i64, LogError> {
+        if let Some((_, id)) = compact_arms.iter().find(|(k, _)| {
+            k.0 == f.model
+                && k.1 == f.version
+                && k.2 == *f.digest
+                && k.3.as_ref() == f.rollout_id
+                && k.4 == f.arm
+        }) {
+            return Ok(*id);
+        }
+        let rollout = f
+            .rollout_id
+            .map(|id| uuid::Uuid::from_bytes(*id).to_string());
+        let id = Self::arm_id(
+            tx,
+            names,
+            named,
+            arms,
+            (
+                f.model,
+                f.version,
+                &f.digest_text(),
+                rollout.as_deref(),
+                record::ARMS[usize::from(f.arm)],
+            ),
+        )?;
+        let key = (
+            f.model.to_string(),
+            f.version.to_string(),
+            *f.digest,
+            f.rollout_id.copied(),
+            f.arm,
+        );
+        compact_arms.push((key, id));
         Ok(id)
     }
 
@@ -532,6 +555,7 @@ impl ViewWriter {
             // The transaction rolled back, and with it any arm or names it added: forget
             // what was learnt in it, or later rows would point at arms that do not exist.
             self.arms.clear();
+            self.compact_arms.clear();
             self.named.clear();
         }
         written
@@ -558,62 +582,120 @@ impl ViewWriter {
                 .map_err(query_err)?;
             let mut features = String::with_capacity(512);
             let mut reasons = String::with_capacity(256);
-            let mut schema: Option<(String, Arc<Vec<String>>)> = None;
             for e in batch {
-                let r = &e.record;
-                let b = &r.body;
-                let arm = Self::arm_id(&tx, &self.names, &mut self.named, &mut self.arms, b)?;
-                let hash = Key::hex::<32>(&r.hash);
-                let prev = Key::hex::<32>(&r.prev_hash);
+                let seq = e.seq();
+                let hash = e.hash();
+                let prev = e.prev_hash();
                 // Stored only where the row before does not say it.
                 let prev_is_row_before = matches!(
-                    (&prev, &prev_row),
-                    (Key::Bytes(p), Some((seq, Value::Blob(h)))) if *seq == r.seq - 1 && p == h
+                    &prev_row,
+                    Some((s, Value::Blob(h))) if *s == seq - 1 && h[..] == prev[..]
                 );
-                // One bundle's names serve a run of its rows: looked up once per change.
-                if e.compact && schema.as_ref().is_none_or(|(d, _)| *d != b.digest) {
-                    schema = self.names.get(&b.digest).map(|n| (b.digest.clone(), n));
-                }
-                let compact = e.compact
-                    && schema.as_ref().is_some_and(|(_, list)| {
-                        compact_columns(b, list, &mut features, &mut reasons)
-                    });
-                let body_json = if compact {
-                    None
+                // Genesis is stored as the text the chain hashes.
+                let prev = if prev.iter().all(|&b| b == 0) {
+                    Key::Text(chain::GENESIS)
                 } else {
-                    features.clear();
-                    reasons.clear();
-                    features.push_str("[]");
-                    reasons.push_str("[]");
-                    Some(serde_json::to_string(b).expect("a record body always serialises"))
+                    Key::Slice(prev)
                 };
-                insert
-                    .execute(params![
-                        r.seq,
-                        Key::uuid(&b.decision_id),
-                        micros_of(&b.recorded_at).unwrap_or(0),
-                        b.request_id,
-                        text_key(&b.request_id),
-                        Key::hex::<32>(&b.request_hash),
-                        Key::hex::<32>(&b.customer_ref),
-                        text_key(&b.customer_ref),
-                        b.key_id,
-                        arm,
-                        features,
-                        b.probability_of_default,
-                        b.grade,
-                        b.decision,
-                        b.current_limit,
-                        b.granted_limit,
-                        reasons,
-                        b.caller,
-                        b.trace_id.as_deref().map(Key::hex::<16>),
-                        (!prev_is_row_before).then_some(prev),
-                        hash,
-                        body_json,
-                    ])
-                    .map_err(query_err)?;
-                prev_row = Some((r.seq, hash.value()));
+                match e.fields() {
+                    Some(f) => {
+                        let arm = Self::compact_arm_id(
+                            &tx,
+                            &self.names,
+                            &mut self.named,
+                            &mut self.arms,
+                            &mut self.compact_arms,
+                            &f,
+                        )?;
+                        features.clear();
+                        json_numbers(&mut features, f.features());
+                        reasons.clear();
+                        reasons.push('[');
+                        let mut buf = ryu::Buffer::new();
+                        use std::fmt::Write as _;
+                        for (i, (idx, contribution)) in f.reasons().enumerate() {
+                            if i > 0 {
+                                reasons.push(',');
+                            }
+                            let _ = write!(reasons, "[{idx},{}", buf.format(contribution));
+                            reasons.push(']');
+                        }
+                        reasons.push(']');
+                        insert
+                            .execute(params![
+                                seq,
+                                &f.decision_id[..],
+                                f.recorded_at,
+                                f.request_id,
+                                text_key(f.request_id),
+                                &f.request_hash[..],
+                                &f.customer_ref[..],
+                                hex_text_key(f.customer_ref),
+                                f.key_id,
+                                arm,
+                                features,
+                                f.probability_of_default,
+                                f.grade,
+                                record::DECISIONS[usize::from(f.decision)],
+                                f.current_limit,
+                                f.granted_limit,
+                                reasons,
+                                f.caller,
+                                f.trace_id.map(|t| &t[..]),
+                                (!prev_is_row_before).then_some(prev),
+                                &hash[..],
+                                None::<&str>,
+                            ])
+                            .map_err(query_err)?;
+                    }
+                    None => {
+                        // Format 1: the record keeps its JSON, and the columns their text.
+                        let r = e.decode(&self.names)?;
+                        let b = &r.body;
+                        let arm = Self::arm_id(
+                            &tx,
+                            &self.names,
+                            &mut self.named,
+                            &mut self.arms,
+                            (
+                                &b.model,
+                                &b.version,
+                                &b.digest,
+                                b.rollout_id.as_deref(),
+                                &b.arm,
+                            ),
+                        )?;
+                        let body_json =
+                            serde_json::to_string(b).expect("a record body always serialises");
+                        insert
+                            .execute(params![
+                                seq,
+                                Key::uuid(&b.decision_id),
+                                micros_of(&b.recorded_at).unwrap_or(0),
+                                b.request_id,
+                                text_key(&b.request_id),
+                                Key::hex::<32>(&b.request_hash),
+                                Key::hex::<32>(&b.customer_ref),
+                                text_key(&b.customer_ref),
+                                b.key_id,
+                                arm,
+                                "[]",
+                                b.probability_of_default,
+                                b.grade,
+                                b.decision,
+                                b.current_limit,
+                                b.granted_limit,
+                                "[]",
+                                b.caller,
+                                b.trace_id.as_deref().map(Key::hex::<16>),
+                                (!prev_is_row_before).then_some(prev),
+                                &hash[..],
+                                body_json,
+                            ])
+                            .map_err(query_err)?;
+                    }
+                }
+                prev_row = Some((seq, Value::Blob(hash.to_vec())));
             }
         }
         set_checkpoint(&tx, last.position)?;
@@ -1109,26 +1191,46 @@ mod tests_support {
         }
     }
 
-    pub(super) fn entry(seq: i64, body: RecordBody, prev: &str, compact: bool) -> Arc<Entry> {
-        Arc::new(Entry {
-            record: DecisionRecord {
-                seq,
-                body,
-                prev_hash: prev.to_string(),
-                hash: format!("{seq:02x}").repeat(32),
-            },
+    /// The journal entry of `body` at `seq` after `prev` (a hash, or genesis), with the
+    /// hash `{seq:064x}`: format 2 if `compact` (its names stored), else its JSON; and the
+    /// record a reader must get back.
+    pub(super) fn entry(
+        names: &FeatureNames,
+        seq: i64,
+        body: RecordBody,
+        prev: &str,
+        compact: bool,
+    ) -> (Arc<Entry>, DecisionRecord) {
+        let hash = format!("{seq:064x}");
+        let mut hash_bytes = [0u8; 32];
+        hex::decode_to_slice(&hash, &mut hash_bytes).unwrap();
+        let bytes = if compact {
+            record::encode(&body, &names.get(&body.digest).unwrap()).unwrap()
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
+        let entry = Entry {
             position: Position {
                 seq: seq as u64,
                 segment: 1,
                 offset: 64 * seq as u64,
             },
-            compact,
-        })
+            payload: record::encode_entry(prev, &hash_bytes, &bytes),
+            request_id: (body.arm != "shadow").then(|| body.request_id.clone()),
+        };
+        let record = DecisionRecord {
+            seq,
+            body,
+            prev_hash: prev.to_string(),
+            hash,
+        };
+        (Arc::new(entry), record)
     }
 
     /// Records of every shape the journal holds: compact ones, one kept as JSON because its
-    /// text is not canonical, one after a broken link, one without optional fields.
-    pub(super) fn records(names: &FeatureNames) -> Vec<Arc<Entry>> {
+    /// text is not canonical, one after a broken link, one without optional fields; their
+    /// entries and what readers must get back.
+    pub(super) fn records(names: &FeatureNames) -> (Vec<Arc<Entry>>, Vec<DecisionRecord>) {
         let schema = schema();
         let mut sorted = schema.clone();
         sorted.sort();
@@ -1157,21 +1259,23 @@ mod tests_support {
             request_id: "req-000124".into(),
             ..b.clone()
         };
-        vec![
-            entry(1, b, crate::decision_log::chain::GENESIS, true),
-            entry(2, bare, &"01".repeat(32), true),
-            entry(3, odd, &"02".repeat(32), false),
-            entry(4, later, &"ee".repeat(32), true),
+        [
+            entry(names, 1, b, crate::decision_log::chain::GENESIS, true),
+            entry(names, 2, bare, &format!("{:064x}", 1), true),
+            entry(names, 3, odd, &format!("{:064x}", 2), false),
+            entry(names, 4, later, &"ee".repeat(32), true),
         ]
+        .into_iter()
+        .unzip()
     }
 
     /// `n` compact records of one bundle, distinct ids and request ids, of `customers`
     /// customers in turn.
     pub(super) fn many_of(names: &FeatureNames, n: usize, customers: i64) -> Vec<Arc<Entry>> {
-        let first = records(names).remove(0);
+        let first = records(names).1.remove(0);
         (1..=n as i64)
             .map(|seq| {
-                let mut b = first.record.body.clone();
+                let mut b = first.body.clone();
                 b.decision_id = uuid::Uuid::now_v7().to_string();
                 b.request_id = format!("req-{seq}");
                 b.recorded_at = rfc3339_micros(1_800_000_000_000_000 + seq * 150);
@@ -1183,9 +1287,7 @@ mod tests_support {
                 } else {
                     format!("{:064x}", seq - 1)
                 };
-                let mut e = entry(seq, b, &prev, true);
-                Arc::get_mut(&mut e).unwrap().record.hash = format!("{seq:064x}");
-                e
+                entry(names, seq, b, &prev, true).0
             })
             .collect()
     }
@@ -1220,7 +1322,7 @@ mod tests {
         plan(by_request_sql(), "decision_rows_request_span");
         plan(by_customer_sql(), "decision_rows_customer_span");
         plan(previous_sql(), "decision_rows_customer_span");
-        let first = records(&f.names).remove(0);
+        let first = records(&f.names).1.remove(0);
         let span = 1i64 << SPAN_BITS;
         // One customer's records in spans 0, 2 and 5 (none in 1, 3, 4), a shadow decision
         // in the newest; each with its own request id.
@@ -1228,19 +1330,19 @@ mod tests {
         let entries: Vec<Arc<Entry>> = seqs
             .iter()
             .map(|&seq| {
-                let mut b = first.record.body.clone();
+                let mut b = first.body.clone();
                 b.decision_id = uuid::Uuid::now_v7().to_string();
                 b.request_id = format!("span-{seq}");
                 if seq == 5 * span + 1 {
                     b.arm = "shadow".into();
                 }
-                entry(seq, b, &format!("{:064x}", seq - 1), true)
+                entry(&f.names, seq, b, &format!("{:064x}", seq - 1), true).0
             })
             .collect();
         let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
         w.insert(&entries).unwrap();
         let c = open_ro(&f.path).unwrap();
-        let customer = [first.record.body.customer_ref.clone()];
+        let customer = [first.body.customer_ref.clone()];
         let found: Vec<i64> = by_customer(&c, &f.names, &customer)
             .unwrap()
             .iter()
@@ -1272,7 +1374,7 @@ mod tests {
     #[test]
     fn every_record_reads_back_as_it_was_written() {
         let f = fixture();
-        let records = records(&f.names);
+        let (records, want) = records(&f.names);
         let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
         w.insert(&records[..2]).unwrap();
         // A second writer resumes from the file, as the indexer does after a restart.
@@ -1286,7 +1388,6 @@ mod tests {
             true
         })
         .unwrap();
-        let want: Vec<DecisionRecord> = records.iter().map(|e| e.record.clone()).collect();
         assert_eq!(all, want);
         for r in &want {
             let got = get(&c, &f.names, &r.body.decision_id).unwrap();
@@ -1311,7 +1412,7 @@ mod tests {
                 .map(|r| r.seq),
             Some(2)
         );
-        assert_eq!(seq_of_hash(&c, &"03".repeat(32)), Some(3));
+        assert_eq!(seq_of_hash(&c, &format!("{:064x}", 3)), Some(3));
         // Only the first row and the one after the broken link store their prev_hash.
         let stored: i64 = c
             .query_row(
@@ -1326,13 +1427,13 @@ mod tests {
     #[test]
     fn a_missing_value_is_null_in_the_view_and_missing_again_when_read() {
         let f = fixture();
-        let mut e = records(&f.names).remove(0);
-        let body = &mut Arc::get_mut(&mut e).unwrap().record.body;
+        let mut body = records(&f.names).1.remove(0).body;
         // A reason's feature, so that the reason's value (the vector's) is missing too.
         let name = body.reasons[0].feature.clone();
         *body.features.get_mut(&name).unwrap() = f64::NAN;
         body.reasons[0].value = f64::NAN;
         let id = body.decision_id.clone();
+        let (e, written) = entry(&f.names, 1, body, crate::decision_log::chain::GENESIS, true);
         let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
         w.insert(std::slice::from_ref(&e)).unwrap();
         let c = open_ro(&f.path).unwrap();
@@ -1350,7 +1451,7 @@ mod tests {
         assert!(got.body.features[&name].is_nan());
         assert!(got.body.reasons[0].value.is_nan());
         // Otherwise the record is as written.
-        let mut want = e.record.clone();
+        let mut want = written;
         for r in [&mut got, &mut want] {
             r.body.features.insert(name.clone(), 0.0);
             r.body.reasons[0].value = 0.0;
@@ -1361,7 +1462,7 @@ mod tests {
     #[test]
     fn a_batch_that_fails_leaves_no_arm_behind_that_later_rows_would_miss() {
         let f = fixture();
-        let records = records(&f.names);
+        let (records, _) = records(&f.names);
         let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
         w.insert(&records[..1]).unwrap();
         // Record 2 brings a new arm (no rollout, champion); seq 1 again fails the batch.
@@ -1378,7 +1479,7 @@ mod tests {
     #[test]
     fn the_decisions_view_shows_the_columns_and_text_of_the_wide_layout() {
         let f = fixture();
-        let records = records(&f.names);
+        let (records, want) = records(&f.names);
         let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
         w.insert(&records).unwrap();
         let c = open_ro(&f.path).unwrap();
@@ -1392,7 +1493,6 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        let want: Vec<DecisionRecord> = records.iter().map(|e| e.record.clone()).collect();
         assert_eq!(rows, want);
         // Features read by name, as reviewers' queries do.
         let name = want[0].body.features.keys().nth(1).unwrap().clone();
@@ -1409,11 +1509,11 @@ mod tests {
     #[test]
     fn window_bounds_and_rollout_aggregates_use_the_time_column() {
         let f = fixture();
-        let records = records(&f.names);
+        let (records, want) = records(&f.names);
         let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
         w.insert(&records).unwrap();
         let c = open_ro(&f.path).unwrap();
-        let rollout = records[0].record.body.rollout_id.clone().unwrap();
+        let rollout = want[0].body.rollout_id.clone().unwrap();
         let r = rollout_decisions(&c, &rollout, "2000-01-01T00:00:00Z").unwrap();
         let arms: Vec<(&str, u64)> = r
             .arms

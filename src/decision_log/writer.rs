@@ -19,12 +19,12 @@ use rusqlite::Connection;
 use tokio::sync::{oneshot, watch};
 
 use super::chain;
-use super::journal::Journal;
+use super::journal::{Journal, Position};
 use super::names::FeatureNames;
-use super::record;
+use super::record::{self, CompactBody, StoredOrder};
 use super::seen::SeenIds;
 use super::tail::{Entry, Tail};
-use super::{Appended, DecisionRecord, Durability, LogError, RecordBody, view};
+use super::{Appended, DecisionRecord, Durability, LogError, NewBody, RecordBody, view};
 
 /// How long an unhealthy writer waits between recovery attempts when no decision arrives.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -39,7 +39,7 @@ pub(super) type GroupAnswer = Result<Vec<Appended>, LogError>;
 /// Decisions to record together: one for `append`, several for `append_all`, which are
 /// recorded all or none.
 pub(super) struct Job {
-    pub bodies: Vec<RecordBody>,
+    pub bodies: Vec<NewBody>,
     pub reply: oneshot::Sender<GroupAnswer>,
 }
 
@@ -71,6 +71,8 @@ pub(super) struct Head {
 pub(super) struct Writer {
     pub journal: Journal,
     pub names: Arc<FeatureNames>,
+    /// How each bundle's stored names order its vectors, by digest (None: they do not fit).
+    pub orders: HashMap<[u8; 32], Option<Arc<StoredOrder>>>,
     pub seen: SeenIds,
     pub tail: Arc<Tail>,
     pub head: Head,
@@ -94,12 +96,6 @@ pub(super) struct Writer {
 pub(super) enum Down {
     Failed { group_bytes: usize },
     Damaged(String),
-}
-
-/// A decision that passed its request-id check, on its way into the group.
-struct Fresh {
-    record: DecisionRecord,
-    payload: Vec<u8>,
 }
 
 /// (device, inode) of a file: a file removed or replaced under the writer shows.
@@ -258,17 +254,17 @@ impl Writer {
         let mut head = self.head.clone();
         // Served request ids new in this group, to their record (a retry within the group).
         let mut in_group: HashMap<String, usize> = HashMap::new();
-        let mut fresh: Vec<Fresh> = Vec::new();
+        let mut fresh: Vec<Entry> = Vec::new();
         let mut answers: Vec<Result<Vec<Answer>, LogError>> = Vec::with_capacity(batch.len());
         for job in &mut batch {
             let (job_head, job_fresh) = (head.clone(), fresh.len());
             let mut out = Vec::with_capacity(job.bodies.len());
             let mut refused = None;
             for body in std::mem::take(&mut job.bodies) {
-                if body.arm != "shadow" {
+                if !body.is_shadow() {
                     match self.recorded(&body, &in_group, &fresh) {
-                        Ok(Some(a)) => {
-                            out.push(a);
+                        Ok(Some(r)) => {
+                            out.push(Answer::Existing(r));
                             continue;
                         }
                         Ok(None) => {}
@@ -278,23 +274,21 @@ impl Writer {
                         }
                     }
                 }
-                let f = self.chain(&head, body);
-                head = Head {
-                    seq: f.record.seq,
-                    hash: f.record.hash.clone(),
-                };
-                if f.record.body.arm != "shadow" {
-                    in_group.insert(f.record.body.request_id.clone(), fresh.len());
+                let entry = self.chain(&mut head, body);
+                if let Some(id) = &entry.request_id {
+                    in_group.insert(id.clone(), fresh.len());
                 }
                 out.push(Answer::New(fresh.len()));
-                fresh.push(f);
+                fresh.push(entry);
             }
             match refused {
                 Some(e) => {
                     // All or none: undo what this job added.
                     head = job_head;
                     for f in fresh.drain(job_fresh..) {
-                        in_group.remove(&f.record.body.request_id);
+                        if let Some(id) = &f.request_id {
+                            in_group.remove(id);
+                        }
                     }
                     answers.push(Err(e));
                 }
@@ -338,15 +332,12 @@ impl Writer {
                 let entries: Vec<Arc<Entry>> = fresh
                     .into_iter()
                     .zip(positions)
-                    .map(|(f, position)| {
-                        if f.record.body.arm != "shadow" {
-                            self.seen.insert(&f.record.body.request_id);
+                    .map(|(mut f, position)| {
+                        if let Some(id) = &f.request_id {
+                            self.seen.insert(id);
                         }
-                        Arc::new(Entry {
-                            compact: f.payload.get(64) == Some(&super::record::FORMAT),
-                            record: f.record,
-                            position,
-                        })
+                        f.position = position;
+                        Arc::new(f)
                     })
                     .collect();
                 self.head = head;
@@ -357,11 +348,8 @@ impl Writer {
                             list.into_iter()
                                 .map(|a| match a {
                                     Answer::New(i) => Appended::New {
-                                        seq: entries[i].record.seq,
+                                        seq: entries[i].seq(),
                                     },
-                                    Answer::Again(i) => {
-                                        Appended::Existing(Box::new(entries[i].record.clone()))
-                                    }
                                     Answer::Existing(r) => Appended::Existing(r),
                                 })
                                 .collect()
@@ -394,49 +382,112 @@ impl Writer {
         }
     }
 
-    /// The answer for a served request id recorded before (in this group, the tail or the
-    /// view), None if it is new.
+    /// The record a served request id was recorded with before (in this group, the tail or
+    /// the view), None if it is new; refused if that record was of other inputs.
     fn recorded(
         &self,
-        body: &RecordBody,
+        body: &NewBody,
         in_group: &HashMap<String, usize>,
-        fresh: &[Fresh],
-    ) -> Result<Option<Answer>, LogError> {
-        let same = |r: &DecisionRecord| -> Result<(), LogError> {
-            if r.body.request_hash == body.request_hash {
-                Ok(())
+        fresh: &[Entry],
+    ) -> Result<Option<Box<DecisionRecord>>, LogError> {
+        let id = body.request_id();
+        let same = |r: DecisionRecord| -> Result<Option<Box<DecisionRecord>>, LogError> {
+            if body.same_request(&r) {
+                Ok(Some(Box::new(r)))
             } else {
-                Err(LogError::RequestIdReused(body.request_id.clone()))
+                Err(LogError::RequestIdReused(id.to_string()))
             }
         };
-        if let Some(&i) = in_group.get(&body.request_id) {
-            same(&fresh[i].record)?;
-            return Ok(Some(Answer::Again(i)));
+        if let Some(&i) = in_group.get(id) {
+            return same(fresh[i].decode(&self.names)?);
         }
-        if let Some(e) = self.tail.find_request(&body.request_id) {
-            same(&e.record)?;
-            return Ok(Some(Answer::Existing(Box::new(e.record.clone()))));
+        if let Some(e) = self.tail.find_request(id) {
+            return same(e.decode(&self.names)?);
         }
-        if !self.seen.may_contain(&body.request_id) {
+        if !self.seen.may_contain(id) {
             return Ok(None);
         }
-        match view::by_request(&self.view, &self.names, &body.request_id)
+        match view::by_request(&self.view, &self.names, id)
             .map_err(|e| LogError::Unavailable(format!("looking up a request id: {e}")))?
         {
-            Some(r) => {
-                same(&r)?;
-                Ok(Some(Answer::Existing(Box::new(r))))
-            }
+            Some(r) => same(r),
             None => Ok(None),
         }
     }
 
-    /// The next record of the chain after `head`.
-    fn chain(&self, head: &Head, body: RecordBody) -> Fresh {
+    /// The next record of the chain after `head`, which moves on to it: the journal entry
+    /// (prev_hash | hash | record) and the request id it answers. Its place in the journal
+    /// is known once the group is written.
+    fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
+        let mut payload = Vec::with_capacity(64 + 384);
+        if head.hash == chain::GENESIS {
+            payload.extend_from_slice(&[0u8; 32]);
+        } else {
+            let mut prev = [0u8; 32];
+            // Every hash the log writes is 64 lowercase hex digits.
+            hex::decode_to_slice(&head.hash, &mut prev).expect("a chain hash is 32 bytes of hex");
+            payload.extend_from_slice(&prev);
+        }
+        payload.extend_from_slice(&[0u8; 32]);
+        let request_id = match body {
+            NewBody::Compact(c) => {
+                let compact = self
+                    .order(&c)
+                    .is_some_and(|order| record::encode_compact(&c, &order, &mut payload).is_ok());
+                if !compact {
+                    self.put_text(&c.body(), &mut payload);
+                }
+                (!c.is_shadow()).then_some(c.request_id)
+            }
+            NewBody::Text(b) => {
+                self.put_text(&b, &mut payload);
+                (b.arm != "shadow").then_some(b.request_id)
+            }
+        };
+        let hash = chain::link_hash_bytes(&head.hash, &payload[64..]);
+        payload[32..64].copy_from_slice(&hash);
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(hash, &mut hex).expect("64 digits");
+        head.seq += 1;
+        head.hash = std::str::from_utf8(&hex).expect("hex").to_string();
+        Entry {
+            position: Position {
+                seq: head.seq as u64,
+                segment: 0,
+                offset: 0,
+            },
+            payload,
+            request_id,
+        }
+    }
+
+    /// How the stored names of a compact body's bundle order its vector (storing the names
+    /// of a bundle first seen, in its schema order); None when they do not fit its schema,
+    /// and the record is then stored as JSON.
+    fn order(&mut self, c: &CompactBody) -> Option<Arc<StoredOrder>> {
+        if let Some(order) = self.orders.get(&c.digest) {
+            return order.clone();
+        }
+        let digest = format!("sha256:{}", hex::encode(c.digest));
+        match self.names.ensure(&digest, c.names.to_vec()) {
+            Ok(stored) => {
+                let order = StoredOrder::new(&stored, &c.names).map(Arc::new);
+                self.orders.insert(c.digest, order.clone());
+                order
+            }
+            Err(e) => {
+                // Not remembered: the next record tries to store the names again.
+                tracing::warn!(error = %e, digest, "feature names not stored; recording as JSON");
+                None
+            }
+        }
+    }
+
+    /// Appends a text body's bytes: format 2 if its names are stored (or can be) and it is
+    /// canonical, else its JSON (still chained and verifiable, only larger).
+    fn put_text(&self, body: &RecordBody, payload: &mut Vec<u8>) {
         let names = match self.names.get(&body.digest) {
             Some(n) => Some(n),
-            // Without stored names the record keeps format 1 (JSON): still chained and
-            // verifiable, only larger.
             None => match self
                 .names
                 .ensure(&body.digest, body.features.keys().cloned().collect())
@@ -448,18 +499,10 @@ impl Writer {
                 }
             },
         };
-        let bytes = record::body_bytes(&body, names.as_deref().map(|n| n.as_slice()));
-        let hash = chain::link_hash_bytes(&head.hash, &bytes);
-        let payload = record::encode_entry(&head.hash, &hash, &bytes);
-        Fresh {
-            record: DecisionRecord {
-                seq: head.seq + 1,
-                body,
-                prev_hash: head.hash.clone(),
-                hash: hex::encode(hash),
-            },
-            payload,
-        }
+        payload.extend_from_slice(&record::body_bytes(
+            body,
+            names.as_deref().map(|n| n.as_slice()),
+        ));
     }
 
     fn go_down(&mut self, down: Down) {
@@ -502,7 +545,6 @@ impl Writer {
 enum Answer {
     /// The i-th fresh record of the group.
     New(usize),
-    /// A retry, within the group, of its i-th fresh record.
-    Again(usize),
+    /// A retry of a recorded request (in this group or before): the first decision stands.
     Existing(Box<DecisionRecord>),
 }

@@ -7,14 +7,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use sha2::{Digest as _, Sha256};
 
 use super::ScoreError;
 use super::decision::{Decision, ScoreRequest};
 use crate::bundle::Bundle;
-use crate::customer::CustomerKeys;
+use crate::customer::{CustomerKeys, CustomerRef};
+use crate::decision_log::record::{self, CompactBody};
 use crate::decision_log::{
-    AppendFuture, Appended, DecisionLog, LogError, RecordBody, RecordedReason,
+    AppendFuture, Appended, DecisionLog, LogError, NewBody, RecordBody, RecordedReason,
 };
 use crate::rollout::Route;
 use crate::schema::RawValue;
@@ -61,6 +64,7 @@ impl Pending {
 pub struct Recorder {
     log: Arc<dyn DecisionLog>,
     keys: CustomerKeys,
+    bundles: Arc<BundleKeys>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -71,12 +75,16 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     pub fn new(log: Arc<dyn DecisionLog>, keys: CustomerKeys) -> Self {
-        Recorder { log, keys }
+        Recorder {
+            log,
+            keys,
+            bundles: Arc::default(),
+        }
     }
 
     /// Queues one decision's record; it shares a commit with whatever else is queued.
     pub fn queue(&self, req: &ScoreRequest, decided: Decided) -> Pending {
-        let body = self.body(req, &decided);
+        let body = self.new_body(req, &decided);
         Pending {
             durable: self.log.append(body),
             decided,
@@ -93,7 +101,7 @@ impl Recorder {
         let bodies = reqs
             .iter()
             .zip(&decided)
-            .map(|(r, d)| self.body(r, d))
+            .map(|(r, d)| self.new_body(r, d))
             .collect();
         let appended = self.log.append_all(bodies).await.map_err(|e| {
             // A reused id names its row; any other failure is the whole group's.
@@ -121,51 +129,190 @@ impl Recorder {
     }
 
     /// The record of a decision: what the log stores, hashes and chains. The customer id
-    /// becomes its keyed pseudonym here.
-    fn body(&self, req: &ScoreRequest, d: &Decided) -> RecordBody {
+    /// becomes its keyed pseudonym here. Compact (typed, written as format 2 without any
+    /// text parsed back) whenever format 2 can hold it, which is always for what a server
+    /// of this release decides; else the text form, stored as its JSON.
+    fn new_body(&self, req: &ScoreRequest, d: &Decided) -> NewBody {
         let customer = self.keys.current(&req.customer_id);
+        let hash = request_hash(req, &customer.value);
+        let recorded_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_micros() as i64);
+        match self.compact(req, d, &customer, hash, recorded_at) {
+            Some(c) => NewBody::Compact(c),
+            None => NewBody::Text(text_body(req, d, customer, hash, recorded_at)),
+        }
+    }
+
+    fn compact(
+        &self,
+        req: &ScoreRequest,
+        d: &Decided,
+        customer: &CustomerRef,
+        request_hash: [u8; 32],
+        recorded_at: i64,
+    ) -> Option<CompactBody> {
         let decision = &d.decision;
-        RecordBody {
-            decision_id: decision.decision_id.to_string(),
-            recorded_at: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        let bundle = self.bundles.of(&d.bundle)?;
+        let reasons = decision
+            .reasons
+            .iter()
+            .map(|r| {
+                let i = bundle.names.iter().position(|n| *n == r.feature)?;
+                // A reason's value is the vector's, or the record could not say it.
+                (d.x.get(i)?.to_bits() == r.value.to_bits()).then_some((i as u16, r.contribution))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let rollout_id = match &decision.rollout_id {
+            None => None,
+            Some(id) => Some(canonical_uuid(id)?),
+        };
+        let trace_id = match &req.trace_id {
+            None => None,
+            Some(t) => Some(canonical_hex16(t)?),
+        };
+        Some(CompactBody {
+            decision_id: decision.decision_id.into_bytes(),
+            recorded_at,
             request_id: req.request_id.clone(),
-            request_hash: request_hash(req, &customer.value),
-            customer_ref: customer.value,
-            key_id: customer.key_id,
+            request_hash,
+            customer_ref: customer.bytes,
+            key_id: customer.key_id.clone(),
             model: decision.model.clone(),
             version: decision.version.clone(),
-            digest: decision.digest.to_string(),
-            rollout_id: decision.rollout_id.clone(),
-            arm: decision.arm.as_str().to_string(),
-            features: d
-                .bundle
+            digest: bundle.digest,
+            rollout_id,
+            arm: record::ARMS
+                .iter()
+                .position(|a| *a == decision.arm.as_str())? as u8,
+            names: bundle.names.clone(),
+            x: d.x.clone(),
+            probability_of_default: decision.probability_of_default,
+            grade: decision.grade.clone(),
+            decision: record::DECISIONS
+                .iter()
+                .position(|o| *o == decision.outcome.as_str())? as u8,
+            current_limit: decision.current_limit,
+            granted_limit: decision.granted_limit,
+            reasons,
+            caller: req.caller.clone(),
+            trace_id,
+        })
+    }
+}
+
+/// The text form of a decision's record, for what the compact form cannot hold.
+fn text_body(
+    req: &ScoreRequest,
+    d: &Decided,
+    customer: CustomerRef,
+    request_hash: [u8; 32],
+    recorded_at: i64,
+) -> RecordBody {
+    let decision = &d.decision;
+    let at = std::time::UNIX_EPOCH + Duration::from_micros(recorded_at.max(0) as u64);
+    RecordBody {
+        decision_id: decision.decision_id.to_string(),
+        recorded_at: humantime::format_rfc3339_micros(at).to_string(),
+        request_id: req.request_id.clone(),
+        request_hash: hex::encode(request_hash),
+        customer_ref: customer.value,
+        key_id: customer.key_id,
+        model: decision.model.clone(),
+        version: decision.version.clone(),
+        digest: decision.digest.to_string(),
+        rollout_id: decision.rollout_id.clone(),
+        arm: decision.arm.as_str().to_string(),
+        features: d
+            .bundle
+            .schema
+            .features()
+            .iter()
+            .zip(&d.x)
+            .map(|(f, v)| (f.name.clone(), *v))
+            .collect(),
+        probability_of_default: decision.probability_of_default,
+        grade: decision.grade.clone(),
+        decision: decision.outcome.as_str().to_string(),
+        current_limit: decision.current_limit,
+        granted_limit: decision.granted_limit,
+        reasons: decision
+            .reasons
+            .iter()
+            .map(|r| RecordedReason {
+                feature: r.feature.clone(),
+                contribution: r.contribution,
+                value: r.value,
+            })
+            .collect(),
+        caller: req.caller.clone(),
+        trace_id: req.trace_id.clone(),
+        remediates: None,
+        pre_harm_limit: None,
+        reason: None,
+    }
+}
+
+/// What the compact records of a bundle's decisions need: its digest as bytes and its
+/// feature names in schema order, worked out once per bundle rather than per decision.
+struct BundleKey {
+    digest_text: String,
+    digest: [u8; 32],
+    names: Arc<[String]>,
+}
+
+/// The bundles seen so far (a handful: one per version that decided), read without a lock.
+#[derive(Default)]
+struct BundleKeys(ArcSwap<Vec<Arc<BundleKey>>>);
+
+impl BundleKeys {
+    /// The key of `bundle`; None if its digest is not `sha256:` and 64 lowercase hex digits.
+    fn of(&self, bundle: &Bundle) -> Option<Arc<BundleKey>> {
+        let digest_text = bundle.digest.as_str();
+        if let Some(k) = self.0.load().iter().find(|k| k.digest_text == digest_text) {
+            return Some(k.clone());
+        }
+        let hex = digest_text.strip_prefix("sha256:")?;
+        let mut digest = [0u8; 32];
+        if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        hex::decode_to_slice(hex, &mut digest).ok()?;
+        let key = Arc::new(BundleKey {
+            digest_text: digest_text.to_string(),
+            digest,
+            names: bundle
                 .schema
                 .features()
                 .iter()
-                .zip(&d.x)
-                .map(|(f, v)| (f.name.clone(), *v))
+                .map(|f| f.name.clone())
                 .collect(),
-            probability_of_default: decision.probability_of_default,
-            grade: decision.grade.clone(),
-            decision: decision.outcome.as_str().to_string(),
-            current_limit: decision.current_limit,
-            granted_limit: decision.granted_limit,
-            reasons: decision
-                .reasons
-                .iter()
-                .map(|r| RecordedReason {
-                    feature: r.feature.clone(),
-                    contribution: r.contribution,
-                    value: r.value,
-                })
-                .collect(),
-            caller: req.caller.clone(),
-            trace_id: req.trace_id.clone(),
-            remediates: None,
-            pre_harm_limit: None,
-            reason: None,
-        }
+        });
+        self.0.rcu(|known| {
+            let mut known = (**known).clone();
+            if !known.iter().any(|k| k.digest_text == digest_text) {
+                known.push(key.clone());
+            }
+            known
+        });
+        Some(key)
     }
+}
+
+/// The bytes of a UUID written as a lowercase hyphenated one (as the server writes them).
+fn canonical_uuid(s: &str) -> Option<[u8; 16]> {
+    let id = uuid::Uuid::try_parse(s).ok()?;
+    let mut buf = [0u8; 36];
+    (*id.hyphenated().encode_lower(&mut buf) == *s).then(|| id.into_bytes())
+}
+
+/// The bytes of 32 lowercase hex digits (a W3C trace id).
+fn canonical_hex16(s: &str) -> Option<[u8; 16]> {
+    let mut out = [0u8; 16];
+    (s.len() == 32 && !s.bytes().any(|b| b.is_ascii_uppercase()))
+        .then(|| hex::decode_to_slice(s, &mut out).ok())
+        .flatten()
+        .map(|()| out)
 }
 
 /// What makes two requests "the same" for an idempotent retry: the customer (as a ref),
@@ -174,7 +321,7 @@ impl Recorder {
 /// null). Written straight from typed fields, which gives the same bytes as building a
 /// `serde_json::Value` did in earlier releases at a fraction of the allocations, so a retry
 /// across an upgrade still matches its recorded hash.
-fn request_hash(req: &ScoreRequest, customer_ref: &str) -> String {
+fn request_hash(req: &ScoreRequest, customer_ref: &str) -> [u8; 32] {
     #[derive(serde::Serialize)]
     #[serde(rename_all = "lowercase")]
     enum Tagged<'a> {
@@ -211,7 +358,7 @@ fn request_hash(req: &ScoreRequest, customer_ref: &str) -> String {
         model: &req.model,
     };
     let bytes = serde_json::to_vec(&canonical).expect("a request always serialises");
-    hex::encode(Sha256::digest(&bytes))
+    Sha256::digest(&bytes).into()
 }
 
 #[cfg(test)]
@@ -270,7 +417,7 @@ mod tests {
                 trace_id: None,
             };
             assert_eq!(
-                request_hash(&req, "ref"),
+                hex::encode(request_hash(&req, "ref")),
                 request_hash_by_value(&req, "ref")
             );
         }
