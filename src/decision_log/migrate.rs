@@ -12,9 +12,9 @@
 //! - 2: the journal's first view, one wide `decisions` table. The view is a cache of the
 //!   journal, so the step to layout 3 drops it (and its checkpoint) and the indexer rebuilds
 //!   it from the journal on this start.
-//! - 3: the rows of layout 4, with the customer and request indexes over the whole log. The step
-//!   to layout 4 drops those two and builds their per-span successors over the rows in place
-//!   (no rebuild from the journal).
+//! - 3: the rows of layout 4, with the customer index over the whole log. The step to
+//!   layout 4 drops it and builds its per-span successor over the rows in place (no rebuild
+//!   from the journal).
 //! - 0 without one: a new directory; 4: the current layout. Anything newer was written by a
 //!   later release and is refused rather than guessed at.
 
@@ -68,11 +68,9 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
         .map_err(q)?;
     }
     if version == 3 {
-        tracing::info!("layout 3 to 4: indexing customers and request ids per span of the log");
-        tx.execute_batch(
-            "DROP INDEX IF EXISTS decision_rows_customer; DROP INDEX IF EXISTS decision_rows_request;",
-        )
-        .map_err(q)?;
+        tracing::info!("layout 3 to 4: indexing customers per span of the log");
+        tx.execute_batch("DROP INDEX IF EXISTS decision_rows_customer;")
+            .map_err(q)?;
     }
     tx.execute_batch(view::SCHEMA).map_err(q)?;
     tx.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))

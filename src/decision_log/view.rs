@@ -10,9 +10,9 @@
 //! keep working. A record the journal holds in format 1 (migrated, or not canonical) keeps
 //! its JSON in `body_json`, which the view and the readers then take as it is.
 //!
-//! The two lookups whose keys arrive in random order (customer, request id) are indexed per
-//! span of the log (`seq >> SPAN_BITS`), so that inserts stay in a small, cached subtree;
-//! a lookup probes every span.
+//! Customers, whose keys arrive in random order, are indexed per span of the log
+//! (`seq >> SPAN_BITS`), so that inserts stay in a small, cached subtree; a lookup probes
+//! every span.
 //!
 //! `prev_hash` is stored only where it is not the hash of the row before (the first row,
 //! the first after a retention cut, a broken link): every other row's is that hash.
@@ -45,9 +45,9 @@ use super::{
 /// (one wide `decisions` table); see [`super::migrate`].
 pub const USER_VERSION: i64 = 4;
 
-/// log2 of the seqs per span of the customer and request indexes; the schema's index
-/// expressions (`seq >> 17`) and the lookups' must match it, character for character, for
-/// SQLite to use the indexes.
+/// log2 of the seqs per span of the customer index; the schema's index expression
+/// (`seq >> 17`) and the lookups' must match it, character for character, for SQLite to use
+/// the index.
 const SPAN_BITS: u32 = 17;
 
 /// The spans from the newest down to the first, as SQL (a recursive CTE named `span`,
@@ -58,13 +58,9 @@ fn spans_cte(top: usize) -> String {
     )
 }
 
-/// A served request id's record: ?1 its key, ?2 the id, ?3 the newest span.
+/// A served request id's record: ?1 its key, ?2 the id.
 fn by_request_sql() -> String {
-    format!(
-        "{}{SELECT} WHERE (d.seq >> {SPAN_BITS}) IN span AND d.request_key = ?1 \
-         AND d.request_id = ?2 AND a.arm != 'shadow' LIMIT 1",
-        spans_cte(3)
-    )
+    format!("{SELECT} WHERE d.request_key = ?1 AND d.request_id = ?2 AND a.arm != 'shadow' LIMIT 1")
 }
 
 /// A customer ref's records: ?1 its key, ?2 the ref, ?3 the newest span.
@@ -134,12 +130,13 @@ CREATE TABLE IF NOT EXISTS decision_rows (
     body_json      TEXT
 );
 CREATE INDEX IF NOT EXISTS decision_rows_id ON decision_rows(decision_id);
--- The two lookups whose keys arrive in random order are indexed per span of 2^17 seqs
--- (`seq >> 17`, SPAN_BITS below): new entries go into the newest span's small subtree, which
--- stays in the page cache, instead of anywhere in one index as large as the log; a lookup
--- probes each span.
+-- Customers are indexed per span of 2^17 seqs (`seq >> 17`, SPAN_BITS below): their keys
+-- arrive in random order, and per span new entries go into the newest span's small subtree,
+-- which stays in the page cache, instead of anywhere in one index as large as the log; a
+-- lookup probes each span. Request ids keep one index: the writer looks one up on the
+-- acknowledgement path (when the Bloom filter says maybe), where one probe must do.
 CREATE INDEX IF NOT EXISTS decision_rows_customer_span ON decision_rows(seq >> 17, customer_key);
-CREATE INDEX IF NOT EXISTS decision_rows_request_span ON decision_rows(seq >> 17, request_key);
+CREATE INDEX IF NOT EXISTS decision_rows_request ON decision_rows(request_key);
 CREATE INDEX IF NOT EXISTS decision_rows_arm ON decision_rows(arm_id, at);
 CREATE INDEX IF NOT EXISTS decision_rows_time ON decision_rows(at);
 -- The journal record the view holds up to (seq, and where the journal has it).
@@ -732,10 +729,9 @@ pub(super) fn by_request(
     names: &FeatureNames,
     request_id: &str,
 ) -> Result<Option<DecisionRecord>, LogError> {
-    let top = top_span(c)?;
     c.prepare_cached(&by_request_sql())
         .map_err(query_err)?
-        .query_row(params![text_key(request_id), request_id, top], |r| {
+        .query_row(params![text_key(request_id), request_id], |r| {
             row_to_record(r, names)
         })
         .optional()
@@ -1319,7 +1315,7 @@ mod tests {
                 "{steps:?}"
             );
         };
-        plan(by_request_sql(), "decision_rows_request_span");
+        plan(by_request_sql(), "decision_rows_request");
         plan(by_customer_sql(), "decision_rows_customer_span");
         plan(previous_sql(), "decision_rows_customer_span");
         let first = records(&f.names).1.remove(0);
