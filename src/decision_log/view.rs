@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
 use super::journal::Position;
@@ -357,7 +357,7 @@ fn rfc3339_micros(us: i64) -> String {
         .to_string()
 }
 
-/// A JSON array of numbers, as serde_json writes each one (shortest round-trip form).
+/// A JSON array of numbers, each as ryu writes it (its shortest round-trip form).
 fn json_numbers(out: &mut String, values: impl Iterator<Item = f64>) {
     out.push('[');
     let mut buf = ryu::Buffer::new();
@@ -369,10 +369,37 @@ fn json_numbers(out: &mut String, values: impl Iterator<Item = f64>) {
         if v.is_nan() {
             out.push_str("null");
         } else {
-            out.push_str(buf.format(v));
+            push_number(out, v, &mut buf);
         }
     }
     out.push(']');
+}
+
+/// One finite number as ryu writes it. An integral value below 1e15 in
+/// magnitude (most of a credit vector: amounts, counts, months late) goes through its
+/// integer, which gives ryu's text ("20000.0") several times faster than ryu's search for
+/// the shortest digits; ryu took a quarter of the indexer's time.
+fn push_number(out: &mut String, v: f64, buf: &mut ryu::Buffer) {
+    if v.fract() != 0.0 || v.abs() >= 1e15 || (v == 0.0 && v.is_sign_negative()) {
+        out.push_str(buf.format(v));
+        return;
+    }
+    let mut digits = [0u8; 20];
+    let mut n = (v as i64).unsigned_abs();
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0.0 {
+        out.push('-');
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    out.push_str(".0");
 }
 
 /// The FNV-1a key ([`text_key`]) of the lowercase hex text of `bytes`, without the text.
@@ -406,7 +433,7 @@ pub(super) struct ViewWriter {
     named: std::collections::HashSet<String>,
     /// The view's last row: its seq and hash, so a row whose prev_hash is that hash need
     /// not store it.
-    last: Option<(i64, Value)>,
+    last: Option<(i64, Option<[u8; 32]>)>,
 }
 
 impl ViewWriter {
@@ -415,7 +442,10 @@ impl ViewWriter {
             .query_row(
                 "SELECT seq, hash FROM decision_rows ORDER BY seq DESC LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    let hash = r.get_ref(1)?.as_blob().ok().and_then(|b| b.try_into().ok());
+                    Ok((r.get(0)?, hash))
+                },
             )
             .optional()
             .map_err(query_err)?;
@@ -586,7 +616,7 @@ impl ViewWriter {
                 // Stored only where the row before does not say it.
                 let prev_is_row_before = matches!(
                     &prev_row,
-                    Some((s, Value::Blob(h))) if *s == seq - 1 && h[..] == prev[..]
+                    Some((s, Some(h))) if *s == seq - 1 && h == prev
                 );
                 // Genesis is stored as the text the chain hashes.
                 let prev = if prev.iter().all(|&b| b == 0) {
@@ -692,7 +722,7 @@ impl ViewWriter {
                             .map_err(query_err)?;
                     }
                 }
-                prev_row = Some((seq, Value::Blob(hash.to_vec())));
+                prev_row = Some((seq, Some(*hash)));
             }
         }
         set_checkpoint(&tx, last.position)?;
@@ -1293,6 +1323,48 @@ mod tests_support {
 mod tests {
     use super::tests_support::*;
     use crate::decision_log::migrate;
+
+    #[test]
+    fn numbers_and_keys_are_written_as_the_general_forms_write_them() {
+        let mut values = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            20_000.0,
+            -2.0,
+            1e14,
+            999_999_999_999_999.0,
+            1e15,
+            -1e15,
+            1e16,
+            1e300,
+            5e-324,
+            f64::MAX,
+            f64::MIN,
+            123.456,
+            -0.1,
+        ];
+        let mut x = 1.0f64;
+        for _ in 0..200 {
+            x = x * 3.7 + 1.0;
+            values.extend([x.floor(), -x.floor(), x, x.trunc() / 8.0]);
+        }
+        let mut buf = ryu::Buffer::new();
+        for v in values {
+            let mut out = String::new();
+            push_number(&mut out, v, &mut buf);
+            assert_eq!(out, ryu::Buffer::new().format(v), "{v:e}");
+            // JSON that reads back as the same number.
+            let back: f64 = serde_json::from_str(&out).unwrap();
+            assert_eq!(back.to_bits(), v.to_bits(), "{v:e}");
+        }
+        for n in [0usize, 1, 16, 32] {
+            let bytes: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37)).collect();
+            assert_eq!(hex_text_key(&bytes), text_key(&hex::encode(&bytes)));
+        }
+    }
 
     #[test]
     fn lookups_find_records_in_every_span_of_the_log() {
