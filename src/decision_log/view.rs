@@ -596,7 +596,7 @@ impl ViewWriter {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(query_err)?;
-        let mut prev_row = self.last.clone();
+        let mut prev_row = self.last;
         {
             let mut insert = tx
                 .prepare_cached(
