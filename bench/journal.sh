@@ -2,8 +2,9 @@
 # The journal-backed decision log (issue 16) in one run: Score and ModelInfer with durable
 # (sync) logging against the same binary with logging off, and, if BASE_BIN is given, against
 # a build of an earlier log in the same run; ModelInfer one row per call (c=32) and 64 rows per
-# call (c=8); then one long run per binary for the p99.9 / p99 ratio, with the CPU the writer
-# and indexer threads spent per decision; last, bytes per decision of a filled log.
+# call (c=8); then long runs per binary (Score c=32, and ModelInfer 64 rows c=8) for the
+# steady-state ratios and p99.9 / p99, with the CPU the writer and indexer threads spent per
+# decision; last, bytes per decision of a filled log.
 # Servers on core 0, load on core 1.
 # Usage: [BASE_BIN=/path/to/old/riskserve] bench/journal.sh
 # env: DURATION=10 WARMUP=2 ROUNDS=3 LONG=60 FILL=200000
@@ -36,17 +37,18 @@ ticks() {
   echo 0
 }
 
-# The long run against server $2 (pid $3) labelled $1: latency tails, and the CPU its writer
-# and indexer threads spent per decision recorded meanwhile.
+# The long run against server $2 (pid $3) labelled $1, at concurrency $4 with the load's
+# further arguments: latency tails, and the CPU its writer and indexer threads spent per
+# decision recorded meanwhile (read once `trace verify` says the view has caught up).
 long_run() {
-  local label=$1 port=$2 pid=$3
+  local label=$1 port=$2 pid=$3 c=$4
+  shift 4
   local before after w0 w1 i0 i1
   before=$("$BIN" trace verify --json --server 127.0.0.1:$port | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
   w0=$(ticks "$pid" decision-log-wr); i0=$(ticks "$pid" decision-log-in)
-  DURATION=$LONG load "$label" "$port" 32
-  sleep 2 # the indexer catches up
-  w1=$(ticks "$pid" decision-log-wr); i1=$(ticks "$pid" decision-log-in)
+  DURATION=$LONG load "$label" "$port" "$c" "$@"
   after=$("$BIN" trace verify --json --server 127.0.0.1:$port | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
+  w1=$(ticks "$pid" decision-log-wr); i1=$(ticks "$pid" decision-log-in)
   python3 - "$label" "$w0" "$w1" "$i0" "$i1" "$((after - before))" "$(getconf CLK_TCK)" <<'PY' | tee -a "$RESULTS"
 import json, sys
 label = sys.argv[1]
@@ -77,8 +79,13 @@ for round in $(seq "$ROUNDS"); do
 done
 
 DURATION=$LONG load off-c32-long 50082 32
-long_run sync-c32-long 50081 "$SYNC_PID"
-if [ -n "${BASE_BIN:-}" ]; then long_run base-sync-c32-long 50083 "$BASE_PID"; fi
+long_run sync-c32-long 50081 "$SYNC_PID" 32
+if [ -n "${BASE_BIN:-}" ]; then long_run base-sync-c32-long 50083 "$BASE_PID" 32; fi
+DURATION=$LONG load off-v2b64-c8-long 50082 8 --protocol v2 --batch 64
+long_run sync-v2b64-c8-long 50081 "$SYNC_PID" 8 --protocol v2 --batch 64
+if [ -n "${BASE_BIN:-}" ]; then
+  long_run base-sync-v2b64-c8-long 50083 "$BASE_PID" 8 --protocol v2 --batch 64
+fi
 # Bytes per decision: a log filled through the recorder, its view caught up.
 FILL=${FILL:-200000}
 "$BIN" bench-fill-log --data "$OUT/fill" --decisions "$FILL" --customers 20000 | tee -a "$RESULTS"

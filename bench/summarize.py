@@ -81,12 +81,18 @@ if "off-c32-long" in rows and "sync-c32-long" in rows:
     if "base-sync-c32-long" in rows:
         line += f", previous / off {ratio('base-sync-c32-long', 'off-c32-long'):.2f}"
     print(line)
-for who in ("sync", "base-sync"):
-    label = f"{who}-c32-long"
+if "sync-v2b64-c8-long" in rows and "off-v2b64-c8-long" in rows:
+    line = (f"steady state, ModelInfer 64 rows c=8 for 60 s: sync / off "
+            f"{ratio('sync-v2b64-c8-long', 'off-v2b64-c8-long', 'rows_per_s'):.2f}")
+    if "base-sync-v2b64-c8-long" in rows:
+        line += f", previous / off {ratio('base-sync-v2b64-c8-long', 'off-v2b64-c8-long', 'rows_per_s'):.2f}"
+    print(line)
+for who, run in [(w, r) for r in ("c32-long", "v2b64-c8-long") for w in ("sync", "base-sync")]:
+    label = f"{who}-{run}"
     if label in rows:
         r = rows[label][0]
         print(f"{label}: p99 {r['p99_us']} µs, p99.9 {r['p999_us']} µs, p99.9/p99 {r['p999_us'] / r['p99_us']:.2f}")
-    for cpu in (f"{label}-cpu", "log-cpu" if who == "sync" else None):
+    for cpu in (f"{label}-cpu", "log-cpu" if label == "sync-c32-long" else None):
         if cpu in rows:
             r = rows[cpu][0]
             print(f"{cpu}: writer {r['writer_us_per_decision']} µs, indexer {r['indexer_us_per_decision']} µs "

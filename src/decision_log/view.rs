@@ -46,9 +46,9 @@ use super::{
 pub const USER_VERSION: i64 = 4;
 
 /// log2 of the seqs per span of the customer index; the schema's index expression
-/// (`seq >> 17`) and the lookups' must match it, character for character, for SQLite to use
+/// (`seq >> 18`) and the lookups' must match it, character for character, for SQLite to use
 /// the index.
-const SPAN_BITS: u32 = 17;
+const SPAN_BITS: u32 = 18;
 
 /// The spans from the newest down to the first, as SQL (a recursive CTE named `span`,
 /// starting at parameter `?{top}`: the newest span, `max(seq) >> SPAN_BITS`).
@@ -130,12 +130,12 @@ CREATE TABLE IF NOT EXISTS decision_rows (
     body_json      TEXT
 );
 CREATE INDEX IF NOT EXISTS decision_rows_id ON decision_rows(decision_id);
--- Customers are indexed per span of 2^17 seqs (`seq >> 17`, SPAN_BITS below): their keys
+-- Customers are indexed per span of 2^18 seqs (`seq >> 18`, SPAN_BITS below): their keys
 -- arrive in random order, and per span new entries go into the newest span's small subtree,
 -- which stays in the page cache, instead of anywhere in one index as large as the log; a
 -- lookup probes each span. Request ids keep one index: the writer looks one up on the
 -- acknowledgement path (when the Bloom filter says maybe), where one probe must do.
-CREATE INDEX IF NOT EXISTS decision_rows_customer_span ON decision_rows(seq >> 17, customer_key);
+CREATE INDEX IF NOT EXISTS decision_rows_customer_span ON decision_rows(seq >> 18, customer_key);
 CREATE INDEX IF NOT EXISTS decision_rows_request ON decision_rows(request_key);
 CREATE INDEX IF NOT EXISTS decision_rows_arm ON decision_rows(arm_id, at);
 CREATE INDEX IF NOT EXISTS decision_rows_time ON decision_rows(at);
