@@ -12,9 +12,9 @@
 //! - 2: the journal's first view, one wide `decisions` table. The view is a cache of the
 //!   journal, so the step to layout 3 drops it (and its checkpoint) and the indexer rebuilds
 //!   it from the journal on this start.
-//! - 3: the rows of layout 4, with the customer index over the whole log. The step to
-//!   layout 4 drops it and builds its per-span successor over the rows in place (no rebuild
-//!   from the journal).
+//! - 3: the rows of layout 4, with the customer index over the whole log and a `decisions`
+//!   view without the remediation columns. The step to layout 4 drops both and builds the
+//!   per-span index over the rows in place (no rebuild from the journal) and the new view.
 //! - 0 without one: a new directory; 4: the current layout. Anything newer was written by a
 //!   later release and is refused rather than guessed at.
 
@@ -69,8 +69,11 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
     }
     if version == 3 {
         tracing::info!("layout 3 to 4: indexing customers per span of the log");
-        tx.execute_batch("DROP INDEX IF EXISTS decision_rows_customer;")
-            .map_err(q)?;
+        // The `decisions` view gains the remediation columns: made anew below.
+        tx.execute_batch(
+            "DROP INDEX IF EXISTS decision_rows_customer; DROP VIEW IF EXISTS decisions;",
+        )
+        .map_err(q)?;
     }
     tx.execute_batch(view::SCHEMA).map_err(q)?;
     tx.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))

@@ -196,7 +196,11 @@ SELECT
     CASE WHEN typeof(d.prev_hash) = 'text' THEN d.prev_hash
         ELSE lower(hex(COALESCE(d.prev_hash,
             (SELECT p.hash FROM decision_rows p WHERE p.seq = d.seq - 1)))) END AS prev_hash,
-    lower(hex(d.hash)) AS hash
+    lower(hex(d.hash)) AS hash,
+    -- A remediation's link, the limit it restores from, its reason (kept in its JSON).
+    json_extract(d.body_json, '$.remediates') AS remediates,
+    json_extract(d.body_json, '$.pre_harm_limit') AS pre_harm_limit,
+    json_extract(d.body_json, '$.reason') AS reason
 FROM decision_rows d JOIN arms a ON a.id = d.arm_id;
 ";
 

@@ -32,6 +32,12 @@ async fn score_each(server: &TestServer, n: usize, customers_used: usize, tag: &
     }
 }
 
+/// The columns of the `decisions` table of layouts 0 and 2, which the `decisions` view of
+/// later layouts begins with.
+const LEGACY: &str = "seq, decision_id, recorded_at, request_id, request_hash, customer_ref, \
+    key_id, model, version, digest, rollout_id, arm, features, pd, grade, decision, \
+    current_limit, granted_limit, reasons, caller, trace_id, prev_hash, hash";
+
 /// The recorded history of the `i`-th test customer.
 async fn history(server: &TestServer, i: usize) -> Vec<pb::DecisionRecord> {
     server
@@ -310,9 +316,9 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
             data.path().join("decisions.db").display()
         ))
         .unwrap();
-        dst.execute_batch(
-            "INSERT INTO decisions SELECT * FROM src.decisions ORDER BY seq; DETACH src;",
-        )
+        dst.execute_batch(&format!(
+            "INSERT INTO decisions SELECT {LEGACY} FROM src.decisions ORDER BY seq; DETACH src;"
+        ))
         .unwrap();
         drop(src);
         let log = JournalLog::open(data.path(), LogOptions::default()).unwrap();
@@ -396,7 +402,7 @@ async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal()
         let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
         db.execute_batch(&format!(
             "BEGIN;
-             CREATE TABLE wide AS SELECT * FROM decisions;
+             CREATE TABLE wide AS SELECT {LEGACY} FROM decisions;
              CREATE TABLE checkpoint_v2 AS SELECT * FROM journal_checkpoint;
              DROP VIEW decisions; DROP TABLE decision_rows; DROP TABLE arms;
              DROP TABLE feature_names; DROP TABLE journal_checkpoint;
@@ -469,6 +475,8 @@ async fn a_layout_3_view_gets_its_customer_index_per_span() {
             "BEGIN;
              DROP INDEX decision_rows_customer_span;
              CREATE INDEX decision_rows_customer ON decision_rows(customer_key, seq);
+             DROP VIEW decisions;
+             CREATE VIEW decisions AS SELECT seq, hash FROM decision_rows;
              PRAGMA user_version = 3;
              COMMIT;",
         )
@@ -495,6 +503,15 @@ async fn a_layout_3_view_gets_its_customer_index_per_span() {
         })
         .unwrap();
     assert_eq!(version, 4);
+    // The view shows layout 4's columns (none of these records is a remediation).
+    let plain: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM decisions WHERE remediates IS NULL AND reason IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(plain, 9);
     let names = indexes(&db);
     assert!(
         names.contains(&"decision_rows_customer_span".to_string())

@@ -60,14 +60,8 @@ async fn riskserve(server: &TestServer, args: &[&str]) -> String {
     String::from_utf8(run_ok(cmd).await).unwrap()
 }
 
-/// The candidate decisions that lowered a limit, from the view file reviewers open:
-/// harmful decision id → (customer ref, current limit, granted limit). Waits until the view
-/// holds every record the chain has.
-fn lowered_in_sql(
-    data: &Path,
-    rollout_id: &str,
-    records: u64,
-) -> BTreeMap<String, (String, i64, i64)> {
+/// The view file reviewers open, read-only, once it holds `records` rows.
+fn view_holding(data: &Path, records: u64) -> rusqlite::Connection {
     let db = rusqlite::Connection::open_with_flags(
         data.join("decisions.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -82,6 +76,18 @@ fn lowered_in_sql(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    db
+}
+
+/// The candidate decisions that lowered a limit, from the view file reviewers open:
+/// harmful decision id → (customer ref, current limit, granted limit). Waits until the view
+/// holds every record the chain has.
+fn lowered_in_sql(
+    data: &Path,
+    rollout_id: &str,
+    records: u64,
+) -> BTreeMap<String, (String, i64, i64)> {
+    let db = view_holding(data, records);
     let mut stmt = db
         .prepare(
             "SELECT decision_id, customer_ref, current_limit, granted_limit FROM decisions \
@@ -90,6 +96,24 @@ fn lowered_in_sql(
         .unwrap();
     stmt.query_map([rollout_id], |r| {
         Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// The remediations in the view file reviewers open: harmful decision id → (remediation
+/// decision id, pre-harm limit, granted limit, reason), once the view holds `records`.
+fn remediations_in_sql(data: &Path, records: u64) -> BTreeMap<String, (String, i64, i64, String)> {
+    let db = view_holding(data, records);
+    let mut stmt = db
+        .prepare(
+            "SELECT remediates, decision_id, pre_harm_limit, granted_limit, reason \
+             FROM decisions WHERE arm = 'remediation'",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
     })
     .unwrap()
     .map(Result::unwrap)
@@ -331,6 +355,28 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     let t = after.totals.unwrap();
     assert_eq!((t.to_restore, t.remediated), (0, applied.len() as u64));
     assert_eq!(server.records().await, records + applied.len() as u64);
+    // Reviewers' SQL sees each remediation with its link, pre-harm limit and reason.
+    let in_sql = {
+        let (data, n) = (data.path().to_owned(), records + applied.len() as u64);
+        tokio::task::spawn_blocking(move || remediations_in_sql(&data, n))
+            .await
+            .unwrap()
+    };
+    let want: BTreeMap<String, (String, i64, i64, String)> = applied
+        .iter()
+        .map(|h| {
+            (
+                h.harmful_decision_id.clone(),
+                (
+                    h.remediation_decision_id.clone(),
+                    h.limit_before,
+                    h.champion_limit,
+                    "v9 withdrew young customers' limits".to_string(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(in_sql, want);
 
     // Each remediation is the champion's own answer for the same customer on the limit they
     // had: what v1 grants them now on that limit, through Score.
@@ -368,22 +414,27 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
         );
         let features: BTreeMap<String, f64> = record.features.clone().into_iter().collect();
         assert!((record.probability_of_default - v1.pd(&features)).abs() < 1e-12);
-        let customer = customer_of[h.harmful_decision_id.as_str()];
-        let now = server
-            .scoring()
-            .score(request(
-                customer,
-                &format!("check-{}", h.harmful_decision_id),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            (now.version.as_str(), now.arm),
-            ("v1", pb::Arm::Champion as i32)
-        );
-        assert_eq!(now.granted_limit, record.granted_limit, "{customer:?}");
-        assert_eq!(now.current_limit, Some(h.limit_before));
+        // v1's own answer through Score on the limit before: a recorded decision, and one
+        // that changes the limit unless v1 holds it, so not for the stuck customer, whose
+        // complaint below must still be about v9's harm.
+        if h.harmful_decision_id != stuck_harm.decision_id {
+            let customer = customer_of[h.harmful_decision_id.as_str()];
+            let now = server
+                .scoring()
+                .score(request(
+                    customer,
+                    &format!("check-{}", h.harmful_decision_id),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                (now.version.as_str(), now.arm),
+                ("v1", pb::Arm::Champion as i32)
+            );
+            assert_eq!(now.granted_limit, record.granted_limit, "{customer:?}");
+            assert_eq!(now.current_limit, Some(h.limit_before));
+        }
 
         let replay = trace
             .replay(pb::DecisionRef {
