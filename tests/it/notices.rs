@@ -282,18 +282,12 @@ async fn a_complaint_traces_the_latest_change_to_a_rolled_back_candidate() {
     let day_one = score(&server, "day1", 1_000).await;
 
     let mut rollouts = RolloutsClient::new(server.channel.clone());
-    let started = rollouts
-        .start(pb::StartRolloutRequest {
-            model: MODEL.into(),
-            candidate: "v9".into(),
-            plan_toml: "auto_advance = false\n[[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n"
-                .into(),
-            actor: "test".into(),
-            skip_backtest: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = start_rollout(
+        &server,
+        "v9",
+        "auto_advance = false\n[[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n",
+    )
+    .await;
     let on_v9 = score(&server, "v9", 300).await;
     let (harmed, by_v9) = on_v9
         .iter()

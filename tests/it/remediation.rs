@@ -131,17 +131,7 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     })
     .await;
     let mut rollouts = RolloutsClient::new(server.channel.clone());
-    let started = rollouts
-        .start(pb::StartRolloutRequest {
-            model: MODEL.into(),
-            candidate: "v9".into(),
-            plan_toml: PLAN.into(),
-            actor: "test".into(),
-            skip_backtest: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = start_rollout(&server, "v9", PLAN).await;
 
     // While it is open, there is nothing to remediate yet: the candidate still decides.
     let err = call(&server, remediate(&started.id)).await.unwrap_err();
@@ -159,26 +149,10 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     // Traffic, 1,000 customers at a time, until the guardrails roll v9 back.
     let all = customers();
     let mut answers: Vec<(Customer, pb::ScoreResponse)> = Vec::new();
-    let mut client = server.scoring();
     let status = loop {
         let from = answers.len();
-        let requests = (from..from + 1_000)
-            .map(|i| request(&all[i], &format!("day-{i}")))
-            .collect();
-        let items = client
-            .score_batch(pb::ScoreBatchRequest { requests })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for (i, item) in (from..).zip(items) {
-            match item.outcome {
-                Some(pb::score_batch_item::Outcome::Response(r)) => {
-                    answers.push((all[i].clone(), r))
-                }
-                other => panic!("customer {i}: {other:?}"),
-            }
-        }
+        let batch = score_range(&server, "day", from..from + 1_000).await;
+        answers.extend(all[from..].iter().cloned().zip(batch));
         tokio::time::sleep(Duration::from_millis(50)).await;
         let s = rollouts
             .status(pb::RolloutRef {
@@ -671,19 +645,8 @@ async fn a_bad_remediation_request_names_its_field() {
     );
 
     // A closed rollout to ask about, then a version that does not exist to re-decide with.
-    let mut rollouts = RolloutsClient::new(server.channel.clone());
-    let started = rollouts
-        .start(pb::StartRolloutRequest {
-            model: MODEL.into(),
-            candidate: "v2".into(),
-            plan_toml: PLAN.into(),
-            actor: "test".into(),
-            skip_backtest: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    rollouts
+    let started = start_rollout(&server, "v2", PLAN).await;
+    RolloutsClient::new(server.channel.clone())
         .rollback(pb::RolloutRef {
             model: MODEL.into(),
             actor: "test".into(),

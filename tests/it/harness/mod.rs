@@ -17,4 +17,4 @@ pub use fixtures::{
 };
 pub use inference::{infer_outputs, infer_request};
 pub use oracle::Offline;
-pub use server::{TestServer, config, record_traffic, violation_field};
+pub use server::{TestServer, config, record_traffic, score_range, start_rollout, violation_field};

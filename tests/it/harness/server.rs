@@ -126,30 +126,56 @@ impl TestServer {
     }
 }
 
-/// Scores customers [0, n) through the serving version, in batches (request ids
+/// Scores test customers `range` (request ids `<tag>-<i>`) in one ScoreBatch; their
+/// answers, in order.
+pub async fn score_range(
+    server: &TestServer,
+    tag: &str,
+    range: std::ops::Range<usize>,
+) -> Vec<pb::ScoreResponse> {
+    let all = super::customers::customers();
+    let requests = range
+        .clone()
+        .map(|i| super::customers::request(&all[i], &format!("{tag}-{i}")))
+        .collect();
+    let items = server
+        .scoring()
+        .score_batch(pb::ScoreBatchRequest { requests })
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    range
+        .zip(items)
+        .map(|(i, item)| match item.outcome {
+            Some(pb::score_batch_item::Outcome::Response(r)) => r,
+            other => panic!("customer {i}: {other:?}"),
+        })
+        .collect()
+}
+
+/// Records decisions for the first `n` test customers, 1,000 per ScoreBatch (request ids
 /// `<tag>-<i>`); their answers, in order.
 pub async fn record_traffic(server: &TestServer, tag: &str, n: usize) -> Vec<pb::ScoreResponse> {
     let mut answers = Vec::with_capacity(n);
-    let mut client = server.scoring();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
-        let requests = chunk
-            .iter()
-            .map(|i| {
-                super::customers::request(&super::customers::customers()[*i], &format!("{tag}-{i}"))
-            })
-            .collect();
-        let items = client
-            .score_batch(pb::ScoreBatchRequest { requests })
-            .await
-            .unwrap()
-            .into_inner()
-            .items;
-        for (i, item) in chunk.iter().zip(items) {
-            match item.outcome {
-                Some(pb::score_batch_item::Outcome::Response(r)) => answers.push(r),
-                other => panic!("customer {i}: {other:?}"),
-            }
-        }
+    for from in (0..n).step_by(1_000) {
+        answers.extend(score_range(server, tag, from..n.min(from + 1_000)).await);
     }
     answers
+}
+
+/// Starts a rollout of `candidate` on [`MODEL`] with `plan` (actor "test"), past the
+/// backtest gate.
+pub async fn start_rollout(server: &TestServer, candidate: &str, plan: &str) -> pb::RolloutStatus {
+    riskserve::grpc::pb::rollouts_client::RolloutsClient::new(server.channel.clone())
+        .start(pb::StartRolloutRequest {
+            model: MODEL.into(),
+            candidate: candidate.into(),
+            plan_toml: plan.into(),
+            actor: "test".into(),
+            skip_backtest: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
