@@ -692,6 +692,14 @@ pub struct Entry<'a> {
 /// Puts an entry together.
 pub fn encode_entry(prev_hash: &str, hash: &[u8; 32], record: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + record.len());
+    put_prev_hash(&mut out, prev_hash);
+    out.extend_from_slice(hash);
+    out.extend_from_slice(record);
+    out
+}
+
+/// Appends an entry's first field: `prev_hash` as its 32 bytes, genesis as 32 zeros.
+pub fn put_prev_hash(out: &mut Vec<u8>, prev_hash: &str) {
     if prev_hash == super::chain::GENESIS {
         out.extend_from_slice(&[0u8; 32]);
     } else {
@@ -700,9 +708,6 @@ pub fn encode_entry(prev_hash: &str, hash: &[u8; 32], record: &[u8]) -> Vec<u8> 
         hex::decode_to_slice(prev_hash, &mut prev).expect("a chain hash is 32 bytes of hex");
         out.extend_from_slice(&prev);
     }
-    out.extend_from_slice(hash);
-    out.extend_from_slice(record);
-    out
 }
 
 /// Takes an entry apart.

@@ -420,14 +420,8 @@ impl Writer {
     /// is known once the group is written.
     fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
         let mut payload = Vec::with_capacity(64 + 384);
-        if head.hash == chain::GENESIS {
-            payload.extend_from_slice(&[0u8; 32]);
-        } else {
-            let mut prev = [0u8; 32];
-            // Every hash the log writes is 64 lowercase hex digits.
-            hex::decode_to_slice(&head.hash, &mut prev).expect("a chain hash is 32 bytes of hex");
-            payload.extend_from_slice(&prev);
-        }
+        record::put_prev_hash(&mut payload, &head.hash);
+        // The hash goes here once the record after it is written.
         payload.extend_from_slice(&[0u8; 32]);
         let request_id = match body {
             NewBody::Compact(c) => {
