@@ -51,6 +51,7 @@ pub mod inputs;
 pub mod model;
 pub mod notice;
 pub mod policy;
+pub mod postgres;
 pub mod reason_codes;
 pub mod registry;
 pub mod remediation;

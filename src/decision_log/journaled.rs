@@ -7,7 +7,6 @@
 //! checkpoint, so an acknowledged decision is visible at once. Aggregates and scans wait for
 //! the view to catch up with the durable head instead (they are reports, not lookups).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -18,12 +17,13 @@ use rusqlite::Connection;
 use tokio::sync::{oneshot, watch};
 
 use super::chain::{Verifier, link_hash_bytes};
+use super::group::{Encoder, Head, Job};
 use super::journal::{self, Journal, JournalError, JournalOptions};
 use super::names::FeatureNames;
 use super::record::{decode_body, decode_entry};
 use super::seen::SeenIds;
 use super::tail::{Entry, Select, Tail};
-use super::writer::{Head, Job, Msg, Writer, file_identity};
+use super::writer::{Msg, Writer, file_identity};
 use super::{
     AppendAllFuture, AppendFuture, DecisionLog, DecisionRecord, Durability, LogError, NewBody,
     RolloutDecisions, VerifyReport, VersionStats, Window, chain, migrate, view,
@@ -273,8 +273,7 @@ impl JournalLog {
             file_identity(journal.active_path()).map(|id| (active_segment(&journal), id));
         let mut writer = Writer {
             journal,
-            names: names.clone(),
-            orders: HashMap::new(),
+            encoder: Encoder::new(names.clone()),
             seen,
             tail: tail.clone(),
             head,

@@ -11,10 +11,12 @@
 //! formats.
 
 pub mod chain;
+mod group;
 pub mod journal;
 mod journaled;
 mod migrate;
 mod names;
+pub mod postgres;
 pub mod record;
 mod seen;
 mod tail;
@@ -30,6 +32,7 @@ use tokio::sync::watch;
 
 pub use chain::{Break, BreakKind, VerifyReport};
 pub use journaled::{JournalLog, LogFiles, LogOptions, scan_offline, verify_offline};
+pub use postgres::{PgLog, PgLogOptions};
 
 /// How hard a commit is pushed to disk before its requests are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -247,6 +250,61 @@ pub struct RolloutDecisions {
     pub traffic: Vec<ArmTraffic>,
     /// The length of one stretch in seconds.
     pub stretch_secs: u64,
+}
+
+impl RolloutDecisions {
+    /// Puts the arms in report order: champion, candidate, shadow, remediation.
+    pub(crate) fn sort_arms(&mut self) {
+        let order = |a: &str| {
+            ["champion", "candidate", "shadow", "remediation"]
+                .iter()
+                .position(|x| *x == a)
+        };
+        self.arms.sort_by_key(|a| order(&a.arm));
+    }
+
+    /// Chooses the stretch of the traffic series for records from `first_us` to `last_us`
+    /// (µs since the epoch): the finest of second, minute, hour or day that keeps it within
+    /// 600 points. Returns it in seconds.
+    pub(crate) fn choose_stretch(&mut self, first_us: i64, last_us: i64) -> u64 {
+        // Whole seconds between the first and the last, as the stretch is chosen from.
+        let secs = (last_us.div_euclid(1_000_000) - first_us.div_euclid(1_000_000)).max(0) as u64;
+        const MOST: u64 = 600;
+        self.stretch_secs = if secs <= MOST {
+            1
+        } else if secs <= MOST * 60 {
+            60
+        } else if secs <= MOST * 3_600 {
+            3_600
+        } else {
+            86_400
+        };
+        self.stretch_secs
+    }
+
+    /// Adds `n` decisions of `arm` in stretch number `bucket` (µs since the epoch divided by
+    /// the stretch); buckets come in ascending order.
+    pub(crate) fn add_traffic(&mut self, bucket: i64, arm: &str, n: u64) {
+        let start = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(bucket.max(0) as u64 * self.stretch_secs),
+        )
+        .to_string();
+        if self.traffic.last().is_none_or(|t| t.start != start) {
+            self.traffic.push(ArmTraffic {
+                start,
+                ..ArmTraffic::default()
+            });
+        }
+        let t = self.traffic.last_mut().expect("pushed above");
+        match arm {
+            "champion" => t.champion += n,
+            "candidate" => t.candidate += n,
+            "shadow" => t.shadow += n,
+            // Remediations restore limits after the rollout; they are not its traffic.
+            _ => {}
+        }
+    }
 }
 
 /// An inclusive-exclusive time window over `recorded_at` (RFC 3339 text).

@@ -15,7 +15,9 @@ use std::sync::{Arc, RwLock};
 /// The names by digest (`sha256:<hex>`), loaded once and added to as bundles appear.
 #[derive(Debug)]
 pub struct FeatureNames {
-    dir: PathBuf,
+    /// Where the lists are stored; None when another store keeps them (PostgreSQL's
+    /// `feature_names` table) and this is only its cache.
+    dir: Option<PathBuf>,
     known: RwLock<HashMap<String, Arc<Vec<String>>>>,
 }
 
@@ -38,9 +40,29 @@ impl FeatureNames {
             known.insert(format!("sha256:{hex}"), Arc::new(names));
         }
         Ok(FeatureNames {
-            dir: dir.to_path_buf(),
+            dir: Some(dir.to_path_buf()),
             known: RwLock::new(known),
         })
+    }
+
+    /// A cache of names another store keeps: [`FeatureNames::remember`] fills it once they
+    /// are stored there, and [`FeatureNames::ensure`] stores nothing.
+    pub fn detached() -> FeatureNames {
+        FeatureNames {
+            dir: None,
+            known: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Adds names stored elsewhere (a detached cache's store); a digest known already keeps
+    /// the names it had.
+    pub fn remember(&self, digest: &str, names: Vec<String>) -> Arc<Vec<String>> {
+        self.known
+            .write()
+            .expect("feature names poisoned")
+            .entry(digest.to_string())
+            .or_insert_with(|| Arc::new(names))
+            .clone()
     }
 
     pub fn get(&self, digest: &str) -> Option<Arc<Vec<String>>> {
@@ -58,17 +80,22 @@ impl FeatureNames {
         if let Some(found) = self.get(digest) {
             return Ok(found);
         }
+        let Some(dir) = &self.dir else {
+            return Err(std::io::Error::other(format!(
+                "the feature names of {digest} are not stored yet"
+            )));
+        };
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(std::io::Error::other(format!("not a digest: {digest}")));
         }
-        let path = self.dir.join(format!("{hex}.json"));
-        let tmp = self.dir.join(format!("{hex}.json.tmp"));
+        let path = dir.join(format!("{hex}.json"));
+        let tmp = dir.join(format!("{hex}.json.tmp"));
         let mut file = fs::File::create(&tmp)?;
         file.write_all(&serde_json::to_vec(&names).expect("names serialise"))?;
         file.sync_all()?;
         fs::rename(&tmp, &path)?;
-        fs::File::open(&self.dir)?.sync_all()?;
+        fs::File::open(dir)?.sync_all()?;
         let names = Arc::new(names);
         self.known
             .write()

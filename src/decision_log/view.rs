@@ -36,8 +36,8 @@ use super::names::FeatureNames;
 use super::record::{self, Fields};
 use super::tail::Entry;
 use super::{
-    ArmSummary, ArmTraffic, DecisionRecord, LogError, PD_BINS, RecordBody, RecordedReason,
-    RolloutDecisions, VersionStats, Window, chain,
+    ArmSummary, DecisionRecord, LogError, PD_BINS, RecordBody, RecordedReason, RolloutDecisions,
+    VersionStats, Window, chain,
 };
 
 /// `PRAGMA user_version` of a file in this layout. 0 is the log before the journal (its
@@ -351,7 +351,7 @@ pub(super) fn text_key(text: &str) -> i64 {
 }
 
 /// µs since the epoch of an RFC 3339 time (as the log writes it, or a window bound).
-fn micros_of(t: &str) -> Option<i64> {
+pub(super) fn micros_of(t: &str) -> Option<i64> {
     let t = humantime::parse_rfc3339_weak(t).ok()?;
     i64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_micros()).ok()
 }
@@ -894,7 +894,7 @@ pub(super) fn previous(
 }
 
 /// A window's bounds in µs (inclusive, exclusive).
-fn bounds(w: &Window) -> Result<(i64, i64), LogError> {
+pub(super) fn bounds(w: &Window) -> Result<(i64, i64), LogError> {
     let bound = |s: &Option<String>, open: i64| match s {
         None => Ok(open),
         Some(t) => {
@@ -1012,12 +1012,7 @@ fn rollout_snapshot(
             pd_histogram: vec![0; PD_BINS],
         });
     }
-    let order = |a: &str| {
-        ["champion", "candidate", "shadow", "remediation"]
-            .iter()
-            .position(|x| *x == a)
-    };
-    out.arms.sort_by_key(|a| order(&a.arm));
+    out.sort_arms();
 
     let mut stmt = c
         .prepare(&format!(
@@ -1052,19 +1047,7 @@ fn rollout_snapshot(
     let Some((first, last)) = span else {
         return Ok(out);
     };
-    // Whole seconds between the first and the last, as the stretch is chosen from.
-    let secs = (last.div_euclid(1_000_000) - first.div_euclid(1_000_000)).max(0) as u64;
-    const MOST: u64 = 600;
-    let stretch: u64 = if secs <= MOST {
-        1
-    } else if secs <= MOST * 60 {
-        60
-    } else if secs <= MOST * 3_600 {
-        3_600
-    } else {
-        86_400
-    };
-    out.stretch_secs = stretch;
+    let stretch = out.choose_stretch(first, last);
     let mut stmt = c
         .prepare(&format!(
             "SELECT d.at / ?3, a.arm, COUNT(*) {SCOPE} GROUP BY 1, 2 ORDER BY 1"
@@ -1084,24 +1067,7 @@ fn rollout_snapshot(
         .map_err(query_err)?;
     for row in rows {
         let (bucket, arm, n) = row.map_err(query_err)?;
-        let start = humantime::format_rfc3339_seconds(
-            UNIX_EPOCH + Duration::from_secs(bucket.max(0) as u64 * stretch),
-        )
-        .to_string();
-        if out.traffic.last().is_none_or(|t| t.start != start) {
-            out.traffic.push(ArmTraffic {
-                start,
-                ..ArmTraffic::default()
-            });
-        }
-        let t = out.traffic.last_mut().expect("pushed above");
-        match arm.as_str() {
-            "champion" => t.champion += n as u64,
-            "candidate" => t.candidate += n as u64,
-            "shadow" => t.shadow += n as u64,
-            // Remediations restore limits after the rollout; they are not its traffic.
-            _ => {}
-        }
+        out.add_traffic(bucket, &arm, n as u64);
     }
     Ok(out)
 }

@@ -10,21 +10,18 @@
 //! [`Journal::probe`]); a journal file removed or replaced underneath is damage no probe
 //! heals.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
-use super::chain;
+use super::group::{self, Chainer, Encoder, Head, Job};
 use super::journal::{Journal, Position};
-use super::names::FeatureNames;
-use super::record::{self, CompactBody, StoredOrder};
 use super::seen::SeenIds;
 use super::tail::{Entry, Tail};
-use super::{Appended, DecisionRecord, Durability, LogError, NewBody, RecordBody, view};
+use super::{DecisionRecord, Durability, LogError, NewBody, view};
 
 /// How long an unhealthy writer waits between recovery attempts when no decision arrives.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -32,16 +29,6 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(200);
 /// The smallest probe: a group of one record.
 const MIN_PROBE: usize = 4096;
-
-/// What a job is answered: every decision of its group, or why none was recorded.
-pub(super) type GroupAnswer = Result<Vec<Appended>, LogError>;
-
-/// Decisions to record together: one for `append`, several for `append_all`, which are
-/// recorded all or none.
-pub(super) struct Job {
-    pub bodies: Vec<NewBody>,
-    pub reply: oneshot::Sender<GroupAnswer>,
-}
 
 pub(super) enum Msg {
     Append(Box<Job>),
@@ -61,18 +48,9 @@ pub struct Pruned {
     pub segments: usize,
 }
 
-/// The end of the chain.
-#[derive(Debug, Clone)]
-pub(super) struct Head {
-    pub seq: i64,
-    pub hash: String,
-}
-
 pub(super) struct Writer {
     pub journal: Journal,
-    pub names: Arc<FeatureNames>,
-    /// How each bundle's stored names order its vectors, by digest (None: they do not fit).
-    pub orders: HashMap<[u8; 32], Option<Arc<StoredOrder>>>,
+    pub encoder: Encoder,
     pub seen: SeenIds,
     pub tail: Arc<Tail>,
     pub head: Head,
@@ -252,49 +230,7 @@ impl Writer {
         }
         let started = Instant::now();
         let mut head = self.head.clone();
-        // Served request ids new in this group, to their record (a retry within the group).
-        let mut in_group: HashMap<String, usize> = HashMap::new();
-        let mut fresh: Vec<Entry> = Vec::new();
-        let mut answers: Vec<Result<Vec<Answer>, LogError>> = Vec::with_capacity(batch.len());
-        for job in &mut batch {
-            let (job_head, job_fresh) = (head.clone(), fresh.len());
-            let mut out = Vec::with_capacity(job.bodies.len());
-            let mut refused = None;
-            for body in std::mem::take(&mut job.bodies) {
-                if !body.is_shadow() {
-                    match self.recorded(&body, &in_group, &fresh) {
-                        Ok(Some(r)) => {
-                            out.push(Answer::Existing(r));
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            refused = Some(e);
-                            break;
-                        }
-                    }
-                }
-                let entry = self.chain(&mut head, body);
-                if let Some(id) = &entry.request_id {
-                    in_group.insert(id.clone(), fresh.len());
-                }
-                out.push(Answer::New(fresh.len()));
-                fresh.push(entry);
-            }
-            match refused {
-                Some(e) => {
-                    // All or none: undo what this job added.
-                    head = job_head;
-                    for f in fresh.drain(job_fresh..) {
-                        if let Some(id) = &f.request_id {
-                            in_group.remove(id);
-                        }
-                    }
-                    answers.push(Err(e));
-                }
-                None => answers.push(Ok(out)),
-            }
-        }
+        let (fresh, answers) = group::plan(self, &mut head, &mut batch);
         let group_bytes: usize = fresh.iter().map(|f| f.payload.len() + 16).sum();
         let written = if fresh.is_empty() {
             Ok(Vec::new())
@@ -341,21 +277,7 @@ impl Writer {
                     })
                     .collect();
                 self.head = head;
-                let answers: Vec<GroupAnswer> = answers
-                    .into_iter()
-                    .map(|answer| {
-                        answer.map(|list| {
-                            list.into_iter()
-                                .map(|a| match a {
-                                    Answer::New(i) => Appended::New {
-                                        seq: entries[i].seq(),
-                                    },
-                                    Answer::Existing(r) => Appended::Existing(r),
-                                })
-                                .collect()
-                        })
-                    })
-                    .collect();
+                let answers = group::answers(answers, |i| entries[i].seq());
                 // Readable before anyone is answered: read-your-writes.
                 self.tail.push(entries);
                 for (job, answer) in batch.into_iter().zip(answers) {
@@ -380,123 +302,6 @@ impl Writer {
                 self.recover();
             }
         }
-    }
-
-    /// The record a served request id was recorded with before (in this group, the tail or
-    /// the view), None if it is new; refused if that record was of other inputs.
-    fn recorded(
-        &self,
-        body: &NewBody,
-        in_group: &HashMap<String, usize>,
-        fresh: &[Entry],
-    ) -> Result<Option<Box<DecisionRecord>>, LogError> {
-        let id = body.request_id();
-        let same = |r: DecisionRecord| -> Result<Option<Box<DecisionRecord>>, LogError> {
-            if body.same_request(&r) {
-                Ok(Some(Box::new(r)))
-            } else {
-                Err(LogError::RequestIdReused(id.to_string()))
-            }
-        };
-        if let Some(&i) = in_group.get(id) {
-            return same(fresh[i].decode(&self.names)?);
-        }
-        if let Some(e) = self.tail.find_request(id) {
-            return same(e.decode(&self.names)?);
-        }
-        if !self.seen.may_contain(id) {
-            return Ok(None);
-        }
-        match view::by_request(&self.view, &self.names, id)
-            .map_err(|e| LogError::Unavailable(format!("looking up a request id: {e}")))?
-        {
-            Some(r) => same(r),
-            None => Ok(None),
-        }
-    }
-
-    /// The next record of the chain after `head`, which moves on to it: the journal entry
-    /// (prev_hash | hash | record) and the request id it answers. Its place in the journal
-    /// is known once the group is written.
-    fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
-        let mut payload = Vec::with_capacity(64 + 384);
-        record::put_prev_hash(&mut payload, &head.hash);
-        // The hash goes here once the record after it is written.
-        payload.extend_from_slice(&[0u8; 32]);
-        let request_id = match body {
-            NewBody::Compact(c) => {
-                let compact = self
-                    .order(&c)
-                    .is_some_and(|order| record::encode_compact(&c, &order, &mut payload).is_ok());
-                if !compact {
-                    self.put_text(&c.body(), &mut payload);
-                }
-                (!c.is_shadow()).then_some(c.request_id)
-            }
-            NewBody::Text(b) => {
-                self.put_text(&b, &mut payload);
-                (b.arm != "shadow").then_some(b.request_id)
-            }
-        };
-        let hash = chain::link_hash_bytes(&head.hash, &payload[64..]);
-        payload[32..64].copy_from_slice(&hash);
-        let mut hex = [0u8; 64];
-        hex::encode_to_slice(hash, &mut hex).expect("64 digits");
-        head.seq += 1;
-        head.hash = std::str::from_utf8(&hex).expect("hex").to_string();
-        Entry {
-            position: Position {
-                seq: head.seq as u64,
-                segment: 0,
-                offset: 0,
-            },
-            payload,
-            request_id,
-        }
-    }
-
-    /// How the stored names of a compact body's bundle order its vector (storing the names
-    /// of a bundle first seen, in its schema order); None when they do not fit its schema,
-    /// and the record is then stored as JSON.
-    fn order(&mut self, c: &CompactBody) -> Option<Arc<StoredOrder>> {
-        if let Some(order) = self.orders.get(&c.digest) {
-            return order.clone();
-        }
-        let digest = format!("sha256:{}", hex::encode(c.digest));
-        match self.names.ensure(&digest, c.names.to_vec()) {
-            Ok(stored) => {
-                let order = StoredOrder::new(&stored, &c.names).map(Arc::new);
-                self.orders.insert(c.digest, order.clone());
-                order
-            }
-            Err(e) => {
-                // Not remembered: the next record tries to store the names again.
-                tracing::warn!(error = %e, digest, "feature names not stored; recording as JSON");
-                None
-            }
-        }
-    }
-
-    /// Appends a text body's bytes: format 2 if its names are stored (or can be) and it is
-    /// canonical, else its JSON (still chained and verifiable, only larger).
-    fn put_text(&self, body: &RecordBody, payload: &mut Vec<u8>) {
-        let names = match self.names.get(&body.digest) {
-            Some(n) => Some(n),
-            None => match self
-                .names
-                .ensure(&body.digest, body.features.keys().cloned().collect())
-            {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!(error = %e, digest = %body.digest, "feature names not stored; recording as JSON");
-                    None
-                }
-            },
-        };
-        payload.extend_from_slice(&record::body_bytes(
-            body,
-            names.as_deref().map(|n| n.as_slice()),
-        ));
     }
 
     fn go_down(&mut self, down: Down) {
@@ -535,10 +340,42 @@ impl Writer {
     }
 }
 
-/// An answer before the group's seqs are known.
-enum Answer {
-    /// The i-th fresh record of the group.
-    New(usize),
-    /// A retry of a recorded request (in this group or before): the first decision stands.
-    Existing(Box<DecisionRecord>),
+impl Chainer for Writer {
+    type Entry = Entry;
+
+    /// The tail, then — only if the Bloom filter says it may be there — the view.
+    fn recorded_before(&self, id: &str) -> Result<Option<DecisionRecord>, LogError> {
+        if let Some(e) = self.tail.find_request(id) {
+            return e.decode(&self.encoder.names).map(Some);
+        }
+        if !self.seen.may_contain(id) {
+            return Ok(None);
+        }
+        view::by_request(&self.view, &self.encoder.names, id)
+            .map_err(|e| LogError::Unavailable(format!("looking up a request id: {e}")))
+    }
+
+    fn decode(&self, entry: &Entry) -> Result<DecisionRecord, LogError> {
+        entry.decode(&self.encoder.names)
+    }
+
+    /// The journal entry (prev_hash | hash | record); its place in the journal is known once
+    /// the group is written.
+    fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
+        let mut payload = Vec::with_capacity(64 + 384);
+        let request_id = group::link(&mut self.encoder, head, body, &mut payload);
+        Entry {
+            position: Position {
+                seq: head.seq as u64,
+                segment: 0,
+                offset: 0,
+            },
+            payload,
+            request_id,
+        }
+    }
+
+    fn request_id(entry: &Entry) -> Option<&str> {
+        entry.request_id.as_deref()
+    }
 }
