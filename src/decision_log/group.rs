@@ -122,10 +122,7 @@ pub(super) fn plan<C: Chainer>(
 }
 
 /// Each job's answer once its group is written; `seq` gives the i-th new record's seq.
-pub(super) fn answers(
-    planned: Vec<Planned>,
-    seq: impl Fn(usize) -> i64,
-) -> Vec<GroupAnswer> {
+pub(super) fn answers(planned: Vec<Planned>, seq: impl Fn(usize) -> i64) -> Vec<GroupAnswer> {
     planned
         .into_iter()
         .map(|answer| {
