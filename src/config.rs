@@ -94,6 +94,12 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Serve plaintext on an address beyond loopback (only behind something that encrypts).
     pub allow_plaintext: bool,
+    /// The shared store several replicas use, `postgres://USER@HOST:PORT/DB`; unset keeps
+    /// the embedded store in `data_dir`.
+    pub store: Option<String>,
+    /// This replica's name in the shared store, recorded in every decision it makes;
+    /// unset: the host name and the listening port.
+    pub replica_id: Option<String>,
     /// Benchmark baseline only: answer without recording. Not settable from a file.
     #[serde(skip)]
     pub unrecorded_benchmark_only: bool,
@@ -128,6 +134,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             allow_plaintext: false,
+            store: None,
+            replica_id: None,
             unrecorded_benchmark_only: false,
         }
     }
@@ -232,6 +240,16 @@ impl Config {
             )));
         }
         self.auth.check(self.listen).map_err(ConfigError::Invalid)?;
+        if let Some(url) = &self.store {
+            crate::postgres::Pg::config(url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        if let Some(id) = &self.replica_id
+            && (id.is_empty() || id.len() > 200 || id.chars().any(char::is_control))
+        {
+            return Err(ConfigError::Invalid(
+                "replica_id must be 1–200 characters, none of them control characters".into(),
+            ));
+        }
         if self.grace_period_secs > 3_600 {
             return Err(ConfigError::Invalid(
                 "grace_period_secs must be at most 3600".into(),
@@ -264,6 +282,20 @@ impl Config {
 
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
+    }
+
+    /// This replica's name: `replica_id`, else the host name and the listening port (unique
+    /// per machine, and stable across restarts on the same port).
+    pub fn replica_id(&self, port: u16) -> String {
+        if let Some(id) = &self.replica_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{port}")
     }
 }
 

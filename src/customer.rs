@@ -28,6 +28,11 @@ pub enum KeyError {
         "no customer key configured: set customer_key_files (RISKSERVE_CUSTOMER_KEY_FILES); only a server on loopback may generate a development key"
     )]
     Missing,
+    #[error(
+        "a shared store needs customer_key_files (RISKSERVE_CUSTOMER_KEY_FILES): every replica \
+         must turn a customer into the same reference, so none may make its own development key"
+    )]
+    NotShared,
 }
 
 /// One key: its id (the first 8 hex digits of its sha256) and its bytes.

@@ -23,7 +23,9 @@ use tonic_health::server::HealthReporter;
 use crate::backtest::Backtester;
 use crate::config::{Config, ConfigError, TlsConfig};
 use crate::customer::{CustomerKeys, KeyError};
-use crate::decision_log::{DecisionLog, JournalLog, LogError, LogOptions, Unrecorded};
+use crate::decision_log::{
+    DecisionLog, JournalLog, LogError, LogOptions, PgLog, PgLogOptions, Unrecorded,
+};
 use crate::grpc::gate::GateLayer;
 use crate::grpc::gate::admission::Admission;
 use crate::grpc::gate::auth::Authorizer;
@@ -48,7 +50,8 @@ pub const LIVENESS: &str = "liveness";
 const SCORING: &str = "riskserve.v1.Scoring";
 const MODELS: &str = "riskserve.v1.Models";
 
-/// Why the server could not start or stopped with an error.
+/// Why the server could not start or stopped with an error. A wrapped error is the
+/// `source`, not repeated in the message: the CLI prints the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -62,15 +65,17 @@ pub enum ServeError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Keys(#[from] KeyError),
-    #[error("opening the decision log: {0}")]
+    #[error("opening the decision log")]
     DecisionLog(#[from] LogError),
+    #[error("opening the shared store")]
+    Store(#[from] crate::postgres::PgError),
     #[error(transparent)]
     RolloutStore(#[from] StoreError),
-    #[error("resuming rollouts: {0}")]
+    #[error("resuming rollouts")]
     Rollouts(#[from] RolloutError),
-    #[error("building reflection: {0}")]
+    #[error("building reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC transport: {0}")]
+    #[error("gRPC transport")]
     Transport(#[from] tonic::transport::Error),
     #[error("reading TLS file {path}: {source}")]
     TlsFile {
@@ -95,6 +100,19 @@ pub async fn serve(
     let log: Arc<dyn DecisionLog> = if config.unrecorded_benchmark_only {
         tracing::warn!("RECORDING NOTHING: benchmark baseline; never run this in production");
         Arc::new(Unrecorded::default())
+    } else if let Some(url) = &config.store {
+        let pg = crate::postgres::Pg::open(url).await?;
+        let replica_id = config.replica_id(listener.local_addr().map_or(0, |a| a.port()));
+        tracing::info!(store = %pg.shown(), replica = %replica_id, "decision log in the shared store");
+        PgLog::open(
+            pg,
+            PgLogOptions {
+                replica_id,
+                max_batch: config.log_batch,
+                queue_capacity: config.log_queue,
+            },
+        )
+        .await?
     } else {
         JournalLog::open(
             &config.data_dir,
@@ -290,14 +308,17 @@ fn tls_config(tls: &TlsConfig) -> Result<Option<ServerTlsConfig>, ServeError> {
     Ok(Some(config))
 }
 
-/// The customer keys: configured files, or on loopback only, a development key kept in the
-/// data directory.
+/// The customer keys: configured files, or on loopback only and without a shared store, a
+/// development key kept in the data directory.
 fn customer_keys(config: &Config) -> Result<CustomerKeys, ServeError> {
     if !config.customer_key_files.is_empty() {
         return Ok(CustomerKeys::from_files(&config.customer_key_files)?);
     }
     if !config.listen.ip().is_loopback() {
         return Err(KeyError::Missing.into());
+    }
+    if config.store.is_some() {
+        return Err(KeyError::NotShared.into());
     }
     let path = config.data_dir.join("customer-dev.key");
     tracing::warn!(

@@ -38,6 +38,13 @@ pub(crate) struct ServeArgs {
     /// Serve plaintext beyond loopback (only behind something that encrypts).
     #[arg(long, env = "RISKSERVE_ALLOW_PLAINTEXT")]
     allow_plaintext: bool,
+    /// The shared store of several replicas: postgres://USER@HOST:PORT/DB (password also
+    /// from PGPASSWORD) [default: the embedded store in the data directory].
+    #[arg(long, env = "RISKSERVE_STORE")]
+    store: Option<String>,
+    /// This replica's name in the shared store [default: host name:port].
+    #[arg(long, env = "RISKSERVE_REPLICA_ID")]
+    replica_id: Option<String>,
     /// Benchmark baseline: answer decisions without recording them.
     #[arg(long, hide = true)]
     unrecorded_benchmark_only: bool,
@@ -116,6 +123,12 @@ async fn serve_until_signal(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "async" => crate::decision_log::Durability::Async,
             _ => crate::decision_log::Durability::Sync,
         };
+    }
+    if args.store.is_some() {
+        config.store = args.store.clone();
+    }
+    if args.replica_id.is_some() {
+        config.replica_id = args.replica_id.clone();
     }
     config.unrecorded_benchmark_only = args.unrecorded_benchmark_only;
     config.allow_plaintext |= args.allow_plaintext;

@@ -39,6 +39,8 @@ use crate::postgres::{Pg, PgError, describe};
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an idle or unhealthy writer checks its connection.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How long a starting replica waits for its id's lock.
+const CLAIM_WAIT: Duration = Duration::from_secs(10);
 /// Rows fetched per page by scans and verification.
 const PAGE: i64 = 5_000;
 /// Times a group is planned again after another replica took one of its request ids.
@@ -290,18 +292,29 @@ async fn load_names(
     Ok(())
 }
 
-/// Takes the replica's lock on `client`'s session and returns its chain's head.
+/// Takes the replica's lock on `client`'s session and returns its chain's head. The lock
+/// may still be held for a while by the session of a server that was just killed (until
+/// PostgreSQL notices its connection is gone), so a restart waits for it, up to
+/// [`CLAIM_WAIT`].
 async fn claim(client: &Client, replica: &str) -> Result<Head, LogError> {
-    let locked: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&replica_lock(replica)])
-        .await
-        .map_err(query_err)?
-        .get(0);
-    if !locked {
-        return Err(LogError::Unavailable(format!(
-            "replica id {replica:?} is in use by another running server; give each replica \
-             its own --replica-id"
-        )));
+    let asked = tokio::time::Instant::now();
+    loop {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&replica_lock(replica)])
+            .await
+            .map_err(query_err)?
+            .get(0);
+        if locked {
+            break;
+        }
+        if asked.elapsed() >= CLAIM_WAIT {
+            return Err(LogError::Unavailable(format!(
+                "replica id {replica:?} is in use by another running server (waited {}s); \
+                 give each replica its own --replica-id",
+                CLAIM_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     client
         .execute(

@@ -23,6 +23,7 @@ mod lifecycle;
 mod limits;
 mod notices;
 mod remediation;
+mod replicas;
 mod report;
 mod rollouts;
 mod scoring;

@@ -81,11 +81,21 @@ impl ChildServer {
             .strip_prefix("listening on ")
             .expect(&line)
             .to_string();
-        let channel = Channel::from_shared(format!("http://{addr}"))
+        let channel = match Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
             .await
-            .unwrap();
+        {
+            Ok(channel) => channel,
+            Err(e) => {
+                // Most likely it stopped as it started: its log says why.
+                let _ = child.wait();
+                panic!(
+                    "connecting to {addr}: {e}; the server's log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            }
+        };
         let server = ChildServer {
             child,
             channel,
@@ -107,11 +117,16 @@ impl ChildServer {
     pub async fn wait_health(&self, service: &str, want: bool) {
         let start = Instant::now();
         while self.serving(service).await != want {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "health {service:?} never became {want}; see {}",
-                self.log.display()
-            );
+            if start.elapsed() > Duration::from_secs(10) {
+                // The log's end, since a failed test removes its directory.
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let lines: Vec<_> = log.lines().rev().take(20).collect();
+                panic!(
+                    "health {service:?} never became {want}; the end of {}:\n{}",
+                    self.log.display(),
+                    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

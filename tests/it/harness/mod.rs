@@ -1,12 +1,13 @@
 //! What the tests share, one module per concern: a server in this process or a child
 //! `riskserve` process, trained model directories, Taiwan customers, the inference
-//! protocol's tensor encoding, and an independent PD computation.
+//! protocol's tensor encoding, an independent PD computation, and a real PostgreSQL server.
 
 mod child;
 mod customers;
 mod fixtures;
 mod inference;
 mod oracle;
+mod postgres;
 mod server;
 
 pub use child::{ChildServer, run_ok};
@@ -17,4 +18,5 @@ pub use fixtures::{
 };
 pub use inference::{infer_outputs, infer_request};
 pub use oracle::Offline;
+pub use postgres::Postgres;
 pub use server::{TestServer, config, record_traffic, score_range, start_rollout, violation_field};
