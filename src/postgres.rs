@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, NoTls};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 /// How long connecting may take before the store counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,7 +71,54 @@ const STEPS: &[&str] = &[
         first_seen timestamptz NOT NULL DEFAULT now(),
         last_write timestamptz
     );",
+    // 2: rollouts and the serving choice, shared so that every replica routes alike. At
+    // most one open rollout per model, whichever replica starts it. Plans, backtests and
+    // figures are the same versioned JSON the embedded store keeps.
+    "CREATE TABLE rollouts (
+        id              text PRIMARY KEY,
+        model           text NOT NULL,
+        champion        text NOT NULL,
+        candidate       text NOT NULL,
+        plan            text NOT NULL,
+        state           text NOT NULL,
+        step            integer NOT NULL,
+        step_started_at text NOT NULL,
+        created_at      text NOT NULL,
+        backtest        text
+    );
+    CREATE UNIQUE INDEX rollouts_open ON rollouts (model) WHERE state IN ('active', 'paused');
+    CREATE INDEX rollouts_model ON rollouts (model, created_at);
+    CREATE TABLE rollout_transitions (
+        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        rollout_id text NOT NULL REFERENCES rollouts (id),
+        at         text NOT NULL,
+        from_state text,
+        to_state   text NOT NULL,
+        from_step  integer,
+        to_step    integer NOT NULL,
+        actor      text NOT NULL,
+        reason     text NOT NULL,
+        figures    text NOT NULL
+    );
+    CREATE INDEX rollout_transitions_rollout ON rollout_transitions (rollout_id, id);
+    CREATE TABLE rollout_readings (
+        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        rollout_id text NOT NULL REFERENCES rollouts (id),
+        at         text NOT NULL,
+        step       integer NOT NULL,
+        share_bp   integer NOT NULL,
+        figures    text NOT NULL
+    );
+    CREATE INDEX rollout_readings_rollout ON rollout_readings (rollout_id, id);
+    CREATE TABLE serving (
+        model      text PRIMARY KEY,
+        version    text NOT NULL,
+        changed_at timestamptz NOT NULL DEFAULT now()
+    );",
 ];
+
+/// The channel a change of rollouts or serving choices is announced on (LISTEN/NOTIFY).
+pub const CHANGES: &str = "riskserve_changes";
 
 /// The schema version this release writes.
 pub const SCHEMA_VERSION: i32 = STEPS.len() as i32;
@@ -113,6 +161,8 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 pub struct Pg {
     config: tokio_postgres::Config,
     pool: Pool,
+    /// The runtime the store was opened on, for blocking callers.
+    runtime: tokio::runtime::Handle,
     /// host:port/db, without credentials, for messages.
     shown: String,
 }
@@ -174,6 +224,7 @@ impl Pg {
         let pg = Arc::new(Pg {
             config,
             pool,
+            runtime: tokio::runtime::Handle::current(),
             shown,
         });
         let mut client = pg.connect().await?;
@@ -183,20 +234,60 @@ impl Pg {
 
     /// A connection of its own (the writer's: its session holds the replica's lock).
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let (client, connection) =
-            self.config
-                .connect(NoTls)
-                .await
-                .map_err(|e| PgError::Unreachable {
-                    at: self.shown.clone(),
-                    why: describe(&e),
-                })?;
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| self.unreachable(&e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "PostgreSQL connection ended");
             }
         });
         Ok(client)
+    }
+
+    /// A connection of its own that listens on `channel`: each notification's payload comes
+    /// out of the receiver, which ends when the connection does.
+    pub async fn listen(
+        &self,
+        channel: &str,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<String>), PgError> {
+        let (client, mut connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // Polling for messages also drives the connection's queries.
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "PostgreSQL listening connection ended");
+                        return;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        Ok((client, rx))
+    }
+
+    fn unreachable(&self, e: &tokio_postgres::Error) -> PgError {
+        PgError::Unreachable {
+            at: self.shown.clone(),
+            why: describe(e),
+        }
     }
 
     /// A pooled connection, for reads.
@@ -213,6 +304,17 @@ impl Pg {
     /// Where the store is, without credentials.
     pub fn shown(&self) -> &str {
         &self.shown
+    }
+
+    /// Runs `f` to completion for a blocking caller (the log's readers and the rollout
+    /// store are synchronous), off the runtime's workers when called from one.
+    pub fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.runtime.block_on(f))
+            }
+            _ => self.runtime.block_on(f),
+        }
     }
 }
 

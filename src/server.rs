@@ -40,7 +40,7 @@ use crate::grpc::{
 use crate::registry::{Registry, RegistryError};
 use crate::remediation::Remediator;
 use crate::rollout::store::{RolloutStore, StoreError};
-use crate::rollout::{Control, Evaluator, History, RolloutError, Router};
+use crate::rollout::{Control, Evaluator, Follower, History, RolloutError, Router};
 use crate::scoring::{Recorder, Scorer, Shadow};
 use crate::trace::Tracer;
 use crate::watcher;
@@ -49,6 +49,8 @@ use crate::watcher;
 pub const LIVENESS: &str = "liveness";
 const SCORING: &str = "riskserve.v1.Scoring";
 const MODELS: &str = "riskserve.v1.Models";
+/// How often a replica re-reads the shared store besides the changes announced to it.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the server could not start or stopped with an error. A wrapped error is the
 /// `source`, not repeated in the message: the CLI prints the whole chain.
@@ -97,15 +99,19 @@ pub async fn serve(
     })?;
 
     let keys = customer_keys(&config)?;
+    // The shared store, when replicas share one: decisions, rollouts and serving choices.
+    let pg = match &config.store {
+        Some(url) => Some(crate::postgres::Pg::open(url).await?),
+        None => None,
+    };
     let log: Arc<dyn DecisionLog> = if config.unrecorded_benchmark_only {
         tracing::warn!("RECORDING NOTHING: benchmark baseline; never run this in production");
         Arc::new(Unrecorded::default())
-    } else if let Some(url) = &config.store {
-        let pg = crate::postgres::Pg::open(url).await?;
+    } else if let Some(pg) = &pg {
         let replica_id = config.replica_id(listener.local_addr().map_or(0, |a| a.port()));
         tracing::info!(store = %pg.shown(), replica = %replica_id, "decision log in the shared store");
         PgLog::open(
-            pg,
+            pg.clone(),
             PgLogOptions {
                 replica_id,
                 max_batch: config.log_batch,
@@ -135,7 +141,14 @@ pub async fn serve(
         // A refused bundle is logged and listed as failed; it must not stop the others.
         let _ = registry.load(&model, &version).await;
     }
-    registry.choose_initial_serving(&config.serving).await?;
+    let store = Arc::new(match &pg {
+        Some(pg) => RolloutStore::shared(pg.clone()),
+        None => RolloutStore::open(&config.decision_log_path())?,
+    });
+    // What the replicas serve, unless pinned here.
+    let mut serving = store.serving()?;
+    serving.extend(config.serving.clone());
+    registry.choose_initial_serving(&serving).await?;
 
     let stop = CancellationToken::new();
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -160,7 +173,6 @@ pub async fn serve(
         .build_v1()?;
     // Rollouts, one part per job: the request path's router, control operations behind the
     // backtest gate, the guardrail evaluator, and the history.
-    let store = Arc::new(RolloutStore::open(&config.decision_log_path())?);
     let router = Arc::new(Router::new());
     let backtester = Arc::new(Backtester::new(
         registry.clone(),
@@ -174,10 +186,20 @@ pub async fn serve(
         backtester.clone(),
     )?);
     let history = Arc::new(History::new(router.clone(), store.clone(), log.clone()));
+    // Among replicas, one at a time judges the guardrails: the follower's lease says which.
+    let (lease, follower_task) = match &pg {
+        Some(pg) => {
+            let (follower, lease) = Follower::new(pg.clone(), control.clone(), FOLLOW_EVERY);
+            (lease, Some(tokio::spawn(follower.run(stop.clone()))))
+        }
+        None => (watch::channel(true).1, None),
+    };
     let evaluator = Evaluator::new(
         router.clone(),
         control.clone(),
         store.clone(),
+        log.clone(),
+        lease,
         std::time::Duration::from_millis(config.rollout_snapshot_interval_ms),
     );
     let evaluator_task = tokio::spawn(evaluator.run(
@@ -282,6 +304,9 @@ pub async fn serve(
     };
     stop.cancel();
     let _ = tokio::join!(watcher_task, health_task, evaluator_task, shadow_task);
+    if let Some(task) = follower_task {
+        let _ = task.await;
+    }
     // Everything answered is already durable; this commits what was queued but unanswered.
     let _ = tokio::task::spawn_blocking(move || log.close()).await;
     tracing::info!("riskserve stopped");

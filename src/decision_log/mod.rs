@@ -239,6 +239,26 @@ pub struct ArmTraffic {
     pub shadow: u64,
 }
 
+/// What the guardrails read of one recorded decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecisionOutcome {
+    pub declined: bool,
+    pub pd: f64,
+    pub current_limit: Option<i64>,
+    pub granted_limit: i64,
+}
+
+/// A rollout's latest decisions across every replica, for guardrails judged on all of them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecentByArm {
+    /// The champion arm's latest decisions, newest first.
+    pub champion: Vec<DecisionOutcome>,
+    /// The candidate's, served or in the shadow, newest first.
+    pub candidate: Vec<DecisionOutcome>,
+    /// Decisions since the asked time, by arm name.
+    pub since: Vec<(String, u64)>,
+}
+
 /// A rollout's decisions in aggregate, for its report.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RolloutDecisions {
@@ -363,6 +383,18 @@ pub trait DecisionLog: Send + Sync + 'static {
 
     /// Walks the whole chain.
     fn verify(&self) -> Result<VerifyReport, LogError>;
+
+    /// A rollout's latest `limit` decisions per arm from every replica, and how many each
+    /// arm made since `since_us` (µs since the epoch), when the log is shared by replicas.
+    /// `None` for the log of one server, whose guardrails see each decision as it is made.
+    fn recent_by_arm(
+        &self,
+        _rollout_id: &str,
+        _limit: usize,
+        _since_us: i64,
+    ) -> Result<Option<RecentByArm>, LogError> {
+        Ok(None)
+    }
 }
 
 /// Records nothing and says every decision is durable. Only the baseline of the logging

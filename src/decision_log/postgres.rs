@@ -30,9 +30,10 @@ use super::names::FeatureNames;
 use super::record::{self, ARMS, DECISIONS};
 use super::view::{bounds, micros_of};
 use super::{
-    AppendAllFuture, AppendFuture, ArmSummary, DecisionLog, DecisionRecord, LogError, NewBody,
-    PD_BINS, RolloutDecisions, VerifyReport, VersionStats, Window,
+    AppendAllFuture, AppendFuture, ArmSummary, DecisionLog, DecisionOutcome, DecisionRecord,
+    LogError, NewBody, PD_BINS, RecentByArm, RolloutDecisions, VerifyReport, VersionStats, Window,
 };
+use crate::policy::Outcome;
 use crate::postgres::{Pg, PgError, describe};
 
 /// How long a commit may take before its outcome counts as unknown (and it fails).
@@ -86,7 +87,6 @@ pub struct PgLog {
     queue: mpsc::Sender<Job>,
     healthy: watch::Receiver<bool>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    runtime: tokio::runtime::Handle,
     /// Dropped at close: the writer commits what is queued and stops.
     closing: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -126,19 +126,12 @@ impl PgLog {
             queue,
             healthy,
             writer: Mutex::new(Some(writer)),
-            runtime: tokio::runtime::Handle::current(),
             closing: Mutex::new(Some(closing)),
         }))
     }
 
-    /// Runs `f` to completion from a blocking caller (reads are blocking by the trait).
     fn block<T>(&self, f: impl Future<Output = T>) -> T {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.runtime.block_on(f))
-            }
-            _ => self.runtime.block_on(f),
-        }
+        self.pg.block(f)
     }
 
     /// Rows of `sql` on a pooled connection, decoded into records.
@@ -1030,6 +1023,57 @@ impl DecisionLog for PgLog {
                 return Ok(());
             }
         }
+    }
+
+    fn recent_by_arm(
+        &self,
+        rollout_id: &str,
+        limit: usize,
+        since_us: i64,
+    ) -> Result<Option<RecentByArm>, LogError> {
+        let limit = limit as i64;
+        self.block(async {
+            let c = self.pg.pooled().await.map_err(unavailable)?;
+            let rows = c
+                .query(
+                    "(SELECT false, decision, pd, current_limit, granted_limit FROM decisions \
+                      WHERE rollout_id = $1 AND arm = 'champion' \
+                      ORDER BY recorded_us DESC LIMIT $2) \
+                     UNION ALL \
+                     (SELECT true, decision, pd, current_limit, granted_limit FROM decisions \
+                      WHERE rollout_id = $1 AND arm IN ('candidate', 'shadow') \
+                      ORDER BY recorded_us DESC LIMIT $2)",
+                    &[&rollout_id, &limit],
+                )
+                .await
+                .map_err(query_err)?;
+            let mut recent = RecentByArm::default();
+            for row in rows {
+                let outcome = DecisionOutcome {
+                    declined: row.get::<_, &str>(1) == Outcome::Decline.as_str(),
+                    pd: row.get(2),
+                    current_limit: row.get(3),
+                    granted_limit: row.get(4),
+                };
+                if row.get::<_, bool>(0) {
+                    recent.candidate.push(outcome);
+                } else {
+                    recent.champion.push(outcome);
+                }
+            }
+            for row in c
+                .query(
+                    "SELECT arm, COUNT(*) FROM decisions WHERE rollout_id = $1 \
+                     AND recorded_us >= $2 GROUP BY arm",
+                    &[&rollout_id, &since_us],
+                )
+                .await
+                .map_err(query_err)?
+            {
+                recent.since.push((row.get(0), row.get::<_, i64>(1) as u64));
+            }
+            Ok(Some(recent))
+        })
     }
 
     /// Every replica's chain, in replica order; the first break found is reported, naming

@@ -17,6 +17,7 @@ use crate::grpc::gate::auth::AuthError;
 use crate::registry::RegistryError;
 use crate::remediation::RemediationError;
 use crate::rollout::RolloutError;
+use crate::rollout::store::StoreError;
 use crate::schema::FeatureError;
 use crate::scoring::ScoreError;
 use crate::trace::TraceError;
@@ -230,7 +231,12 @@ impl From<&RolloutError> for Refusal {
                 ..inner.into()
             },
             RolloutError::Registry(e) => e.into(),
-            RolloutError::Store(_) => Refusal::new(Code::Unavailable, e),
+            // Another replica got there first: the caller reads the new state and decides.
+            RolloutError::Store(StoreError::Changed { .. }) => Refusal::new(Code::Aborted, e),
+            RolloutError::Store(StoreError::AlreadyOpen { .. }) => {
+                Refusal::new(Code::AlreadyExists, e)
+            }
+            RolloutError::Store(StoreError::Failed(_)) => Refusal::new(Code::Unavailable, e),
         }
     }
 }

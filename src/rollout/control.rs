@@ -65,6 +65,11 @@ impl Control {
                     tracing::info!(rollout = %record.id, model = %record.model, step = record.step, "rollout resumed");
                     router.insert(Arc::new(Live::new(record, bundle)));
                 }
+                None if store.pg().is_some() => {
+                    // Shared: the rollout goes on on the other replicas; this one routes
+                    // everyone to the champion until it has the candidate.
+                    tracing::error!(rollout = %record.id, candidate = %record.candidate, "candidate missing on this replica; routing the champion only");
+                }
                 None => {
                     let mut closed = record.clone();
                     closed.state = State::RolledBack;
@@ -127,7 +132,15 @@ impl Control {
         if self.router.is_open(model) {
             return Err(RolloutError::DecidedByRollout(model.into()));
         }
-        Ok(self.registry.serve(model, version).await?)
+        let info = self.registry.serve(model, version).await?;
+        // Then for every replica; should this fail, the follower puts this replica back on
+        // the shared choice.
+        let store = self.store.clone();
+        let (m, v) = (model.to_string(), version.to_string());
+        tokio::task::spawn_blocking(move || store.save_serving(&m, &v))
+            .await
+            .map_err(|e| StoreError::Failed(e.to_string()))??;
+        Ok(info)
     }
 
     /// Unloads `version` unless an open rollout uses it (as candidate or champion). In turn
@@ -361,7 +374,7 @@ impl Control {
         let saved = record.clone();
         tokio::task::spawn_blocking(move || store.save(&saved, &t))
             .await
-            .map_err(|e| StoreError(e.to_string()))??;
+            .map_err(|e| StoreError::Failed(e.to_string()))??;
         Ok(())
     }
 
@@ -393,20 +406,113 @@ impl Control {
             figures,
         };
         self.save(&after, t).await?;
-        let step = &after.plan.steps[to_step];
-        let open = to_state.is_open();
+        self.apply(live, &before, after.clone());
+        tracing::info!(rollout = %after.id, model = %after.model, state = after.state.as_str(), step = after.step, actor, reason, "rollout transition");
+        Ok(after)
+    }
+
+    /// Makes routing follow a recorded change of the rollout from `before` to `after`.
+    fn apply(&self, live: &Live, before: &RolloutRecord, after: RolloutRecord) {
+        let step = &after.plan.steps[after.step];
+        let open = after.state.is_open();
         live.share_bp
             .store(if open { step.share_bp } else { 0 }, Ordering::Release);
         live.shadow.store(open && step.shadow, Ordering::Release);
-        if to_step != before.step {
+        if after.step != before.step {
             live.step_decisions.store(0, Ordering::Relaxed);
             *live.step_started.lock().expect("step lock") = Instant::now();
         }
-        *live.record.lock().expect("rollout lock") = after.clone();
+        let model = after.model.clone();
+        *live.record.lock().expect("rollout lock") = after;
         if !open {
-            self.router.remove(&after.model);
+            self.router.remove(&model);
         }
-        tracing::info!(rollout = %after.id, model = %after.model, state = after.state.as_str(), step = after.step, actor, reason, "rollout transition");
-        Ok(after)
+    }
+
+    /// Brings this replica in line with the shared store: what serves each model, and every
+    /// open rollout's state and step, as changed through any replica. The follower calls it
+    /// on each announced change and every second. Nothing to do on the embedded store,
+    /// where this server made every change itself.
+    pub async fn sync(&self) -> Result<(), RolloutError> {
+        if self.store.pg().is_none() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let (serving, open) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.serving()?, store.list(true)?))
+        })
+        .await
+        .map_err(|e| StoreError::Failed(e.to_string()))??;
+        // Serving choices first: a promotion closes its rollout and switches what serves,
+        // and the candidate must serve before the rollout stops routing to it.
+        for (model, version) in &serving {
+            let _turn = self.turn(model).await;
+            if self
+                .registry
+                .serving(model)
+                .is_ok_and(|b| b.version() == version)
+            {
+                continue;
+            }
+            let switched = match self.registry.load(model, version).await {
+                Ok(_) => self.registry.serve(model, version).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match switched {
+                Ok(()) => tracing::info!(model, version, "serving what the shared store says"),
+                Err(e) => {
+                    tracing::error!(model, version, error = %e, "cannot serve the shared choice")
+                }
+            }
+        }
+        for record in &open {
+            let _turn = self.turn(&record.model).await;
+            match self.router.get(&record.model) {
+                Some(live) if live.id == record.id => {
+                    let mine = live.record();
+                    if (mine.state, mine.step) != (record.state, record.step) {
+                        tracing::info!(rollout = %record.id, state = record.state.as_str(), step = record.step, "rollout changed through another replica");
+                        self.apply(&live, &mine, record.clone());
+                    }
+                }
+                _ => match self
+                    .registry
+                    .load_bundle(&record.model, &record.candidate)
+                    .await
+                {
+                    Ok(bundle) => {
+                        tracing::info!(rollout = %record.id, model = %record.model, "rollout started through another replica");
+                        self.router
+                            .insert(Arc::new(Live::new(record.clone(), bundle)));
+                    }
+                    Err(e) => {
+                        self.router.remove(&record.model);
+                        tracing::error!(rollout = %record.id, error = %e, "candidate missing on this replica; routing the champion only");
+                    }
+                },
+            }
+        }
+        for live in self.router.all() {
+            if open.iter().any(|r| r.id == live.id) {
+                continue;
+            }
+            let mine = live.record();
+            let _turn = self.turn(&mine.model).await;
+            // Closed through another replica: its final record, or just stop routing.
+            let store = self.store.clone();
+            let id = live.id.clone();
+            let closed = tokio::task::spawn_blocking(move || store.get(&id))
+                .await
+                .map_err(|e| StoreError::Failed(e.to_string()))??;
+            tracing::info!(rollout = %live.id, state = closed.as_ref().map(|r| r.state.as_str()), "rollout closed through another replica");
+            match closed {
+                Some(after) => self.apply(&live, &mine, after),
+                None => {
+                    live.stop_routing();
+                    self.router.remove(&mine.model);
+                }
+            }
+        }
+        Ok(())
     }
 }

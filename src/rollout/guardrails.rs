@@ -271,6 +271,30 @@ pub fn evaluate(
     readings
 }
 
+/// The guardrails that only this server can read: refusals and latency, which the log does
+/// not record.
+const LOCAL_ONLY: [&str; 2] = ["error_rate_diff", "p99_latency_ms"];
+
+/// Readings judged on every replica's recorded decisions (`shared`), with the guardrails
+/// only this server can read taken from `local`.
+pub fn with_local(
+    shared: Vec<GuardrailReading>,
+    local: &[GuardrailReading],
+) -> Vec<GuardrailReading> {
+    shared
+        .into_iter()
+        .map(|r| {
+            match local
+                .iter()
+                .find(|l| l.name == r.name && LOCAL_ONLY.contains(&r.name.as_str()))
+            {
+                Some(l) => l.clone(),
+                None => r,
+            }
+        })
+        .collect()
+}
+
 /// A guardrail on a rate, candidate (`x` of `n`) against champion. It breaches only when the
 /// candidate is worse by more than `threshold` with confidence 1 − `alpha`: the lower end of
 /// the difference's confidence interval is above the threshold. (Testing "any difference"
@@ -490,6 +514,35 @@ mod tests {
             w.push(obs(bad, bad, pd(i)), 100_000);
         }
         w
+    }
+
+    #[test]
+    fn shared_readings_keep_this_servers_refusals_and_latency() {
+        let t = Thresholds::default();
+        let mut champion = ArmWindow::default();
+        let mut candidate = ArmWindow::default();
+        for i in 0..300 {
+            champion.push(obs(false, false, 0.1), t.window);
+            candidate.push(obs(i % 2 == 0, false, 0.1), t.window);
+        }
+        let shared = evaluate(&t, &champion, &candidate);
+        let mut local_candidate = ArmWindow::default();
+        for _ in 0..300 {
+            local_candidate.push(Observation::REFUSED, t.window);
+        }
+        let local = evaluate(&t, &champion, &local_candidate);
+        let merged = with_local(shared.clone(), &local);
+        let by_name =
+            |rs: &[GuardrailReading], n: &str| rs.iter().find(|r| r.name == n).unwrap().clone();
+        assert_eq!(merged.len(), shared.len());
+        for name in ["decline_rate_diff", "cut_rate_diff", "psi"] {
+            assert_eq!(by_name(&merged, name), by_name(&shared, name), "{name}");
+        }
+        for name in LOCAL_ONLY {
+            assert_eq!(by_name(&merged, name), by_name(&local, name), "{name}");
+        }
+        assert!(by_name(&merged, "decline_rate_diff").breached);
+        assert!(by_name(&merged, "error_rate_diff").breached);
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl History {
             Ok::<_, RolloutError>((snapshots, decisions))
         })
         .await
-        .map_err(|e| StoreError(e.to_string()))??;
+        .map_err(|e| StoreError::Failed(e.to_string()))??;
         Ok(RolloutHistory {
             status,
             snapshots,

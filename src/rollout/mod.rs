@@ -18,6 +18,7 @@
 mod control;
 mod error;
 mod evaluator;
+mod follower;
 pub mod guardrails;
 mod history;
 mod live;
@@ -33,6 +34,7 @@ use sha2::Sha256;
 pub use control::Control;
 pub use error::RolloutError;
 pub use evaluator::Evaluator;
+pub use follower::Follower;
 pub use guardrails::{GuardrailReading, Observation, Thresholds};
 pub use history::{History, RolloutHistory, RolloutStatus};
 pub use live::{ArmCounts, Route};

@@ -1,56 +1,23 @@
-//! Rollouts and their transitions, kept in the decision log's SQLite file so that a restarted
-//! server resumes the same step with the same assignment, and reviewers find rollouts next to
-//! the decisions they produced.
+//! Rollouts, their transitions and guardrail snapshots, and (with a shared store) the
+//! serving choice of each model: kept so that a restarted server resumes the same step with
+//! the same assignment, and so that replicas sharing a store route alike.
+//!
+//! Two backends behind one type: the embedded one in the decision log's SQLite file (one
+//! server), and the shared one in PostgreSQL (several replicas), where every change is
+//! announced on [`crate::postgres::CHANGES`] and guarded against a concurrent change through
+//! another replica.
 
+mod embedded;
+mod shared;
+
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::Duration;
-
-use rusqlite::{Connection, params};
+use std::sync::Arc;
 
 use super::guardrails::GuardrailReading;
 use super::{Plan, State};
 use crate::backtest::BacktestReport;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS rollouts (
-    id              TEXT PRIMARY KEY,
-    model           TEXT NOT NULL,
-    champion        TEXT NOT NULL,
-    candidate       TEXT NOT NULL,
-    plan            TEXT NOT NULL,
-    state           TEXT NOT NULL,
-    step            INTEGER NOT NULL,
-    step_started_at TEXT NOT NULL,
-    created_at      TEXT NOT NULL,
-    backtest        TEXT
-);
-CREATE INDEX IF NOT EXISTS rollouts_model ON rollouts(model, created_at);
-CREATE TABLE IF NOT EXISTS rollout_transitions (
-    id          INTEGER PRIMARY KEY,
-    rollout_id  TEXT NOT NULL REFERENCES rollouts(id),
-    at          TEXT NOT NULL,
-    from_state  TEXT,
-    to_state    TEXT NOT NULL,
-    from_step   INTEGER,
-    to_step     INTEGER NOT NULL,
-    actor       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    figures     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rollout_transitions_rollout ON rollout_transitions(rollout_id, id);
--- What the guardrails read while a rollout ran, sampled, for charts of each against its
--- threshold over time (transitions keep the figures of each decision point besides).
-CREATE TABLE IF NOT EXISTS rollout_readings (
-    id          INTEGER PRIMARY KEY,
-    rollout_id  TEXT NOT NULL REFERENCES rollouts(id),
-    at          TEXT NOT NULL,
-    step        INTEGER NOT NULL,
-    share_bp    INTEGER NOT NULL,
-    figures     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rollout_readings_rollout ON rollout_readings(rollout_id, id);
-";
+use crate::postgres::Pg;
 
 /// The version of the JSON the store writes into its text columns (plan, backtest,
 /// figures): `{"v": 1, "data": …}`. A row written before the envelope holds the bare value
@@ -82,13 +49,24 @@ fn from_stored<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreErr
     serde_json::from_value(data).map_err(err)
 }
 
-/// Why the store failed.
+/// Why the store failed or refused a change.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("rollout store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    #[error("rollout store: {0}")]
+    Failed(String),
+    /// Another replica changed the rollout since this one read it.
+    #[error(
+        "rollout {id} was changed through another replica meanwhile (it is now {now}); read \
+         its status and retry"
+    )]
+    Changed { id: String, now: String },
+    /// Another replica opened a rollout of the model first.
+    #[error("model {model} already has an open rollout ({id}); roll it back or promote it first")]
+    AlreadyOpen { model: String, id: String },
+}
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Failed(e.to_string())
 }
 
 /// A rollout as stored.
@@ -130,219 +108,124 @@ pub struct Snapshot {
     pub figures: Vec<GuardrailReading>,
 }
 
-/// The rollout tables, on their own connection to the log's file.
+/// A rollout row as both backends read it, before its JSON and state are parsed.
+struct RolloutRow {
+    id: String,
+    model: String,
+    champion: String,
+    candidate: String,
+    plan: String,
+    state: String,
+    step: i64,
+    step_started_at: String,
+    created_at: String,
+    backtest: Option<String>,
+}
+
+impl RolloutRow {
+    fn parse(self) -> Result<RolloutRecord, StoreError> {
+        Ok(RolloutRecord {
+            state: parse_state(&self.state)?,
+            plan: from_stored(&self.plan)?,
+            backtest: self.backtest.as_deref().map(from_stored).transpose()?,
+            id: self.id,
+            model: self.model,
+            champion: self.champion,
+            candidate: self.candidate,
+            step: self.step as usize,
+            step_started_at: self.step_started_at,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// A transition row as both backends read it.
+struct TransitionRow {
+    at: String,
+    from_state: Option<String>,
+    to_state: String,
+    from_step: Option<i64>,
+    to_step: i64,
+    actor: String,
+    reason: String,
+    figures: String,
+}
+
+impl TransitionRow {
+    fn parse(self) -> Result<Transition, StoreError> {
+        Ok(Transition {
+            from_state: self.from_state.as_deref().and_then(State::parse),
+            to_state: parse_state(&self.to_state)?,
+            from_step: self.from_step.map(|s| s as usize),
+            to_step: self.to_step as usize,
+            figures: from_stored(&self.figures)?,
+            at: self.at,
+            actor: self.actor,
+            reason: self.reason,
+        })
+    }
+}
+
+fn parse_state(s: &str) -> Result<State, StoreError> {
+    State::parse(s).ok_or_else(|| err(format!("bad state {s}")))
+}
+
+/// The rollout store of this server.
 #[derive(Debug)]
 pub struct RolloutStore {
-    conn: Mutex<Connection>,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Embedded(embedded::Embedded),
+    Shared(shared::Shared),
 }
 
 impl RolloutStore {
+    /// The embedded store, in the SQLite file at `path`.
     pub fn open(path: &Path) -> Result<RolloutStore, StoreError> {
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
-            .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        // Stores created before the backtest gate lack its column.
-        let has_backtest: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('rollouts') WHERE name = 'backtest'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(err)?;
-        if !has_backtest {
-            conn.execute_batch("ALTER TABLE rollouts ADD COLUMN backtest TEXT")
-                .map_err(err)?;
-        }
         Ok(RolloutStore {
-            conn: Mutex::new(conn),
+            backend: Backend::Embedded(embedded::Embedded::open(path)?),
         })
     }
 
-    /// Writes the rollout's current row and one transition, atomically.
+    /// The store every replica shares (its schema is [`crate::postgres`]'s).
+    pub fn shared(pg: Arc<Pg>) -> RolloutStore {
+        RolloutStore {
+            backend: Backend::Shared(shared::Shared::new(pg)),
+        }
+    }
+
+    /// The shared store's connection settings, when it is shared.
+    pub fn pg(&self) -> Option<&Arc<Pg>> {
+        match &self.backend {
+            Backend::Embedded(_) => None,
+            Backend::Shared(s) => Some(s.pg()),
+        }
+    }
+
+    /// Writes the rollout's current row and one transition, atomically. With a shared store
+    /// the change applies only if the rollout is still as `t` says it was
+    /// ([`StoreError::Changed`] otherwise), a promotion makes the candidate the model's
+    /// serving choice in the same transaction, and every replica is told.
     pub fn save(&self, r: &RolloutRecord, t: &Transition) -> Result<(), StoreError> {
-        let mut conn = self.conn.lock().expect("store lock poisoned");
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        tx.execute(
-            "INSERT INTO rollouts (id, model, champion, candidate, plan, state, step, \
-             step_started_at, created_at, backtest) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-             ON CONFLICT(id) DO UPDATE SET state = excluded.state, step = excluded.step, \
-             step_started_at = excluded.step_started_at",
-            params![
-                r.id,
-                r.model,
-                r.champion,
-                r.candidate,
-                to_stored(&r.plan)?,
-                r.state.as_str(),
-                r.step as i64,
-                r.step_started_at,
-                r.created_at,
-                r.backtest.as_ref().map(to_stored).transpose()?
-            ],
-        )
-        .map_err(err)?;
-        tx.execute(
-            "INSERT INTO rollout_transitions (rollout_id, at, from_state, to_state, from_step, \
-             to_step, actor, reason, figures) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                r.id,
-                t.at,
-                t.from_state.map(State::as_str),
-                t.to_state.as_str(),
-                t.from_step.map(|s| s as i64),
-                t.to_step as i64,
-                t.actor,
-                t.reason,
-                to_stored(&t.figures)?
-            ],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+        match &self.backend {
+            Backend::Embedded(e) => e.save(r, t),
+            Backend::Shared(s) => s.save(r, t),
+        }
     }
 
     /// Every rollout, newest first; only those still routing traffic if `open_only`.
     pub fn list(&self, open_only: bool) -> Result<Vec<RolloutRecord>, StoreError> {
-        let conn = self.conn.lock().expect("store lock poisoned");
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, model, champion, candidate, plan, state, step, step_started_at, \
-                 created_at, backtest FROM rollouts ORDER BY created_at DESC",
-            )
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, i64>(6)?,
-                    r.get::<_, String>(7)?,
-                    r.get::<_, String>(8)?,
-                    r.get::<_, Option<String>>(9)?,
-                ))
-            })
-            .map_err(err)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, model, champion, candidate, plan, state, step, started, created, backtest) =
-                row.map_err(err)?;
-            let state = State::parse(&state).ok_or_else(|| err(format!("bad state {state}")))?;
-            if open_only && !state.is_open() {
-                continue;
-            }
-            out.push(RolloutRecord {
-                id,
-                model,
-                champion,
-                candidate,
-                plan: from_stored(&plan)?,
-                state,
-                step: step as usize,
-                step_started_at: started,
-                created_at: created,
-                backtest: backtest.as_deref().map(from_stored).transpose()?,
-            });
+        match &self.backend {
+            Backend::Embedded(e) => e.list(open_only),
+            Backend::Shared(s) => s.list(open_only),
         }
-        Ok(out)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
         Ok(self.list(false)?.into_iter().find(|r| r.id == id))
-    }
-
-    /// A rollout's transitions, oldest first.
-    pub fn transitions(&self, rollout_id: &str) -> Result<Vec<Transition>, StoreError> {
-        let conn = self.conn.lock().expect("store lock poisoned");
-        let mut stmt = conn
-            .prepare(
-                "SELECT at, from_state, to_state, from_step, to_step, actor, reason, figures \
-                 FROM rollout_transitions WHERE rollout_id = ?1 ORDER BY id",
-            )
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([rollout_id], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, String>(7)?,
-                ))
-            })
-            .map_err(err)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (at, from, to, from_step, to_step, actor, reason, figures) = row.map_err(err)?;
-            out.push(Transition {
-                at,
-                from_state: from.as_deref().and_then(State::parse),
-                to_state: State::parse(&to).ok_or_else(|| err(format!("bad state {to}")))?,
-                from_step: from_step.map(|s| s as usize),
-                to_step: to_step as usize,
-                actor,
-                reason,
-                figures: from_stored(&figures)?,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Keeps one guardrail snapshot.
-    pub fn save_snapshot(&self, rollout_id: &str, s: &Snapshot) -> Result<(), StoreError> {
-        let conn = self.conn.lock().expect("store lock poisoned");
-        conn.execute(
-            "INSERT INTO rollout_readings (rollout_id, at, step, share_bp, figures) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                rollout_id,
-                s.at,
-                s.step as i64,
-                s.share_bp,
-                to_stored(&s.figures)?
-            ],
-        )
-        .map_err(err)?;
-        Ok(())
-    }
-
-    /// A rollout's guardrail snapshots, oldest first.
-    pub fn snapshots(&self, rollout_id: &str) -> Result<Vec<Snapshot>, StoreError> {
-        let conn = self.conn.lock().expect("store lock poisoned");
-        let mut stmt = conn
-            .prepare(
-                "SELECT at, step, share_bp, figures FROM rollout_readings \
-                 WHERE rollout_id = ?1 ORDER BY id",
-            )
-            .map_err(err)?;
-        let rows = stmt
-            .query_map([rollout_id], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, u32>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })
-            .map_err(err)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (at, step, share_bp, figures) = row.map_err(err)?;
-            out.push(Snapshot {
-                at,
-                step: step as usize,
-                share_bp,
-                figures: from_stored(&figures)?,
-            });
-        }
-        Ok(out)
     }
 
     /// The open rollout of a model, if any.
@@ -350,12 +233,45 @@ impl RolloutStore {
         Ok(self.list(true)?.into_iter().find(|r| r.model == model))
     }
 
-    /// How many rollouts are stored (tests).
-    #[cfg(test)]
-    fn count(&self) -> i64 {
-        let conn = self.conn.lock().unwrap();
-        conn.query_row("SELECT COUNT(*) FROM rollouts", [], |r| r.get(0))
-            .unwrap()
+    /// A rollout's transitions, oldest first.
+    pub fn transitions(&self, rollout_id: &str) -> Result<Vec<Transition>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(e) => e.transitions(rollout_id),
+            Backend::Shared(s) => s.transitions(rollout_id),
+        }
+    }
+
+    /// Keeps one guardrail snapshot.
+    pub fn save_snapshot(&self, rollout_id: &str, snapshot: &Snapshot) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Embedded(e) => e.save_snapshot(rollout_id, snapshot),
+            Backend::Shared(s) => s.save_snapshot(rollout_id, snapshot),
+        }
+    }
+
+    /// A rollout's guardrail snapshots, oldest first.
+    pub fn snapshots(&self, rollout_id: &str) -> Result<Vec<Snapshot>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(e) => e.snapshots(rollout_id),
+            Backend::Shared(s) => s.snapshots(rollout_id),
+        }
+    }
+
+    /// Records what serves `model` for every replica (the embedded store leaves the choice to
+    /// the registry's own file).
+    pub fn save_serving(&self, model: &str, version: &str) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Embedded(_) => Ok(()),
+            Backend::Shared(s) => s.save_serving(model, version),
+        }
+    }
+
+    /// The shared serving choices by model (none with the embedded store).
+    pub fn serving(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        match &self.backend {
+            Backend::Embedded(_) => Ok(BTreeMap::new()),
+            Backend::Shared(s) => s.serving(),
+        }
     }
 }
 
@@ -382,63 +298,10 @@ mod tests {
         assert_eq!(figures[0].candidate_n, 250);
         let newer = r#"{"v":2,"data":{}}"#;
         let e = from_stored::<Plan>(newer).unwrap_err();
-        assert!(e.0.contains("newer release"), "{e}");
+        assert!(e.to_string().contains("newer release"), "{e}");
         assert_eq!(
             from_stored::<Plan>(&to_stored(&plan).unwrap()).unwrap(),
             plan
         );
-    }
-
-    #[test]
-    fn a_rollout_and_its_transitions_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RolloutStore::open(&dir.path().join("d.db")).unwrap();
-        let mut r = RolloutRecord {
-            id: "r1".into(),
-            model: "m".into(),
-            champion: "v1".into(),
-            candidate: "v2".into(),
-            plan: Plan::default(),
-            state: State::Active,
-            step: 0,
-            step_started_at: "2026-11-28T00:00:00Z".into(),
-            created_at: "2026-11-28T00:00:00Z".into(),
-            backtest: None,
-        };
-        let t = Transition {
-            at: "2026-11-28T00:00:00Z".into(),
-            from_state: None,
-            to_state: State::Active,
-            from_step: None,
-            to_step: 0,
-            actor: "test".into(),
-            reason: "start".into(),
-            figures: vec![],
-        };
-        store.save(&r, &t).unwrap();
-        r.state = State::RolledBack;
-        store
-            .save(
-                &r,
-                &Transition {
-                    from_state: Some(State::Active),
-                    to_state: State::RolledBack,
-                    ..t.clone()
-                },
-            )
-            .unwrap();
-        assert_eq!(store.count(), 1);
-        assert_eq!(store.get("r1").unwrap().unwrap(), r);
-        assert!(store.open_for("m").unwrap().is_none());
-        assert_eq!(store.transitions("r1").unwrap().len(), 2);
-        let snap = Snapshot {
-            at: "2026-11-28T00:00:01Z".into(),
-            step: 0,
-            share_bp: 100,
-            figures: vec![],
-        };
-        store.save_snapshot("r1", &snap).unwrap();
-        assert_eq!(store.snapshots("r1").unwrap(), vec![snap]);
-        assert!(store.snapshots("r2").unwrap().is_empty());
     }
 }

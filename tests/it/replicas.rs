@@ -1,7 +1,10 @@
 //! Several replicas on one real PostgreSQL: one trail of decisions that every replica sees,
 //! request ids unique across replicas, each replica's chain verified and a break named by
-//! its replica; PostgreSQL stopped under load (refusals, never an unrecorded decision, and
-//! recovery without a restart); a replica killed under load loses no acknowledged decision.
+//! its replica; one rollout that routes alike on every replica, whose changes (a promotion,
+//! a guardrail rollback judged on every replica's decisions) reach all within a second;
+//! PostgreSQL stopped under load (refusals, never an unrecorded decision, and recovery
+//! without a restart); a replica killed under load loses no acknowledged decision, and the
+//! evaluator's lease moves to a survivor.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use riskserve::grpc::pb;
+use riskserve::grpc::pb::rollouts_client::RolloutsClient;
 use riskserve::grpc::pb::scoring_client::ScoringClient;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -29,13 +33,67 @@ fn shared_key() -> std::path::PathBuf {
 
 /// A server on `store` as replica `id`, with its own data directory.
 async fn replica(store: &str, id: &str, data: &std::path::Path) -> TestServer {
+    replica_of(&repo().join("models"), store, id, data).await
+}
+
+/// The same, serving `models` and judging guardrails every 20 ms.
+async fn replica_of(
+    models: &std::path::Path,
+    store: &str,
+    id: &str,
+    data: &std::path::Path,
+) -> TestServer {
     TestServer::start_with(riskserve::Config {
         store: Some(store.into()),
         replica_id: Some(id.into()),
         customer_key_files: vec![shared_key()],
-        ..config(&repo().join("models"), data)
+        rollout_eval_interval_ms: 20,
+        ..config(models, data)
     })
     .await
+}
+
+/// A request id never used before (a reused one would get its first decision back).
+fn fresh_id(tag: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!("{tag}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn rollouts(channel: &Channel) -> RolloutsClient<Channel> {
+    RolloutsClient::new(channel.clone())
+}
+
+fn rref() -> pb::RolloutRef {
+    pb::RolloutRef {
+        model: MODEL.into(),
+        actor: "test".into(),
+        reason: String::new(),
+    }
+}
+
+/// The model's latest rollout as `channel`'s replica reports it.
+async fn rollout_status(channel: &Channel) -> pb::RolloutStatus {
+    rollouts(channel).status(rref()).await.unwrap().into_inner()
+}
+
+/// Waits until `check` holds on every replica; how long that took.
+async fn until_all(
+    replicas: &[TestServer],
+    within: Duration,
+    what: &str,
+    check: impl AsyncFn(&TestServer) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    for r in replicas {
+        while !check(r).await {
+            assert!(
+                start.elapsed() < within,
+                "{what}: not on every replica within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    start.elapsed()
 }
 
 /// The environment of a child replica on `store`.
@@ -250,6 +308,139 @@ async fn three_replicas_keep_one_trail_and_verify_names_the_replica_of_a_break()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_within_a_second() {
+    let pg = Postgres::shared();
+    let url = pg.database("rollout");
+    let models = scratch_models();
+    flawed_candidate(models.path());
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for (id, dir) in ["roll-a", "roll-b", "roll-c"].iter().zip(&dirs) {
+        replicas.push(replica_of(models.path(), &url, id, dir.path()).await);
+    }
+    let (a, c) = (&replicas[0], &replicas[2]);
+
+    // Started through A, at half the customers: every replica routes each customer alike.
+    let half = "auto_advance = false\n[[steps]]\nshare_bp = 5000\nmin_bake_secs = 0\n\
+                [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n";
+    let started = start_rollout(a, "v2", half).await;
+    let seen = until_all(&replicas, Duration::from_secs(1), "the start", async |r| {
+        rollout_status(&r.channel).await.id == started.id
+    })
+    .await;
+    eprintln!("a start through A reached every replica in {seen:?}");
+    let mut arms = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let answers = score_range(r, &format!("route-{i}"), 0..200).await;
+        arms.push(answers.iter().map(|a| a.arm).collect::<Vec<_>>());
+    }
+    assert_eq!(arms[0], arms[1], "A and B route alike");
+    assert_eq!(arms[0], arms[2], "A and C route alike");
+    let candidates = arms[0]
+        .iter()
+        .filter(|a| **a == pb::Arm::Candidate as i32)
+        .count();
+    assert!(
+        (60..140).contains(&candidates),
+        "{candidates} of 200 at 50%"
+    );
+
+    // Promoted through C: A serves v2 to everyone within a second.
+    rollouts(&c.channel).promote(rref()).await.unwrap();
+    let seen = until_all(
+        &replicas,
+        Duration::from_secs(1),
+        "the promotion",
+        async |r| {
+            let answer = r
+                .scoring()
+                .score(request(&customers()[0], &fresh_id("promoted")))
+                .await
+                .unwrap()
+                .into_inner();
+            answer.version == "v2" && answer.arm == pb::Arm::Champion as i32
+        },
+    )
+    .await;
+    eprintln!("a promotion through C reached every replica in {seen:?}");
+
+    // A flawed candidate, with traffic spread over the three: one rollback, judged on the
+    // decisions of all of them, seen by all within a second.
+    let plan = "auto_advance = true\n\
+                [[steps]]\nshare_bp = 0\nshadow = true\nmin_bake_secs = 0\nmin_decisions = 200\n\
+                [[steps]]\nshare_bp = 100\nmin_bake_secs = 0\nmin_decisions = 200\n\
+                [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\nmin_decisions = 200\n\
+                [guardrails]\nmin_sample = 200\n";
+    let flawed = start_rollout(&replicas[1], "v9", plan).await;
+    until_all(
+        &replicas,
+        Duration::from_secs(1),
+        "the second start",
+        async |r| rollout_status(&r.channel).await.id == flawed.id,
+    )
+    .await;
+    let mut from = 0;
+    let rolled_back = loop {
+        for (i, r) in replicas.iter().enumerate() {
+            score_range(r, &format!("flawed-{i}"), from..from + 100).await;
+        }
+        from += 100;
+        let s = rollout_status(&a.channel).await;
+        if s.state != "active" {
+            break s;
+        }
+        assert!(
+            from < 10_000,
+            "no rollback after {from} customers per replica"
+        );
+    };
+    assert_eq!(rolled_back.state, "rolled_back", "{rolled_back:?}");
+    let stopped = Instant::now();
+    until_all(
+        &replicas,
+        Duration::from_secs(1),
+        "the rollback",
+        async |r| {
+            let answer = r
+                .scoring()
+                .score(request(&customers()[7], &fresh_id("after")))
+                .await
+                .unwrap()
+                .into_inner();
+            rollout_status(&r.channel).await.state == "rolled_back"
+                && answer.arm == pb::Arm::Champion as i32
+        },
+    )
+    .await;
+    eprintln!(
+        "the rollback reached every replica within {:?}",
+        stopped.elapsed()
+    );
+    let closes: Vec<_> = rolled_back
+        .transitions
+        .iter()
+        .filter(|t| t.to_state == "rolled_back")
+        .collect();
+    assert_eq!(closes.len(), 1, "one rollback: {closes:?}");
+    assert_eq!(closes[0].actor, "guardrail");
+    let db = db_name(&url);
+    let judged_on = pg
+        .psql(
+            db,
+            &format!(
+                "SELECT COUNT(DISTINCT replica_id) FROM decisions WHERE rollout_id = '{}' \
+                 AND arm IN ('shadow', 'candidate')",
+                flawed.id
+            ),
+        )
+        .unwrap();
+    assert_eq!(judged_on, "3", "the candidate decided on every replica");
+    for r in replicas {
+        r.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_under_load_refuses_loses_nothing_and_recovers_by_itself() {
     // A server of this test's own: stopping it must not disturb the other tests.
     let pg = Arc::new(Postgres::own());
@@ -338,6 +529,15 @@ async fn a_replica_killed_under_load_loses_no_acknowledged_decision() {
         stop.clone(),
     );
     tokio::time::sleep(Duration::from_millis(1_000)).await;
+    // The first replica up took the evaluator's lease; killed, a survivor takes it over.
+    let leads = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("this replica now evaluates")
+    };
+    let logs: Vec<_> = dirs.iter().map(|d| d.path().join("server.log")).collect();
+    assert!(leads(&logs[0]), "the first replica evaluates");
+    assert!(!leads(&logs[1]) && !leads(&logs[2]), "and only it");
     let victim = children.remove(0);
     victim.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
