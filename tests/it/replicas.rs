@@ -529,16 +529,17 @@ async fn a_replica_killed_under_load_loses_no_acknowledged_decision() {
         stop.clone(),
     );
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    // The first replica up took the evaluator's lease; killed, a survivor takes it over.
+    // One replica holds the evaluator's lease; killed, a survivor takes it over.
     let leads = |log: &std::path::Path| {
         std::fs::read_to_string(log)
             .unwrap_or_default()
             .contains("this replica now evaluates")
     };
     let logs: Vec<_> = dirs.iter().map(|d| d.path().join("server.log")).collect();
-    assert!(leads(&logs[0]), "the first replica evaluates");
-    assert!(!leads(&logs[1]) && !leads(&logs[2]), "and only it");
-    let victim = children.remove(0);
+    let leaders: Vec<usize> = (0..3).filter(|i| leads(&logs[*i])).collect();
+    assert_eq!(leaders.len(), 1, "one replica evaluates: {leaders:?}");
+    let leader = leaders[0];
+    let victim = children.remove(leader);
     victim.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -552,12 +553,20 @@ async fn a_replica_killed_under_load_loses_no_acknowledged_decision() {
         "{} acknowledged decisions lost",
         lost.len()
     );
+    let killed = Instant::now();
+    while !(0..3).any(|i| i != leader && leads(&logs[i])) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "no survivor took the evaluator's lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The killed replica comes back on its own chain and carries it on.
-    let id = "killed-0";
-    let env = replica_env(&url, id, &key);
-    let log = dirs[0].path().join("server.log");
-    let back = ChildServer::start_with_env(&models, &dirs[0].path().join("data"), &log, &env).await;
+    let id = format!("killed-{leader}");
+    let env = replica_env(&url, &id, &key);
+    let dir = dirs[leader].path();
+    let back = ChildServer::start_with_env(&models, &dir.join("data"), &logs[leader], &env).await;
     ScoringClient::new(back.channel.clone())
         .score(request(&customers()[5], "killed-after"))
         .await
