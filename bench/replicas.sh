@@ -53,10 +53,12 @@ start 50093 "$OUT/r2" "${SERVE[@]}" "${REPLICA[@]}" --replica-id r2
 start 50094 "$OUT/r3" "${SERVE[@]}" "${REPLICA[@]}" --replica-id r3
 for round in $(seq "$ROUNDS"); do
   load "postgres-1replica-c32" 50092 32
+  LOADS=()
   for port in 50092 50093 50094; do
     load "postgres-3replicas-c11-$port" "$port" 11 &
+    LOADS+=($!)
   done
-  wait
+  wait "${LOADS[@]}"  # not the servers, which run on in the background
 done
 
 "$PG_BIN/psql" -X -q -t -A -h 127.0.0.1 -p $PG_PORT -U riskserve -d riskserve -c \
