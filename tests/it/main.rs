@@ -14,6 +14,7 @@ mod backtest;
 mod cli;
 mod decision_log;
 mod demo;
+mod deploy;
 mod durability;
 mod fuzz;
 mod hot_swap;
