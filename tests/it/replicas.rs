@@ -210,10 +210,20 @@ async fn three_replicas_keep_one_trail_and_verify_names_the_replica_of_a_break()
     let pg = Postgres::shared();
     let url = pg.database("trail");
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut replicas = Vec::new();
-    for (id, dir) in ["replica-a", "replica-b", "replica-c"].iter().zip(&dirs) {
-        replicas.push(replica(&url, id, dir.path()).await);
-    }
+    // Started at once on an empty database: one of them creates the schema, the others wait
+    // for it and find it made.
+    let (a, b, c) = tokio::join!(
+        replica(&url, "replica-a", dirs[0].path()),
+        replica(&url, "replica-b", dirs[1].path()),
+        replica(&url, "replica-c", dirs[2].path()),
+    );
+    let replicas = [a, b, c];
+    assert_eq!(
+        pg.psql(db_name(&url), "SELECT version FROM riskserve_schema")
+            .unwrap(),
+        riskserve::postgres::SCHEMA_VERSION.to_string(),
+        "migrated once, to this release's version"
+    );
     let all = customers();
     // Customer i is scored on replica i % 3.
     let mut answers = Vec::new();
