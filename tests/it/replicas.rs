@@ -445,6 +445,122 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
         )
         .unwrap();
     assert_eq!(judged_on, "3", "the candidate decided on every replica");
+
+    // Its report, read through C, counts every replica's decisions (read between two equal
+    // counts: shadow scorings still queued when it closed may land meanwhile).
+    let count = |sql: &str| -> u64 { pg.psql(db, sql).unwrap().parse().unwrap() };
+    let in_rollout = format!(
+        "SELECT COUNT(*) FROM decisions WHERE rollout_id = '{}'",
+        flawed.id
+    );
+    loop {
+        let before = count(&in_rollout);
+        let history = rollouts(&c.channel)
+            .history(pb::RolloutHistoryRequest {
+                id: flawed.id.clone(),
+                model: MODEL.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if count(&in_rollout) != before {
+            continue;
+        }
+        let reported: u64 = history
+            .arms
+            .iter()
+            .map(|a| a.summary.as_ref().unwrap().decisions)
+            .sum();
+        assert_eq!(reported, before, "the report counts all three replicas");
+        break;
+    }
+
+    // A backtest through B re-scores the customers that every replica decided.
+    let mut progress = rollouts(&replicas[1].channel)
+        .backtest(pb::BacktestRequest {
+            model: MODEL.into(),
+            candidate: "v1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut report = None;
+    while let Some(update) = tokio_stream::StreamExt::next(&mut progress).await {
+        if let Some(pb::backtest_progress::Update::Report(r)) = update.unwrap().update {
+            report = Some(r);
+        }
+    }
+    let customers_decided = count(
+        "SELECT COUNT(DISTINCT customer_ref) FROM decisions WHERE arm IN ('champion', 'candidate')",
+    );
+    assert_eq!(report.expect("a report").compared, customers_decided);
+
+    // The flawed candidate again, at half the customers and never judged, with traffic on
+    // all three, rolled back by hand through B: its harm is remediated through A, and seen
+    // as remediated (nothing applied twice) through C.
+    let unjudged = "auto_advance = false\n[[steps]]\nshare_bp = 5000\nmin_bake_secs = 0\n\
+                    [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n\
+                    [guardrails]\nmin_sample = 100000\nwindow = 100000\n";
+    let harmful = start_rollout(a, "v9", unjudged).await;
+    until_all(
+        &replicas,
+        Duration::from_secs(1),
+        "the third start",
+        async |r| rollout_status(&r.channel).await.id == harmful.id,
+    )
+    .await;
+    for (i, r) in replicas.iter().enumerate() {
+        score_range(r, &format!("harm-{i}"), i * 300..(i + 1) * 300).await;
+    }
+    rollouts(&replicas[1].channel)
+        .rollback(rref())
+        .await
+        .unwrap();
+    let remediate = async |r: &TestServer| {
+        let mut updates = rollouts(&r.channel)
+            .remediate(pb::RemediateRequest {
+                rollout_id: harmful.id.clone(),
+                apply: true,
+                reason: "test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut applied, mut summary) = (0u64, None);
+        while let Some(u) = tokio_stream::StreamExt::next(&mut updates).await {
+            match u.unwrap().update {
+                Some(pb::remediate_update::Update::Applied(_)) => applied += 1,
+                Some(pb::remediate_update::Update::Summary(s)) => summary = Some(s),
+                None => {}
+            }
+        }
+        (applied, summary.expect("a summary").totals.unwrap())
+    };
+    let (applied, first) = remediate(a).await;
+    // The summary is as things stand after the call: everyone applied is remediated.
+    assert!(applied > 0, "the candidate harmed someone: {first:?}");
+    assert_eq!(
+        (first.remediated, first.to_restore),
+        (applied, 0),
+        "{first:?}"
+    );
+    let harmed_on = count(&format!(
+        "SELECT COUNT(DISTINCT replica_id) FROM decisions WHERE rollout_id = '{}' \
+         AND arm = 'candidate'",
+        harmful.id
+    ));
+    assert_eq!(harmed_on, 3, "harm decided on every replica");
+    let (again, second) = remediate(c).await;
+    assert_eq!((again, second.to_restore), (0, 0), "{second:?}");
+    assert_eq!(second.remediated, applied);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM decisions WHERE arm = 'remediation' AND replica_id = 'roll-a'"),
+        applied,
+        "recorded by A"
+    );
+
     for r in replicas {
         r.stop().await.unwrap();
     }
