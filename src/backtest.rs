@@ -468,6 +468,7 @@ mod tests {
             },
             prev_hash: String::new(),
             hash: String::new(),
+            replica: None,
         }
     }
 

@@ -306,6 +306,7 @@ mod tests {
             },
             prev_hash: String::new(),
             hash: String::new(),
+            replica: None,
         }
     }
 

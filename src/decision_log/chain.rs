@@ -305,6 +305,7 @@ mod tests {
                     body,
                     prev_hash: prev.clone(),
                     hash: hash.clone(),
+                    replica: None,
                 };
                 prev = hash;
                 r

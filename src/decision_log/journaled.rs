@@ -696,6 +696,7 @@ pub fn verify_journal(
                 body,
                 prev_hash: entry.prev_hash,
                 hash: entry.hash,
+                replica: None,
             },
             &actual,
         )

@@ -125,6 +125,7 @@ pub(super) fn legacy_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<DecisionR
         },
         prev_hash: r.get(21)?,
         hash: r.get(22)?,
+        replica: None,
     })
 }
 

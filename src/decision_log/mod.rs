@@ -165,6 +165,8 @@ pub struct DecisionRecord {
     pub body: RecordBody,
     pub prev_hash: String,
     pub hash: String,
+    /// The replica whose chain holds it, on a shared store; none on the embedded store.
+    pub replica: Option<String>,
 }
 
 /// What became of an appended decision.

@@ -252,6 +252,7 @@ async fn decode_rows(
                 body,
                 prev_hash: hex::encode(prev),
                 hash: hex::encode(hash),
+                replica: Some(replica.to_string()),
             })
         })
         .collect()
@@ -435,6 +436,7 @@ impl Chainer for Planner<'_> {
                 .map_err(|e| LogError::Damaged(format!("a record of this group: {e}")))?,
             prev_hash: e.prev_hash,
             hash: e.hash,
+            replica: None,
         })
     }
 

@@ -68,6 +68,7 @@ impl Entry {
             body,
             prev_hash: e.prev_hash,
             hash: e.hash,
+            replica: None,
         })
     }
 

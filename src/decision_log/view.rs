@@ -1090,6 +1090,7 @@ fn row_to_record(r: &Row<'_>, names: &FeatureNames) -> rusqlite::Result<Decision
             body: serde_json::from_str(json).map_err(|e| conversion(23, e))?,
             prev_hash,
             hash,
+            replica: None,
         });
     }
     let digest: String = r.get(9)?;
@@ -1160,6 +1161,7 @@ fn row_to_record(r: &Row<'_>, names: &FeatureNames) -> rusqlite::Result<Decision
         },
         prev_hash,
         hash,
+        replica: None,
     })
 }
 
@@ -1219,6 +1221,7 @@ mod tests_support {
             body,
             prev_hash: prev.to_string(),
             hash,
+            replica: None,
         };
         (Arc::new(entry), record)
     }

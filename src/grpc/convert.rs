@@ -278,6 +278,7 @@ impl From<DecisionRecord> for pb::DecisionRecord {
             remediates: b.remediates.unwrap_or_default(),
             pre_harm_limit: b.pre_harm_limit,
             reason: b.reason.unwrap_or_default(),
+            replica_id: r.replica.unwrap_or_default(),
         }
     }
 }

@@ -249,6 +249,12 @@ async fn three_replicas_keep_one_trail_and_verify_names_the_replica_of_a_break()
             .unwrap()
             .into_inner();
         assert_eq!(record.request_id, format!("trail-{i}"));
+        let ids = ["replica-a", "replica-b", "replica-c"];
+        assert_eq!(
+            record.replica_id,
+            ids[i % 3],
+            "recorded by the replica that decided"
+        );
         assert_eq!(record.version, answer.version);
     }
     replicas[2]
