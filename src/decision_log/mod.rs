@@ -244,7 +244,7 @@ pub struct ArmTraffic {
 /// What the guardrails read of one recorded decision.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecisionOutcome {
-    pub declined: bool,
+    pub decision: crate::policy::Outcome,
     pub pd: f64,
     pub current_limit: Option<i64>,
     pub granted_limit: i64,

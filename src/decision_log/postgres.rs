@@ -1051,8 +1051,11 @@ impl DecisionLog for PgLog {
                 .map_err(query_err)?;
             let mut recent = RecentByArm::default();
             for row in rows {
+                let decision: &str = row.get(1);
                 let outcome = DecisionOutcome {
-                    declined: row.get::<_, &str>(1) == Outcome::Decline.as_str(),
+                    decision: Outcome::parse(decision).ok_or_else(|| {
+                        LogError::Damaged(format!("a stored decision reads {decision:?}"))
+                    })?,
                     pd: row.get(2),
                     current_limit: row.get(3),
                     granted_limit: row.get(4),

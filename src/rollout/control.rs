@@ -135,11 +135,8 @@ impl Control {
         let info = self.registry.serve(model, version).await?;
         // Then for every replica; should this fail, the follower puts this replica back on
         // the shared choice.
-        let store = self.store.clone();
         let (m, v) = (model.to_string(), version.to_string());
-        tokio::task::spawn_blocking(move || store.save_serving(&m, &v))
-            .await
-            .map_err(|e| StoreError::Failed(e.to_string()))??;
+        self.stored(move |store| store.save_serving(&m, &v)).await?;
         Ok(info)
     }
 
@@ -368,14 +365,22 @@ impl Control {
         Ok(promoted)
     }
 
-    /// Writes a rollout and its transition on a blocking thread.
+    /// Writes a rollout and its transition.
     async fn save(&self, record: &RolloutRecord, t: Transition) -> Result<(), RolloutError> {
-        let store = self.store.clone();
         let saved = record.clone();
-        tokio::task::spawn_blocking(move || store.save(&saved, &t))
+        Ok(self.stored(move |store| store.save(&saved, &t)).await?)
+    }
+
+    /// Runs `f` on the store on a blocking thread: its calls block (SQLite, or PostgreSQL
+    /// through `Pg::block`).
+    async fn stored<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RolloutStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
             .await
-            .map_err(|e| StoreError::Failed(e.to_string()))??;
-        Ok(())
+            .map_err(|e| StoreError::Failed(e.to_string()))?
     }
 
     /// Records a transition, then applies it in memory.
@@ -437,12 +442,9 @@ impl Control {
         if self.store.pg().is_none() {
             return Ok(());
         }
-        let store = self.store.clone();
-        let (serving, open) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((store.serving()?, store.list(true)?))
-        })
-        .await
-        .map_err(|e| StoreError::Failed(e.to_string()))??;
+        let (serving, open) = self
+            .stored(|store| Ok((store.serving()?, store.list(true)?)))
+            .await?;
         // Serving choices first: a promotion closes its rollout and switches what serves,
         // and the candidate must serve before the rollout stops routing to it.
         for (model, version) in &serving {
@@ -499,11 +501,8 @@ impl Control {
             let mine = live.record();
             let _turn = self.turn(&mine.model).await;
             // Closed through another replica: its final record, or just stop routing.
-            let store = self.store.clone();
             let id = live.id.clone();
-            let closed = tokio::task::spawn_blocking(move || store.get(&id))
-                .await
-                .map_err(|e| StoreError::Failed(e.to_string()))??;
+            let closed = self.stored(move |store| store.get(&id)).await?;
             tracing::info!(rollout = %live.id, state = closed.as_ref().map(|r| r.state.as_str()), "rollout closed through another replica");
             match closed {
                 Some(after) => self.apply(&live, &mine, after),

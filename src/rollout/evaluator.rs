@@ -21,7 +21,6 @@ use super::live::Live;
 use super::router::Router;
 use super::store::{RolloutRecord, RolloutStore, Snapshot};
 use crate::decision_log::{DecisionLog, DecisionOutcome};
-use crate::policy::Outcome;
 
 /// Judges the open rollouts every tick until shutdown.
 pub struct Evaluator {
@@ -181,13 +180,8 @@ impl Evaluator {
             let mut w = ArmWindow::default();
             // Oldest first, as the window keeps them.
             for o in outcomes.iter().rev() {
-                let outcome = if o.declined {
-                    Outcome::Decline
-                } else {
-                    Outcome::Approve
-                };
                 let seen = Observation::of(
-                    outcome,
+                    o.decision,
                     o.pd,
                     o.current_limit,
                     o.granted_limit,

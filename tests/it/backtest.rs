@@ -18,32 +18,6 @@ fn config(models: &std::path::Path, data: &std::path::Path) -> riskserve::Config
     }
 }
 
-async fn backtest(
-    server: &TestServer,
-    candidate: &str,
-    sample: u64,
-) -> (pb::BacktestReport, usize) {
-    let mut stream = RolloutsClient::new(server.channel.clone())
-        .backtest(pb::BacktestRequest {
-            model: MODEL.into(),
-            candidate: candidate.into(),
-            sample,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut report, mut updates) = (None, 0);
-    while let Some(u) = stream.next().await {
-        match u.unwrap().update {
-            Some(pb::backtest_progress::Update::Report(r)) => report = Some(r),
-            Some(pb::backtest_progress::Update::Done(_)) => updates += 1,
-            None => {}
-        }
-    }
-    (report.expect("a report"), updates)
-}
-
 fn start_request(candidate: &str, plan: &str) -> pb::StartRolloutRequest {
     pb::StartRolloutRequest {
         model: MODEL.into(),

@@ -11,9 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use riskserve::grpc::pb;
-use riskserve::grpc::pb::remediate_update::Update;
 use riskserve::grpc::pb::rollouts_client::RolloutsClient;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::harness::*;
@@ -29,26 +27,6 @@ fn remediate(rollout_id: &str) -> pb::RemediateRequest {
         actor: "test".into(),
         ..Default::default()
     }
-}
-
-/// Calls Remediate: what it streamed as applied, and its summary.
-async fn call(
-    server: &TestServer,
-    request: pb::RemediateRequest,
-) -> Result<(Vec<pb::HarmedCustomer>, pb::RemediationSummary), tonic::Status> {
-    let mut stream = RolloutsClient::new(server.channel.clone())
-        .remediate(request)
-        .await?
-        .into_inner();
-    let (mut applied, mut summary) = (Vec::new(), None);
-    while let Some(update) = stream.next().await {
-        match update?.update {
-            Some(Update::Applied(h)) => applied.push(h),
-            Some(Update::Summary(s)) => summary = Some(s),
-            None => {}
-        }
-    }
-    Ok((applied, summary.expect("a summary ends every call")))
 }
 
 /// The `riskserve` program as an operator runs it against `server`.
@@ -134,7 +112,9 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     let started = start_rollout(&server, "v9", PLAN).await;
 
     // While it is open, there is nothing to remediate yet: the candidate still decides.
-    let err = call(&server, remediate(&started.id)).await.unwrap_err();
+    let err = run_remediation(&server, remediate(&started.id))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(violation_field(&err), "rollout_id");
     assert!(
@@ -182,7 +162,9 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     // service restores them itself (a decision on the limit they had), another's took the
     // candidate's limit, which v1 then holds or lowers further.
     let before = server.records().await;
-    let (applied, first) = call(&server, remediate(&started.id)).await.unwrap();
+    let (applied, first) = run_remediation(&server, remediate(&started.id))
+        .await
+        .unwrap();
     assert!(applied.is_empty());
     assert_eq!(server.records().await, before, "a preview records nothing");
     let open: Vec<&pb::HarmedCustomer> = first
@@ -212,7 +194,9 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     assert!(held.granted_limit < open[1].champion_limit, "{held:?}");
 
     // The preview: exactly the candidate decisions the view file says lowered a limit.
-    let (_, preview) = call(&server, remediate(&started.id)).await.unwrap();
+    let (_, preview) = run_remediation(&server, remediate(&started.id))
+        .await
+        .unwrap();
     let records = server.records().await;
     let sql = {
         let (data, id) = (data.path().to_owned(), started.id.clone());
@@ -307,7 +291,7 @@ async fn a_rolled_back_candidates_harm_is_previewed_restored_once_and_traced() {
     );
 
     // Apply: one remediation per customer still to restore, each streamed once durable.
-    let (applied, after) = call(
+    let (applied, after) = run_remediation(
         &server,
         pb::RemediateRequest {
             apply: true,
@@ -616,7 +600,7 @@ async fn a_bad_remediation_request_names_its_field() {
     let server = TestServer::start(models_v1_v2(), data.path()).await;
     let refused = |request: pb::RemediateRequest| {
         let server = &server;
-        async move { call(server, request).await.unwrap_err() }
+        async move { run_remediation(server, request).await.unwrap_err() }
     };
     let err = refused(remediate("")).await;
     assert_eq!(
@@ -669,7 +653,9 @@ async fn a_bad_remediation_request_names_its_field() {
         err.message()
     );
     // Nothing was decided by v2: nothing to remediate, and the totals say so.
-    let (_, summary) = call(&server, remediate(&started.id)).await.unwrap();
+    let (_, summary) = run_remediation(&server, remediate(&started.id))
+        .await
+        .unwrap();
     assert_eq!(summary.customers.len(), 0);
     assert_eq!(summary.totals.unwrap().customers, 0);
     server.stop().await.unwrap();

@@ -63,19 +63,6 @@ fn rollouts(channel: &Channel) -> RolloutsClient<Channel> {
     RolloutsClient::new(channel.clone())
 }
 
-fn rref() -> pb::RolloutRef {
-    pb::RolloutRef {
-        model: MODEL.into(),
-        actor: "test".into(),
-        reason: String::new(),
-    }
-}
-
-/// The model's latest rollout as `channel`'s replica reports it.
-async fn rollout_status(channel: &Channel) -> pb::RolloutStatus {
-    rollouts(channel).status(rref()).await.unwrap().into_inner()
-}
-
 /// Waits until `check` holds on every replica; how long that took.
 async fn until_all(
     replicas: &[TestServer],
@@ -337,8 +324,12 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
     let (a, c) = (&replicas[0], &replicas[2]);
 
     // Started through A, at half the customers: every replica routes each customer alike.
+    // Its guardrails wait for more decisions than this part scores: each replica scores the
+    // same 200 customers, so each arm holds ~100 distinct customers counted three times, and
+    // the PSI of two such samples of one population can pass 0.25 by chance alone.
     let half = "auto_advance = false\n[[steps]]\nshare_bp = 5000\nmin_bake_secs = 0\n\
-                [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n";
+                [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n\
+                [guardrails]\nmin_sample = 5000\n";
     let started = start_rollout(a, "v2", half).await;
     let seen = until_all(&replicas, Duration::from_secs(1), "the start", async |r| {
         rollout_status(&r.channel).await.id == started.id
@@ -362,7 +353,10 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
     );
 
     // Promoted through C: A serves v2 to everyone within a second.
-    rollouts(&c.channel).promote(rref()).await.unwrap();
+    rollouts(&c.channel)
+        .promote(rollout_ref(MODEL))
+        .await
+        .unwrap();
     let seen = until_all(
         &replicas,
         Duration::from_secs(1),
@@ -482,25 +476,11 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
     }
 
     // A backtest through B re-scores the customers that every replica decided.
-    let mut progress = rollouts(&replicas[1].channel)
-        .backtest(pb::BacktestRequest {
-            model: MODEL.into(),
-            candidate: "v1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut report = None;
-    while let Some(update) = tokio_stream::StreamExt::next(&mut progress).await {
-        if let Some(pb::backtest_progress::Update::Report(r)) = update.unwrap().update {
-            report = Some(r);
-        }
-    }
+    let (report, _) = backtest(&replicas[1], "v1", 0).await;
     let customers_decided = count(
         "SELECT COUNT(DISTINCT customer_ref) FROM decisions WHERE arm IN ('champion', 'candidate')",
     );
-    assert_eq!(report.expect("a report").compared, customers_decided);
+    assert_eq!(report.compared, customers_decided);
 
     // The flawed candidate again, at half the customers and never judged, with traffic on
     // all three, rolled back by hand through B: its harm is remediated through A, and seen
@@ -520,29 +500,18 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
         score_range(r, &format!("harm-{i}"), i * 300..(i + 1) * 300).await;
     }
     rollouts(&replicas[1].channel)
-        .rollback(rref())
+        .rollback(rollout_ref(MODEL))
         .await
         .unwrap();
     let remediate = async |r: &TestServer| {
-        let mut updates = rollouts(&r.channel)
-            .remediate(pb::RemediateRequest {
-                rollout_id: harmful.id.clone(),
-                apply: true,
-                reason: "test".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let (mut applied, mut summary) = (0u64, None);
-        while let Some(u) = tokio_stream::StreamExt::next(&mut updates).await {
-            match u.unwrap().update {
-                Some(pb::remediate_update::Update::Applied(_)) => applied += 1,
-                Some(pb::remediate_update::Update::Summary(s)) => summary = Some(s),
-                None => {}
-            }
-        }
-        (applied, summary.expect("a summary").totals.unwrap())
+        let request = pb::RemediateRequest {
+            rollout_id: harmful.id.clone(),
+            apply: true,
+            reason: "test".into(),
+            ..Default::default()
+        };
+        let (applied, summary) = run_remediation(r, request).await.unwrap();
+        (applied.len() as u64, summary.totals.unwrap())
     };
     let (applied, first) = remediate(a).await;
     // The summary is as things stand after the call: everyone applied is remediated.

@@ -40,36 +40,6 @@ fn fast_config(models: &Path, data: &Path) -> riskserve::Config {
     }
 }
 
-fn rref(model: &str) -> pb::RolloutRef {
-    pb::RolloutRef {
-        model: model.into(),
-        actor: "test".into(),
-        reason: String::new(),
-    }
-}
-
-async fn start(server: &TestServer, candidate: &str, plan: &str) -> pb::RolloutStatus {
-    RolloutsClient::new(server.channel.clone())
-        .start(pb::StartRolloutRequest {
-            model: MODEL.into(),
-            candidate: candidate.into(),
-            plan_toml: plan.into(),
-            actor: "test".into(),
-            skip_backtest: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn status(channel: &tonic::transport::Channel) -> pb::RolloutStatus {
-    RolloutsClient::new(channel.clone())
-        .status(rref(MODEL))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Scores customers [from, from+n) (wrapping) in one batch; returns (customer id, arm) pairs.
 async fn traffic(
     channel: &tonic::transport::Channel,
@@ -118,7 +88,7 @@ async fn drive(
         traffic(&server.channel, tag, from, 500).await;
         from += 500;
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let s = status(&server.channel).await;
+        let s = rollout_status(&server.channel).await;
         if s.state != "active" || s.step == last_step || from >= max {
             return (s, from);
         }
@@ -128,7 +98,7 @@ async fn drive(
 /// Promotes the open rollout and checks that `version` then serves every customer.
 async fn promote_and_check(server: &TestServer, version: &str) -> pb::ScoreResponse {
     let promoted = RolloutsClient::new(server.channel.clone())
-        .promote(rref(MODEL))
+        .promote(rollout_ref(MODEL))
         .await
         .unwrap()
         .into_inner();
@@ -176,7 +146,7 @@ async fn a_flawed_candidate_is_rolled_back_before_it_reaches_one_percent_of_cust
     flawed_candidate(models.path());
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models.path(), data.path())).await;
-    let started = start(&server, "v9", &default_steps()).await;
+    let started = start_rollout_gated(&server.channel, "v9", &default_steps(), true).await;
     assert_eq!(
         (started.state.as_str(), started.step, started.shadow),
         ("active", 0, true)
@@ -194,7 +164,7 @@ async fn a_flawed_candidate_is_rolled_back_before_it_reaches_one_percent_of_cust
         }
         from += 250;
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let s = status(&server.channel).await;
+        let s = rollout_status(&server.channel).await;
         if s.state != "active" || from >= customers().len() {
             break s;
         }
@@ -264,7 +234,7 @@ async fn a_flawed_candidate_is_rolled_back_before_it_reaches_one_percent_of_cust
 async fn a_sound_candidate_advances_to_everyone_and_is_promoted() {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models_v1_v2(), data.path())).await;
-    start(&server, "v2", &default_steps()).await;
+    start_rollout_gated(&server.channel, "v2", &default_steps(), true).await;
     let (final_status, from) = drive(&server, "sound", 5, 90_000).await;
     eprintln!("reached 100% after {from} requests");
     // 200 candidate decisions at 1% take about 20,000 requests: no step was skipped.
@@ -313,20 +283,10 @@ async fn a_killed_server_resumes_the_same_step_with_the_same_customers_in_the_sa
         .await
         .unwrap();
     let plan = default_steps().replace("auto_advance = true", "auto_advance = false");
-    let started = RolloutsClient::new(server.channel.clone())
-        .start(pb::StartRolloutRequest {
-            model: MODEL.into(),
-            candidate: "v2".into(),
-            plan_toml: plan,
-            actor: "test".into(),
-            skip_backtest: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = start_rollout_gated(&server.channel, "v2", &plan, true).await;
     let mut control = RolloutsClient::new(server.channel.clone());
-    control.advance(rref(MODEL)).await.unwrap();
-    control.advance(rref(MODEL)).await.unwrap();
+    control.advance(rollout_ref(MODEL)).await.unwrap();
+    control.advance(rollout_ref(MODEL)).await.unwrap();
     let before: BTreeMap<String, i32> = traffic(&server.channel, "before", 0, 2_000)
         .await
         .into_iter()
@@ -349,7 +309,7 @@ async fn a_killed_server_resumes_the_same_step_with_the_same_customers_in_the_sa
     server.kill();
 
     let server = ChildServer::start_with(models_v1_v2(), data.path(), &log).await;
-    let s = status(&server.channel).await;
+    let s = rollout_status(&server.channel).await;
     assert_eq!(
         (s.id.as_str(), s.state.as_str(), s.step, s.share_bp),
         (started.id.as_str(), "active", 2, 500)
@@ -391,7 +351,7 @@ async fn a_tree_candidate_is_guarded_and_promoted_against_the_logistic_champion(
     let plan = fast_plan(&[0, 2500, 10000]);
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(fast_config(models.path(), data.path())).await;
-    start(&server, "v3", &plan).await;
+    start_rollout_gated(&server.channel, "v3", &plan, true).await;
     let (shifted, _) = drive(&server, "tree-psi", u32::MAX, 10_000).await;
     assert_eq!(shifted.state, "rolled_back", "{shifted:?}");
     let breached: Vec<&str> = shifted
@@ -403,7 +363,7 @@ async fn a_tree_candidate_is_guarded_and_promoted_against_the_logistic_champion(
     assert_eq!(breached, ["psi"], "{shifted:?}");
 
     let plan = plan.replace("min_sample = 200", "min_sample = 200\nmax_psi = 0.6");
-    start(&server, "v3", &plan).await;
+    start_rollout_gated(&server.channel, "v3", &plan, true).await;
     let (final_status, _) = drive(&server, "tree", 2, 20_000).await;
     assert_eq!(
         (final_status.state.as_str(), final_status.step),

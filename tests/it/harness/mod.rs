@@ -8,6 +8,7 @@ mod fixtures;
 mod inference;
 mod oracle;
 mod postgres;
+mod rollouts;
 mod server;
 
 pub use child::{ChildServer, run_ok};
@@ -19,4 +20,7 @@ pub use fixtures::{
 pub use inference::{infer_outputs, infer_request};
 pub use oracle::Offline;
 pub use postgres::Postgres;
-pub use server::{TestServer, config, record_traffic, score_range, start_rollout, violation_field};
+pub use rollouts::{
+    backtest, rollout_ref, rollout_status, run_remediation, start_rollout, start_rollout_gated,
+};
+pub use server::{TestServer, config, record_traffic, score_range, violation_field};

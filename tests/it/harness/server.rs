@@ -163,19 +163,3 @@ pub async fn record_traffic(server: &TestServer, tag: &str, n: usize) -> Vec<pb:
     }
     answers
 }
-
-/// Starts a rollout of `candidate` on [`MODEL`] with `plan` (actor "test"), past the
-/// backtest gate.
-pub async fn start_rollout(server: &TestServer, candidate: &str, plan: &str) -> pb::RolloutStatus {
-    riskserve::grpc::pb::rollouts_client::RolloutsClient::new(server.channel.clone())
-        .start(pb::StartRolloutRequest {
-            model: MODEL.into(),
-            candidate: candidate.into(),
-            plan_toml: plan.into(),
-            actor: "test".into(),
-            skip_backtest: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
