@@ -292,25 +292,16 @@ impl Ensemble {
         let mut path = vec![PathElement::default(); (depth + 2) * (depth + 3) / 2];
         let mut margin = self.base_margin;
         let mut expected = self.base_margin;
-        let mut left = Vec::new();
+        let mut scratch = leaf_tables::Scratch::default();
         for tree in &self.trees {
             expected += tree.expected;
             if let Some(leaves) = tree.leaf_tables.as_ref().filter(|_| tables) {
-                // Every split's direction once: the tables and the walk to the leaf share it.
-                left.clear();
-                left.extend(
-                    tree.nodes
-                        .iter()
-                        .map(|n| !n.is_leaf() && self.goes_left(n, x[n.feature])),
-                );
-                let mut n = &tree.nodes[0];
-                let mut i = 0;
-                while !n.is_leaf() {
-                    i = if left[i] { n.left } else { n.right } as usize;
-                    n = &tree.nodes[i];
-                }
-                margin += n.value;
-                leaf_tables::explain(leaves, &left, &mut phi);
+                margin += self.leaf(tree, x).value;
+                let goes_left = |i: usize| {
+                    let n = &tree.nodes[i];
+                    self.goes_left(n, x[n.feature])
+                };
+                leaf_tables::explain(leaves, goes_left, &mut scratch, &mut phi);
                 continue;
             }
             margin += self.leaf(tree, x).value;
@@ -529,10 +520,83 @@ pub(super) mod tests {
                 assert!((g - w).abs() < 1e-5, "{file}: {name}: {g} vs {w} for {x:?}");
             }
             assert!((got.expected - phi[n]).abs() < 1e-5);
+            assert_tables_add_the_recorded_bits(e, x);
             rows += 1;
         }
         assert_eq!(rows, 300);
         assert!(missing > 20, "{file} has rows with missing values");
+    }
+
+    /// Each tree's shares from its tables carry the same bits, added in the same order (leaves
+    /// left first, a leaf's path features in path order), as the releases that found U and
+    /// derived the shares per vector computed: decisions they recorded replay identically.
+    fn assert_tables_add_the_recorded_bits(e: &Ensemble, x: &[f64]) {
+        fn walk(
+            e: &Ensemble,
+            nodes: &[Node],
+            i: usize,
+            x: &[f64],
+            path: &mut Vec<(usize, bool)>,
+            phi: &mut [f64],
+        ) {
+            let n = &nodes[i];
+            if !n.is_leaf() {
+                for (child, left) in [(n.left, true), (n.right, false)] {
+                    path.push((i, left));
+                    walk(e, nodes, child as usize, x, path, phi);
+                    path.pop();
+                }
+                return;
+            }
+            let (mut features, mut z, mut agrees) = (Vec::new(), Vec::<f64>::new(), Vec::new());
+            for &(j, left) in path.iter() {
+                let split = &nodes[j];
+                let child = &nodes[if left { split.left } else { split.right } as usize];
+                let k = features
+                    .iter()
+                    .position(|&f| f == split.feature)
+                    .unwrap_or_else(|| {
+                        features.push(split.feature);
+                        z.push(1.0);
+                        agrees.push(true);
+                        features.len() - 1
+                    });
+                z[k] *= if split.cover > 0.0 {
+                    child.cover / split.cover
+                } else {
+                    0.0
+                };
+                agrees[k] &= e.goes_left(split, x[split.feature]) == left;
+            }
+            let u: usize = agrees
+                .iter()
+                .enumerate()
+                .map(|(k, &a)| usize::from(a) << k)
+                .sum();
+            let (v, all) = (n.value, (1 << z.len()) - 1);
+            let a = |t: usize| leaf_tables::subset_sum(&z, t, all);
+            for (k, &f) in features.iter().enumerate() {
+                phi[f] += if z.contains(&0.0) {
+                    leaf_tables::share(v, &z, u, k)
+                } else if u >> k & 1 == 1 {
+                    v * (1.0 - z[k]) / z[k] * a(u & !(1 << k))
+                } else {
+                    -v * a(u)
+                };
+            }
+        }
+        for tree in &e.trees {
+            let Some(tables) = &tree.leaf_tables else {
+                continue;
+            };
+            let mut got = vec![0.0; x.len()];
+            let goes_left = |i: usize| e.goes_left(&tree.nodes[i], x[tree.nodes[i].feature]);
+            leaf_tables::explain(tables, goes_left, &mut Default::default(), &mut got);
+            let mut want = vec![0.0; x.len()];
+            walk(e, &tree.nodes, 0, x, &mut Vec::new(), &mut want);
+            let bits = |v: &[f64]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{x:?}");
+        }
     }
 
     fn split(feature: usize, threshold: f64, left: u32, right: u32, cover: f64) -> Node {
