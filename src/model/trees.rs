@@ -295,8 +295,8 @@ impl Ensemble {
         let mut scratch = leaf_tables::Scratch::default();
         for tree in &self.trees {
             expected += tree.expected;
+            margin += self.leaf(tree, x).value;
             if let Some(leaves) = tree.leaf_tables.as_ref().filter(|_| tables) {
-                margin += self.leaf(tree, x).value;
                 let goes_left = |i: usize| {
                     let n = &tree.nodes[i];
                     self.goes_left(n, x[n.feature])
@@ -304,7 +304,6 @@ impl Ensemble {
                 leaf_tables::explain(leaves, goes_left, &mut scratch, &mut phi);
                 continue;
             }
-            margin += self.leaf(tree, x).value;
             let mut walk = Walk {
                 ensemble: self,
                 tree,

@@ -83,6 +83,29 @@ async fn until_all(
     start.elapsed()
 }
 
+/// A plan at half the customers, then all, advanced by hand, whose guardrails wait for more
+/// decisions than a test scores: they never judge.
+const UNJUDGED_HALF: &str = "auto_advance = false\n[[steps]]\nshare_bp = 5000\nmin_bake_secs = 0\n\
+                             [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n\
+                             [guardrails]\nmin_sample = 100000\nwindow = 100000\n";
+
+/// Starts a rollout of `candidate` through `via` and waits until every replica has it (at
+/// most a second); the start, and how long it took to reach all.
+async fn start_everywhere(
+    replicas: &[TestServer],
+    via: &TestServer,
+    candidate: &str,
+    plan: &str,
+) -> (pb::RolloutStatus, Duration) {
+    let started = start_rollout(via, candidate, plan).await;
+    let what = format!("the start of {candidate}");
+    let seen = until_all(replicas, Duration::from_secs(1), &what, async |r| {
+        rollout_status(&r.channel).await.id == started.id
+    })
+    .await;
+    (started, seen)
+}
+
 /// The environment of a child replica on `store`.
 fn replica_env<'a>(store: &'a str, id: &'a str, key: &'a str) -> [(&'a str, &'a str); 3] {
     [
@@ -324,17 +347,10 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
     let (a, c) = (&replicas[0], &replicas[2]);
 
     // Started through A, at half the customers: every replica routes each customer alike.
-    // Its guardrails wait for more decisions than this part scores: each replica scores the
-    // same 200 customers, so each arm holds ~100 distinct customers counted three times, and
-    // the PSI of two such samples of one population can pass 0.25 by chance alone.
-    let half = "auto_advance = false\n[[steps]]\nshare_bp = 5000\nmin_bake_secs = 0\n\
-                [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n\
-                [guardrails]\nmin_sample = 5000\n";
-    let started = start_rollout(a, "v2", half).await;
-    let seen = until_all(&replicas, Duration::from_secs(1), "the start", async |r| {
-        rollout_status(&r.channel).await.id == started.id
-    })
-    .await;
+    // Its guardrails never judge: each replica scores the same 200 customers, so each arm
+    // holds ~100 distinct customers counted three times, and the PSI of two such samples of
+    // one population can pass 0.25 by chance alone.
+    let (_, seen) = start_everywhere(&replicas, a, "v2", UNJUDGED_HALF).await;
     eprintln!("a start through A reached every replica in {seen:?}");
     let mut arms = Vec::new();
     for (i, r) in replicas.iter().enumerate() {
@@ -381,14 +397,7 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
                 [[steps]]\nshare_bp = 100\nmin_bake_secs = 0\nmin_decisions = 200\n\
                 [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\nmin_decisions = 200\n\
                 [guardrails]\nmin_sample = 200\n";
-    let flawed = start_rollout(&replicas[1], "v9", plan).await;
-    until_all(
-        &replicas,
-        Duration::from_secs(1),
-        "the second start",
-        async |r| rollout_status(&r.channel).await.id == flawed.id,
-    )
-    .await;
+    let (flawed, _) = start_everywhere(&replicas, &replicas[1], "v9", plan).await;
     let mut from = 0;
     let rolled_back = loop {
         for (i, r) in replicas.iter().enumerate() {
@@ -485,17 +494,7 @@ async fn one_rollout_routes_alike_on_every_replica_and_its_changes_reach_all_wit
     // The flawed candidate again, at half the customers and never judged, with traffic on
     // all three, rolled back by hand through B: its harm is remediated through A, and seen
     // as remediated (nothing applied twice) through C.
-    let unjudged = "auto_advance = false\n[[steps]]\nshare_bp = 5000\nmin_bake_secs = 0\n\
-                    [[steps]]\nshare_bp = 10000\nmin_bake_secs = 0\n\
-                    [guardrails]\nmin_sample = 100000\nwindow = 100000\n";
-    let harmful = start_rollout(a, "v9", unjudged).await;
-    until_all(
-        &replicas,
-        Duration::from_secs(1),
-        "the third start",
-        async |r| rollout_status(&r.channel).await.id == harmful.id,
-    )
-    .await;
+    let (harmful, _) = start_everywhere(&replicas, a, "v9", UNJUDGED_HALF).await;
     for (i, r) in replicas.iter().enumerate() {
         score_range(r, &format!("harm-{i}"), i * 300..(i + 1) * 300).await;
     }
