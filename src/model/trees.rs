@@ -295,15 +295,17 @@ impl Ensemble {
         let mut scratch = leaf_tables::Scratch::default();
         for tree in &self.trees {
             expected += tree.expected;
-            margin += self.leaf(tree, x).value;
             if let Some(leaves) = tree.leaf_tables.as_ref().filter(|_| tables) {
                 let goes_left = |i: usize| {
                     let n = &tree.nodes[i];
                     self.goes_left(n, x[n.feature])
                 };
-                leaf_tables::explain(leaves, goes_left, &mut scratch, &mut phi);
+                let reached = leaf_tables::explain(leaves, goes_left, &mut scratch, &mut phi);
+                debug_assert!(std::ptr::eq(&tree.nodes[reached], self.leaf(tree, x)));
+                margin += tree.nodes[reached].value;
                 continue;
             }
+            margin += self.leaf(tree, x).value;
             let mut walk = Walk {
                 ensemble: self,
                 tree,
@@ -590,7 +592,9 @@ pub(super) mod tests {
             };
             let mut got = vec![0.0; x.len()];
             let goes_left = |i: usize| e.goes_left(&tree.nodes[i], x[tree.nodes[i].feature]);
-            leaf_tables::explain(tables, goes_left, &mut Default::default(), &mut got);
+            let reached =
+                leaf_tables::explain(tables, goes_left, &mut Default::default(), &mut got);
+            assert!(std::ptr::eq(&tree.nodes[reached], e.leaf(tree, x)), "{x:?}");
             let mut want = vec![0.0; x.len()];
             walk(e, &tree.nodes, 0, x, &mut Vec::new(), &mut want);
             let bits = |v: &[f64]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();

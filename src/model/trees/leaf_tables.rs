@@ -237,17 +237,22 @@ fn subsets(t: usize) -> impl Iterator<Item = usize> {
 /// left at split i. Every leaf's row is located and prefetched first, then added, so that
 /// the rows' cache misses overlap (a tree behind, so that they overlap work too, measured
 /// no better).
+///
+/// Returns the node of the leaf the vector reaches: the one leaf it agrees with on every
+/// path feature, so that the margin needs no second walk down the tree.
 pub fn explain(
     t: &Tables,
     goes_left: impl FnMut(usize) -> bool,
     scratch: &mut Scratch,
     phi: &mut [f64],
-) {
-    locate(t, goes_left, &mut scratch.agree, &mut scratch.rows);
+) -> usize {
+    let reached = locate(t, goes_left, &mut scratch.agree, &mut scratch.rows);
     accumulate(t, &scratch.rows, phi);
+    reached
 }
 
-/// Finds the row each leaf of `t` gives the vector, into `rows`, and prefetches it.
+/// Finds the row each leaf of `t` gives the vector, into `rows`, and prefetches it; returns
+/// the node of the leaf reached.
 ///
 /// Which way a vector goes is data, not a pattern a branch predictor can learn, so neither
 /// loop takes a branch on it: agreement is cleared bit by bit with masks, and a row found by
@@ -257,7 +262,7 @@ fn locate(
     mut goes_left: impl FnMut(usize) -> bool,
     agree: &mut Vec<u8>,
     rows: &mut Vec<u32>,
-) {
+) -> usize {
     agree.clear();
     agree.resize(t.nodes, 0);
     agree[0] = u8::MAX;
@@ -268,13 +273,19 @@ fn locate(
         agree[s.right as usize] = a & !(left << s.k);
     }
     rows.clear();
+    let mut reached = 0;
     for leaf in &t.leaves {
         let d = usize::from(leaf.d);
-        let u = usize::from(agree[leaf.node as usize]) & ((1 << d) - 1);
+        let all = (1 << d) - 1;
+        let u = usize::from(agree[leaf.node as usize]) & all;
         let row = leaf.table as usize + u * d;
         prefetch(t.table.as_ptr().wrapping_add(row));
         rows.push(row as u32);
+        // Every split on the way to any other leaf sends the vector elsewhere, which clears
+        // the bit of its feature there.
+        reached = if u == all { leaf.node } else { reached };
     }
+    reached as usize
 }
 
 /// Adds the shares of the rows [`locate`] found to `phi`.
