@@ -562,7 +562,8 @@ pub async fn fill_log(
             x: x.clone(),
             latency: Duration::ZERO,
         };
-        inflight.push_back(recorder.queue(&req, decided).durable());
+        let pending = recorder.queue(&req, decided);
+        inflight.push_back(async move { pending.durable(&req).await });
         if inflight.len() >= 100_000 {
             inflight.pop_front().expect("non-empty").await?;
         }

@@ -90,7 +90,7 @@ impl Scorer {
                 out.push(match p {
                     Ok((req, p)) => {
                         let route = p.route().clone();
-                        let decision = p.durable().await;
+                        let decision = p.durable(req).await;
                         if decision.is_ok() {
                             self.shadow.offer(&route, req);
                         }

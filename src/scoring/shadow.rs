@@ -82,7 +82,12 @@ impl ShadowWorker {
                 x,
                 decision,
             };
-            if let Err(e) = self.recorder.queue(&job.request, decided).durable().await {
+            if let Err(e) = self
+                .recorder
+                .queue(&job.request, decided)
+                .durable(&job.request)
+                .await
+            {
                 tracing::warn!(error = %e, "shadow decision not recorded");
             }
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use riskserve::decision_log::{DecisionLog, JournalLog, LogError, LogOptions, chain, journal};
 use riskserve::grpc::pb;
+use riskserve::grpc::v2::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tonic::Code;
 
 /// A server whose journal rotates every 64 KiB, so that its files are small to copy.
@@ -293,6 +294,44 @@ CREATE TABLE chain_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NO
 CREATE TABLE writer_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at TEXT NOT NULL);
 ";
 
+/// The previous release's request hash of the migration test's request `request_id` (`old-i`,
+/// the i-th customer of 4; `batch/i`, the (4 + i)-th): SHA-256 of its canonical JSON, keys
+/// sorted, each feature `{"number": x}` (what Score's numbers and an FP64 tensor's entries
+/// both are).
+fn json_request_hash(request_id: &str, customer_ref: &str) -> String {
+    use sha2::Digest as _;
+    let customer = match request_id.strip_prefix("batch/") {
+        Some(row) => 4 + row.parse::<usize>().unwrap(),
+        None => {
+            request_id
+                .rsplit('-')
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+                % 4
+        }
+    };
+    let sent = request(&customers()[customer], request_id);
+    let features: serde_json::Map<String, serde_json::Value> = sent
+        .features
+        .iter()
+        .map(|(name, v)| {
+            let Some(pb::feature_value::Kind::Number(x)) = v.kind else {
+                panic!("the test customers send numbers")
+            };
+            (name.clone(), serde_json::json!({ "number": x }))
+        })
+        .collect();
+    let canonical = serde_json::json!({
+        "current_limit": sent.current_limit,
+        "customer_ref": customer_ref,
+        "features": features,
+        "model": sent.model,
+    });
+    hex::encode(sha2::Sha256::digest(canonical.to_string()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_boundary() {
     // Real decisions first, then rewritten as the previous release stored them: rows in
@@ -300,6 +339,15 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(&repo().join("models"), data.path()).await;
     score_each(&server, 12, 4, "old").await;
+    let batch = &customers()[4..6];
+    let infer = |server: &TestServer| {
+        let mut v2c = GrpcInferenceServiceClient::new(server.channel.clone());
+        async move {
+            let answer = v2c.model_infer(infer_request(batch, "batch")).await;
+            infer_outputs(&answer.unwrap().into_inner()).strings["decision_id"].clone()
+        }
+    };
+    let batch_ids = infer(&server).await;
     server.stop().await.unwrap();
     let old = tempfile::tempdir().unwrap();
     std::fs::copy(
@@ -325,10 +373,13 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
         let mut prev = chain::GENESIS.to_string();
         let mut seq = 0;
         log.scan(&Default::default(), &mut |r| {
-            let hash = chain::link_hash(&prev, &r.body);
+            // As the previous release hashed a request: over its canonical JSON.
+            let mut body = r.body.clone();
+            body.request_hash = json_request_hash(&body.request_id, &body.customer_ref);
+            let hash = chain::link_hash(&prev, &body);
             dst.execute(
-                "UPDATE decisions SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
-                rusqlite::params![prev, hash, r.seq],
+                "UPDATE decisions SET request_hash = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+                rusqlite::params![body.request_hash, prev, hash, r.seq],
             )
             .unwrap();
             prev = hash;
@@ -348,7 +399,7 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
     let server = TestServer::start(&repo().join("models"), old.path()).await;
     assert_eq!(
         server.records().await,
-        12,
+        14,
         "every old record migrated and verified"
     );
     let history = history(&server, 1).await;
@@ -364,7 +415,9 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
             .into_inner();
         assert!(replay.identical, "{replay:?}");
     }
-    // A retry of an old request is answered from the migrated log, not decided again.
+    // A retry of an old request is answered from the migrated log, not decided again,
+    // though its record's request hash is the previous release's; the same id with other
+    // inputs is still refused.
     let again = server
         .scoring()
         .score(request(&customers()[1], "old-1"))
@@ -372,18 +425,24 @@ async fn a_log_of_the_previous_format_is_migrated_and_verifies_across_the_bounda
         .unwrap()
         .into_inner();
     assert!(history.iter().any(|r| r.decision_id == again.decision_id));
+    let mut changed = request(&customers()[1], "old-1");
+    changed.current_limit = Some(changed.current_limit.unwrap() + 1);
+    let refused = server.scoring().score(changed).await.unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    // So is a retried batch of the inference protocol.
+    assert_eq!(infer(&server).await, batch_ids);
     // New decisions chain on from the old head, in the new format.
     score_each(&server, 5, 5, "new").await;
     assert_eq!(
         server.records().await,
-        17,
+        19,
         "verify passes across the boundary"
     );
     server.stop().await.unwrap();
     // The stopped server's files verify offline too.
     let report = riskserve::decision_log::verify_offline(old.path()).unwrap();
     assert!(
-        report.first_break.is_none() && report.records == 17,
+        report.first_break.is_none() && report.records == 19,
         "{report:?}"
     );
 }
