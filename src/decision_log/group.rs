@@ -4,14 +4,13 @@
 //! request id is looked up outside the group and how a record is chained; it then writes
 //! the new records and answers each job with [`answers`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
 use super::names::FeatureNames;
 use super::record::{self, CompactBody, StoredOrder};
-use super::{Appended, DecisionRecord, LogError, NewBody, RecordBody};
+use super::{Appended, DecisionRecord, FastMap, LogError, NewBody, RecordBody};
 
 /// What a job is answered: every decision of its group, or why none was recorded.
 pub(super) type GroupAnswer = Result<Vec<Appended>, LogError>;
@@ -27,7 +26,21 @@ pub(super) struct Job {
 #[derive(Debug, Clone)]
 pub(super) struct Head {
     pub seq: i64,
+    /// As the next link hashes it: 64 hex digits, or the genesis text.
     pub hash: String,
+    /// The same hash as bytes, once a link of this writer made it, so that the next link
+    /// need not decode it.
+    bytes: Option<[u8; 32]>,
+}
+
+impl Head {
+    pub fn new(seq: i64, hash: String) -> Head {
+        Head {
+            seq,
+            hash,
+            bytes: None,
+        }
+    }
 }
 
 /// An answer before the group's records are written.
@@ -67,7 +80,7 @@ pub(super) fn plan<C: Chainer>(
     jobs: &mut [Job],
 ) -> (Vec<C::Entry>, Vec<Planned>) {
     // Served request ids new in this group, to their record (a retry within the group).
-    let mut in_group: HashMap<String, usize> = HashMap::new();
+    let mut in_group: FastMap<String, usize> = FastMap::default();
     let mut fresh: Vec<C::Entry> = Vec::new();
     let mut answers = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -147,7 +160,10 @@ pub(super) fn link(
     body: NewBody,
     payload: &mut Vec<u8>,
 ) -> Option<String> {
-    record::put_prev_hash(payload, &head.hash);
+    match &head.bytes {
+        Some(prev) => payload.extend_from_slice(prev),
+        None => record::put_prev_hash(payload, &head.hash),
+    }
     // The hash goes here once the record after it is written.
     let at = payload.len();
     payload.extend_from_slice(&[0u8; 32]);
@@ -155,7 +171,12 @@ pub(super) fn link(
     let hash = super::chain::link_hash_bytes(&head.hash, &payload[at + 32..]);
     payload[at..at + 32].copy_from_slice(&hash);
     head.seq += 1;
-    head.hash = hex::encode(hash);
+    let mut digits = [0u8; 64];
+    hex::encode_to_slice(hash, &mut digits).expect("64 digits");
+    head.hash.clear();
+    head.hash
+        .push_str(std::str::from_utf8(&digits).expect("hex is ASCII"));
+    head.bytes = Some(hash);
     request_id
 }
 
@@ -164,14 +185,14 @@ pub(super) fn link(
 pub(super) struct Encoder {
     pub names: Arc<FeatureNames>,
     /// How each bundle's stored names order its vectors, by digest (None: they do not fit).
-    orders: HashMap<[u8; 32], Option<Arc<StoredOrder>>>,
+    orders: FastMap<[u8; 32], Option<Arc<StoredOrder>>>,
 }
 
 impl Encoder {
     pub fn new(names: Arc<FeatureNames>) -> Encoder {
         Encoder {
             names,
-            orders: HashMap::new(),
+            orders: FastMap::default(),
         }
     }
 

@@ -224,23 +224,14 @@ impl JournalLog {
         }
         let head = match journal.last() {
             None => match &anchor {
-                Some((seq, hash)) => Head {
-                    seq: *seq,
-                    hash: hash.clone(),
-                },
-                None => Head {
-                    seq: 0,
-                    hash: chain::GENESIS.to_string(),
-                },
+                Some((seq, hash)) => Head::new(*seq, hash.clone()),
+                None => Head::new(0, chain::GENESIS.to_string()),
             },
             Some(last) => {
                 let r = journal.read_at(last).map_err(journal_err)?;
                 let e = decode_entry(&r.payload)
                     .map_err(|e| LogError::Damaged(format!("the journal's last record: {e}")))?;
-                Head {
-                    seq: last.seq as i64,
-                    hash: e.hash,
-                }
+                Head::new(last.seq as i64, e.hash)
             }
         };
         let indexed = view::indexed_seq(view_writer.conn())?;

@@ -333,14 +333,8 @@ async fn claim(client: &Client, replica: &str) -> Result<Head, LogError> {
         .await
         .map_err(query_err)?;
     let head = match last {
-        None => Head {
-            seq: 0,
-            hash: replica_start(replica),
-        },
-        Some(row) => Head {
-            seq: row.get(0),
-            hash: hex::encode(row.get::<_, &[u8]>(1)),
-        },
+        None => Head::new(0, replica_start(replica)),
+        Some(row) => Head::new(row.get(0), hex::encode(row.get::<_, &[u8]>(1))),
     };
     if head.seq != committed {
         return Err(LogError::Damaged(format!(
@@ -442,7 +436,7 @@ impl Chainer for Planner<'_> {
 
     fn chain(&mut self, head: &mut Head, body: NewBody) -> Row2 {
         let mut row = columns(&body);
-        row.payload.reserve(64 + 384);
+        row.payload.reserve(64 + 512);
         group::link(self.encoder, head, body, &mut row.payload);
         row.seq = head.seq;
         row

@@ -7,14 +7,14 @@
 //! tail what comes after `c`; if the tail was trimmed past `c` meanwhile (the indexer
 //! committed in between), the reader simply asks again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::journal::Position;
 use super::names::FeatureNames;
 use super::record::{self, Fields};
-use super::{DecisionRecord, LogError, RecordBody};
+use super::{DecisionRecord, FastMap, LogError, RecordBody};
 
 /// A durable record as the journal holds it: its bytes, read only when somebody asks.
 #[derive(Debug)]
@@ -179,7 +179,7 @@ struct Inner {
     /// before it not yet dropped.
     records: VecDeque<Arc<Entry>>,
     /// Served (non-shadow) request ids of `records`, to their seq.
-    by_request: HashMap<String, i64>,
+    by_request: FastMap<String, i64>,
     /// The last seq the view holds.
     indexed: i64,
     /// The last durable seq.
@@ -200,7 +200,7 @@ impl Tail {
         Tail {
             inner: Mutex::new(Inner {
                 records: VecDeque::new(),
-                by_request: HashMap::new(),
+                by_request: FastMap::default(),
                 indexed,
                 head,
                 waiting: 0,

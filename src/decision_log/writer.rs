@@ -362,7 +362,9 @@ impl Chainer for Writer {
     /// The journal entry (prev_hash | hash | record); its place in the journal is known once
     /// the group is written.
     fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
-        let mut payload = Vec::with_capacity(64 + 384);
+        // A format-2 record of 23 features is ~420 bytes: room for it and its hashes, so that
+        // the vector never grows.
+        let mut payload = Vec::with_capacity(64 + 512);
         let request_id = group::link(&mut self.encoder, head, body, &mut payload);
         Entry {
             position: Position {
