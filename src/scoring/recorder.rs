@@ -50,15 +50,13 @@ impl Pending<'_> {
     /// recorded request (`req`, the one queued) gets the decision first answered, and is not
     /// counted again.
     pub async fn durable(self, req: &ScoreRequest) -> Result<Decision, ScoreError> {
-        let appended = match self.durable.await {
-            // The id's record may be an earlier release's, its hash over JSON: one more try
-            // with that hash before the id counts as reused.
-            Err(LogError::RequestIdReused(_)) => {
-                let body = self.recorder.new_body(req, &self.decided, HashScheme::Json);
-                self.recorder.log.append(body).await?
-            }
-            appended => appended?,
-        };
+        let recorder = self.recorder;
+        let appended = or_json_hash(self.durable.await, || {
+            recorder
+                .log
+                .append(recorder.new_body(req, &self.decided, HashScheme::Json))
+        })
+        .await?;
         match appended {
             Appended::New { .. } => {
                 let d = self.decided;
@@ -116,24 +114,21 @@ impl Recorder {
                 .map(|(r, d)| self.new_body(r, d, scheme))
                 .collect()
         };
-        let appended = match self.log.append_all(bodies(HashScheme::Binary)).await {
-            // As for one decision: the reused id's record may hash over JSON. The whole
-            // group is retried, as a retried batch is likely an earlier release's too.
-            Err(LogError::RequestIdReused(_)) => {
-                self.log.append_all(bodies(HashScheme::Json)).await
-            }
-            appended => appended,
-        };
-        let appended = appended.map_err(|e| {
-            // A reused id names its row; any other failure is the whole group's.
-            let row = match &e {
-                LogError::RequestIdReused(id) => {
-                    reqs.iter().position(|r| &r.request_id == id).unwrap_or(0)
-                }
-                _ => 0,
-            };
-            (row, ScoreError::from(e))
-        })?;
+        // On a reused id the whole group is tried again with JSON hashes, as a retried batch
+        // is likely an earlier release's too.
+        let first = self.log.append_all(bodies(HashScheme::Binary)).await;
+        let appended = or_json_hash(first, || self.log.append_all(bodies(HashScheme::Json)))
+            .await
+            .map_err(|e| {
+                // A reused id names its row; any other failure is the whole group's.
+                let row = match &e {
+                    LogError::RequestIdReused(id) => {
+                        reqs.iter().position(|r| &r.request_id == id).unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                (row, ScoreError::from(e))
+            })?;
         let mut out = Vec::with_capacity(decided.len());
         for (i, (d, appended)) in decided.into_iter().zip(appended).enumerate() {
             out.push(match appended {
@@ -337,6 +332,22 @@ fn canonical_hex16(s: &str) -> Option<[u8; 16]> {
         .then(|| hex::decode_to_slice(s, &mut out).ok())
         .flatten()
         .map(|()| out)
+}
+
+/// `first`, unless it refused a reused request id: that id's record may be an earlier
+/// release's, its request hash over JSON, so `again` (the same records with JSON hashes) is
+/// tried once before the id counts as reused.
+async fn or_json_hash<T, F>(
+    first: Result<T, LogError>,
+    again: impl FnOnce() -> F,
+) -> Result<T, LogError>
+where
+    F: std::future::Future<Output = Result<T, LogError>>,
+{
+    match first {
+        Err(LogError::RequestIdReused(_)) => again().await,
+        other => other,
+    }
 }
 
 /// How a record's request hash was computed: what a retry's hash is compared with.
