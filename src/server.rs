@@ -143,7 +143,7 @@ pub async fn serve(
     }
     let store = Arc::new(match &pg {
         Some(pg) => RolloutStore::shared(pg.clone()),
-        None => RolloutStore::open(&config.decision_log_path())?,
+        None => RolloutStore::open(&crate::decision_log::LogFiles::of(&config.data_dir).rollouts)?,
     });
     // What the replicas serve, unless pinned here.
     let mut serving = store.serving()?;

@@ -74,8 +74,13 @@ impl Default for LogOptions {
 /// The files of a data directory the log owns.
 #[derive(Debug, Clone)]
 pub struct LogFiles {
-    /// The query view (and the rollout store's tables).
+    /// The query view.
     pub view: PathBuf,
+    /// Says the view has writes no fsync covered, and under which boot (see
+    /// [`view::distrust_after_reboot`]).
+    pub view_unsynced: PathBuf,
+    /// The embedded rollout store: its own file, as it cannot be rebuilt from the journal.
+    pub rollouts: PathBuf,
     /// The journal's segments.
     pub journal: PathBuf,
     /// Feature names by bundle digest.
@@ -89,6 +94,8 @@ impl LogFiles {
         let journal = data_dir.join("journal");
         LogFiles {
             view: data_dir.join("decisions.db"),
+            view_unsynced: data_dir.join("decisions.db.unsynced"),
+            rollouts: data_dir.join("rollouts.db"),
             names: journal.join("names"),
             anchor: journal.join("anchor"),
             journal,
@@ -168,8 +175,15 @@ impl JournalLog {
     /// A corrupt journal refuses to open, naming the segment and offset.
     pub fn open(data_dir: &Path, options: LogOptions) -> Result<Arc<JournalLog>, LogError> {
         let files = LogFiles::of(data_dir);
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| LogError::Unavailable(format!("{}: {e}", data_dir.display())))?;
+        // Before anything opens the view: one a crash of the machine may have damaged goes,
+        // and is rebuilt from the journal below.
+        view::distrust_after_reboot(&files)?;
         let mut conn = view::open_rw(&files.view)?;
+        migrate::move_rollouts(&conn, &files)?;
         migrate::prepare(&mut conn, &files)?;
+        view::mark_unsynced(&files)?;
         let names = Arc::new(
             FeatureNames::open(&files.names)
                 .map_err(|e| LogError::Damaged(format!("{}: {e}", files.names.display())))?,
@@ -558,6 +572,11 @@ impl DecisionLog for JournalLog {
         // The writer closed the tail; the indexer stops once the view holds all of it.
         if let Some(handle) = self.indexer.lock().expect("indexer handle poisoned").take() {
             let _ = handle.join();
+            // Nothing writes the view now: make it durable, so that the next start trusts
+            // it whatever happens to the machine meanwhile.
+            if let Err(e) = view::sync_and_unmark(&self.files) {
+                tracing::warn!(error = %e, "could not sync the query view; after a crash of the machine it is rebuilt from the journal");
+            }
         }
     }
 

@@ -28,6 +28,80 @@ use super::{DecisionRecord, LogError, view};
 /// Records copied per journal group during a migration.
 const MIGRATE_GROUP: usize = 4_096;
 
+/// The rollout store's tables, oldest first (the order they reference each other in).
+const ROLLOUT_TABLES: [&str; 3] = ["rollouts", "rollout_transitions", "rollout_readings"];
+
+/// Moves the rollout store's tables out of the view's file into `rollouts.db` (up to this
+/// release they shared it; the view is now written without fsync and may be rebuilt, which
+/// the rollouts, not derived from the journal, must never be). The copy is made under a
+/// temporary name, synced and renamed; only then are the tables dropped from the view's
+/// file, so an interruption anywhere leaves one complete copy, and the next open finishes.
+pub(super) fn move_rollouts(conn: &Connection, files: &LogFiles) -> Result<(), LogError> {
+    let q = view::query_err;
+    let has = |table: &str| -> Result<bool, LogError> {
+        conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .map_err(q)
+    };
+    if !has("rollouts")? {
+        return Ok(());
+    }
+    if !files.rollouts.exists() {
+        tracing::info!(to = %files.rollouts.display(), "moving the rollout store out of the query view's file");
+        let tmp = files.rollouts.with_extension("db.tmp");
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = tmp.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(&p);
+        }
+        let unavailable = |e: String| LogError::Unavailable(format!("{}: {e}", tmp.display()));
+        // The store makes its own schema (and brings older tables' columns up to date).
+        crate::rollout::store::RolloutStore::open(&tmp).map_err(|e| unavailable(e.to_string()))?;
+        conn.execute("ATTACH DATABASE ?1 AS moved", [tmp.to_string_lossy()])
+            .map_err(q)?;
+        let copied = (|| -> Result<(), LogError> {
+            conn.execute_batch("BEGIN").map_err(q)?;
+            for table in ROLLOUT_TABLES {
+                if !has(table)? {
+                    continue;
+                }
+                // The columns both have, by name: an older store may lack later ones.
+                let columns: Vec<String> = conn
+                    .prepare(&format!(
+                        "SELECT name FROM pragma_table_info('{table}', 'main')                          WHERE name IN (SELECT name FROM pragma_table_info('{table}', 'moved'))"
+                    ))
+                    .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                    .map_err(q)?;
+                let columns = columns.join(", ");
+                conn.execute_batch(&format!(
+                    "INSERT INTO moved.{table} ({columns}) SELECT {columns} FROM main.{table}"
+                ))
+                .map_err(q)?;
+            }
+            conn.execute_batch("COMMIT").map_err(q)
+        })();
+        if copied.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        let _ = conn.execute_batch("DETACH DATABASE moved");
+        copied?;
+        let io = |e: std::io::Error| unavailable(e.to_string());
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&tmp, &files.rollouts).map_err(io)?;
+        view::sync_parent(&files.rollouts)?;
+    }
+    for table in ROLLOUT_TABLES.iter().rev() {
+        conn.execute_batch(&format!("DROP TABLE IF EXISTS {table}"))
+            .map_err(q)?;
+    }
+    Ok(())
+}
+
 /// Brings the view's file (and the journal beside it) to the current layout.
 pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), LogError> {
     let q = view::query_err;
@@ -58,8 +132,7 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
         tracing::info!("dropping the wide query view of layout 2; it is rebuilt from the journal");
     }
     // Layout 2's wide table and its checkpoint go (a cache of the journal) in the same
-    // transaction as the new layout: interrupted, this starts over. The rollout store's
-    // tables in the file stay.
+    // transaction as the new layout: interrupted, this starts over.
     let tx = conn.transaction().map_err(q)?;
     if version == 2 {
         tx.execute_batch(

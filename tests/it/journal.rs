@@ -693,3 +693,143 @@ async fn a_view_rebuilt_from_a_long_journal_is_indexed_while_opening_not_held_in
     );
     log.close();
 }
+
+/// The boot id the server marks the view with (Linux).
+fn this_boot() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_left_unsynced_when_the_machine_went_down_is_rebuilt_from_the_journal() {
+    let data = tempfile::tempdir().unwrap();
+    let mark = data.path().join("decisions.db.unsynced");
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    assert_eq!(
+        std::fs::read_to_string(&mark).unwrap(),
+        this_boot(),
+        "a running server's view is marked as unsynced under this boot"
+    );
+    score_each(&server, 9, 3, "reboot").await;
+    let before = history(&server, 2).await;
+    server.stop().await.unwrap();
+    assert!(
+        !mark.exists(),
+        "a clean stop syncs the view and removes the mark"
+    );
+
+    // The machine went down with the view unsynced: the mark names another boot, and the
+    // files are damaged as a lost write-back can leave them: garbage after the database's
+    // first page (the schema) and after the WAL's header, where the rows are.
+    std::fs::write(&mark, "00000000-0000-0000-0000-000000000000").unwrap();
+    // Every page in the database file first, so that the garbage is in the b-trees.
+    rusqlite::Connection::open(data.path().join("decisions.db"))
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    let mut garbled = 0;
+    for (file, from) in [("decisions.db", 4096), ("decisions.db-wal", 32)] {
+        use std::os::unix::fs::FileExt;
+        let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data.path().join(file))
+        else {
+            continue;
+        };
+        let len = f.metadata().unwrap().len();
+        if len > from {
+            f.write_all_at(&vec![0xa5; (len - from) as usize], from)
+                .unwrap();
+            garbled += len - from;
+        }
+    }
+    assert!(garbled > 0, "the view's rows were garbled");
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    assert_eq!(
+        server.records().await,
+        9,
+        "every decision is in the rebuilt view"
+    );
+    assert_eq!(history(&server, 2).await, before);
+    assert_eq!(std::fs::read_to_string(&mark).unwrap(), this_boot());
+    server.stop().await.unwrap();
+
+    // Marked under this boot, only the process died: the page cache had every write, and
+    // the view is kept as it is (a table added by hand survives the start).
+    std::fs::write(&mark, this_boot()).unwrap();
+    rusqlite::Connection::open(data.path().join("decisions.db"))
+        .unwrap()
+        .execute_batch("CREATE TABLE kept (x)")
+        .unwrap();
+    let server = TestServer::start(&repo().join("models"), data.path()).await;
+    assert_eq!(server.records().await, 9);
+    server.stop().await.unwrap();
+    let kept: i64 = rusqlite::Connection::open(data.path().join("decisions.db"))
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'kept'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(kept, 1, "a view marked under this boot is trusted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_an_earlier_release_kept_in_the_views_file_move_to_their_own() {
+    let data = tempfile::tempdir().unwrap();
+    let plan = "auto_advance = false\n[[steps]]\nshare_bp = 0\nshadow = true\n\
+                [[steps]]\nshare_bp = 500\n[[steps]]\nshare_bp = 10000\n";
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let started = start_rollout(&server, "v2", plan).await;
+    server.stop().await.unwrap();
+
+    // As an earlier release left them: the rollout tables in decisions.db, no rollouts.db.
+    let rollouts = data.path().join("rollouts.db");
+    {
+        let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+        db.execute("ATTACH DATABASE ?1 AS r", [rollouts.to_string_lossy()])
+            .unwrap();
+        for t in ["rollouts", "rollout_transitions", "rollout_readings"] {
+            let sql: String = db
+                .query_row(
+                    "SELECT sql FROM r.sqlite_master WHERE type = 'table' AND name = ?1",
+                    [t],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            db.execute_batch(&format!("{sql}; INSERT INTO main.{t} SELECT * FROM r.{t};"))
+                .unwrap();
+        }
+        db.execute_batch("DETACH DATABASE r").unwrap();
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", rollouts.display()));
+    }
+
+    let server = TestServer::start(models_v1_v2(), data.path()).await;
+    let s = rollout_status(&server.channel).await;
+    assert_eq!(
+        (s.id.as_str(), s.state.as_str(), s.step),
+        (started.id.as_str(), started.state.as_str(), started.step),
+        "the rollout survives the move"
+    );
+    server.stop().await.unwrap();
+    assert!(rollouts.exists());
+    let left: i64 = rusqlite::Connection::open(data.path().join("decisions.db"))
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'rollout%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "the view's file keeps no rollout table");
+    let moved: i64 = rusqlite::Connection::open(&rollouts)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM rollout_transitions", [], |r| r.get(0))
+        .unwrap();
+    assert!(moved >= 1, "the transitions moved with the rollout");
+}
