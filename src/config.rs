@@ -275,11 +275,6 @@ impl Config {
         Duration::from_millis(self.watch_interval_ms)
     }
 
-    /// The decision log's SQLite file.
-    pub fn decision_log_path(&self) -> PathBuf {
-        self.data_dir.join("decisions.db")
-    }
-
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.grace_period_secs)
     }

@@ -213,9 +213,8 @@ impl Evaluator {
     }
 
     /// Keeps the guardrails for the rollout's history, at most once per `snapshot_every`.
-    /// The write runs on its own: the store shares the log's file, and under a busy log
-    /// writer it can wait on SQLite's lock for a second or more, which must not hold up the
-    /// guardrails. A failed write is logged and skipped: the history is for charts, not for
+    /// The write runs on its own: a store write (an fsync, or a round trip to PostgreSQL)
+    /// can take long under a busy disk, which must not hold up the guardrails. A failed write is logged and skipped: the history is for charts, not for
     /// decisions.
     fn keep_snapshot(&self, live: &Live, record: &RolloutRecord, readings: &[GuardrailReading]) {
         {

@@ -2,7 +2,7 @@
 //! serving choice of each model: kept so that a restarted server resumes the same step with
 //! the same assignment, and so that replicas sharing a store route alike.
 //!
-//! Two backends behind one type: the embedded one in the decision log's SQLite file (one
+//! Two backends behind one type: the embedded one in `rollouts.db` in the data directory (one
 //! server), and the shared one in PostgreSQL (several replicas), where every change is
 //! announced on [`crate::postgres::CHANGES`] and guarded against a concurrent change through
 //! another replica.

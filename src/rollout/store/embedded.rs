@@ -1,5 +1,6 @@
-//! The embedded backend: the rollout tables in the decision log's SQLite file, on their own
-//! connection. One server owns the file, so its control turns alone order the changes.
+//! The embedded backend: the rollout tables in their own SQLite file (`rollouts.db`, fsynced
+//! at each commit), apart from the query view, which is written without fsync and may be
+//! rebuilt. One server owns the file, so its control turns alone order the changes.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -53,7 +54,7 @@ CREATE TABLE IF NOT EXISTS rollout_readings (
 CREATE INDEX IF NOT EXISTS rollout_readings_rollout ON rollout_readings(rollout_id, id);
 ";
 
-/// The rollout tables, on their own connection to the log's file.
+/// The rollout tables, on their own connection.
 #[derive(Debug)]
 pub(super) struct Embedded {
     conn: Mutex<Connection>,
