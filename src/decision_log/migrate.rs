@@ -52,10 +52,8 @@ pub(super) fn move_rollouts(conn: &Connection, files: &LogFiles) -> Result<(), L
     if !files.rollouts.exists() {
         tracing::info!(to = %files.rollouts.display(), "moving the rollout store out of the query view's file");
         let tmp = files.rollouts.with_extension("db.tmp");
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = tmp.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(&p);
+        for leftover in view::sqlite_files(&tmp) {
+            let _ = std::fs::remove_file(leftover);
         }
         let unavailable = |e: String| LogError::Unavailable(format!("{}: {e}", tmp.display()));
         // The store makes its own schema (and brings older tables' columns up to date).
@@ -71,7 +69,8 @@ pub(super) fn move_rollouts(conn: &Connection, files: &LogFiles) -> Result<(), L
                 // The columns both have, by name: an older store may lack later ones.
                 let columns: Vec<String> = conn
                     .prepare(&format!(
-                        "SELECT name FROM pragma_table_info('{table}', 'main')                          WHERE name IN (SELECT name FROM pragma_table_info('{table}', 'moved'))"
+                        "SELECT name FROM pragma_table_info('{table}', 'main') \
+                         WHERE name IN (SELECT name FROM pragma_table_info('{table}', 'moved'))"
                     ))
                     .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
                     .map_err(q)?;

@@ -24,7 +24,7 @@
 //! the journal on start, and a file of an older layout is dropped and rebuilt. Queries here
 //! see only what the view holds; [`super::JournalLog`] adds the tail.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -253,6 +253,16 @@ fn boot_id() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// An SQLite database at `path` and the files beside it: the database, its WAL, its
+/// shared-memory index.
+pub(super) fn sqlite_files(path: &Path) -> [PathBuf; 3] {
+    ["", "-wal", "-shm"].map(|suffix| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    })
+}
+
 /// Removes the view if it had unsynced writes when the machine last went down.
 pub(super) fn distrust_after_reboot(files: &LogFiles) -> Result<(), LogError> {
     let marked = match std::fs::read_to_string(&files.view_unsynced) {
@@ -267,13 +277,11 @@ pub(super) fn distrust_after_reboot(files: &LogFiles) -> Result<(), LogError> {
         view = %files.view.display(),
         "the machine went down while the query view had unsynced writes; rebuilding it from the journal"
     );
-    for suffix in ["", "-wal", "-shm"] {
-        let mut path = files.view.clone().into_os_string();
-        path.push(suffix);
+    for path in sqlite_files(&files.view) {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(unsynced_err(Path::new(&path), e)),
+            Err(e) => return Err(unsynced_err(&path, e)),
         }
     }
     sync_parent(&files.view)?;
@@ -298,15 +306,12 @@ pub(super) fn mark_unsynced(files: &LogFiles) -> Result<(), LogError> {
 
 /// fsyncs the view's files and removes the mark. Only when nothing writes the view.
 pub(super) fn sync_and_unmark(files: &LogFiles) -> Result<(), LogError> {
-    for suffix in ["", "-wal"] {
-        let mut path = files.view.clone().into_os_string();
-        path.push(suffix);
-        match std::fs::File::open(&path) {
-            Ok(f) => f
-                .sync_all()
-                .map_err(|e| unsynced_err(Path::new(&path), e))?,
+    // The database and its WAL (the shared-memory index holds nothing durable).
+    for path in &sqlite_files(&files.view)[..2] {
+        match std::fs::File::open(path) {
+            Ok(f) => f.sync_all().map_err(|e| unsynced_err(path, e))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(unsynced_err(Path::new(&path), e)),
+            Err(e) => return Err(unsynced_err(path, e)),
         }
     }
     std::fs::remove_file(&files.view_unsynced)

@@ -214,8 +214,8 @@ impl Evaluator {
 
     /// Keeps the guardrails for the rollout's history, at most once per `snapshot_every`.
     /// The write runs on its own: a store write (an fsync, or a round trip to PostgreSQL)
-    /// can take long under a busy disk, which must not hold up the guardrails. A failed write is logged and skipped: the history is for charts, not for
-    /// decisions.
+    /// can take long under a busy disk, which must not hold up the guardrails. A failed
+    /// write is logged and skipped: the history is for charts, not for decisions.
     fn keep_snapshot(&self, live: &Live, record: &RolloutRecord, readings: &[GuardrailReading]) {
         {
             let mut at = live.snapshot_at.lock().expect("snapshot lock");
