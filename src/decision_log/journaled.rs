@@ -17,6 +17,7 @@ use rusqlite::Connection;
 use tokio::sync::{oneshot, watch};
 
 use super::chain::{Verifier, link_hash_bytes};
+use super::customer_filter::{self, CustomerFilters};
 use super::group::{Encoder, Head, Job};
 use super::journal::{self, Journal, JournalError, JournalOptions};
 use super::names::FeatureNames;
@@ -159,6 +160,8 @@ pub struct JournalLog {
     /// The retention thread and the sender whose drop stops it.
     retainer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     readers: Mutex<Vec<Connection>>,
+    /// Which spans of the view may hold a customer, for history lookups.
+    filters: Arc<CustomerFilters>,
 }
 
 impl std::fmt::Debug for JournalLog {
@@ -196,7 +199,8 @@ impl JournalLog {
             first_seq: anchor.as_ref().map_or(1, |(seq, _)| *seq as u64 + 1),
             sync_each_group: options.durability == Durability::Sync,
         };
-        let mut view_writer = view::ViewWriter::new(conn, names.clone())?;
+        let filters = Arc::new(CustomerFilters::default());
+        let mut view_writer = view::ViewWriter::new(conn, names.clone(), filters.clone())?;
         let mut recovered = Vec::new();
         let mut bad = None;
         // Far behind (a view rebuilt after an upgrade or a loss), the records are indexed as
@@ -304,10 +308,10 @@ impl JournalLog {
             None => None,
             Some(keep) => {
                 let (stop, stopped) = std::sync::mpsc::channel();
-                let (queue, files) = (queue.clone(), files.clone());
+                let (queue, files, filters) = (queue.clone(), files.clone(), filters.clone());
                 let handle = std::thread::Builder::new()
                     .name("decision-log-retention".into())
-                    .spawn(move || retain(&queue, &files, keep, &stopped))
+                    .spawn(move || retain(&queue, &files, &filters, keep, &stopped))
                     .map_err(|e| LogError::Unavailable(format!("starting retention: {e}")))?;
                 Some((stop, handle))
             }
@@ -323,6 +327,7 @@ impl JournalLog {
             indexer: Mutex::new(Some(indexer)),
             retainer: Mutex::new(retainer),
             readers: Mutex::new(Vec::new()),
+            filters,
         }))
     }
 
@@ -364,9 +369,11 @@ impl JournalLog {
     ) -> Result<(T, Vec<Arc<Entry>>), LogError> {
         loop {
             let (found, c) = self.read(|conn| {
-                conn.execute_batch("BEGIN").map_err(view::query_err)?;
+                // Prepared once per connection: parsing them was ~2% of a history lookup.
+                let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
+                run("BEGIN").map_err(view::query_err)?;
                 let result = view::indexed_seq(conn).and_then(|c| Ok((query(conn)?, c)));
-                let _ = conn.execute_batch("COMMIT");
+                let _ = run("COMMIT");
                 result
             })?;
             if let Some(extra) = self.tail.after(c, |e| select.selects(e, &self.names)) {
@@ -405,6 +412,7 @@ fn active_segment(journal: &Journal) -> u64 {
 fn retain(
     queue: &SyncSender<Msg>,
     files: &LogFiles,
+    filters: &CustomerFilters,
     keep: Duration,
     stop: &std::sync::mpsc::Receiver<()>,
 ) {
@@ -459,6 +467,10 @@ fn retain(
                 ),
                 Err(e) => tracing::warn!(error = %e, "retention could not delete view rows"),
             }
+            match customer_filter::delete_through(c, anchor) {
+                Ok(below) => filters.forget_below(below),
+                Err(e) => tracing::warn!(error = %e, "retention could not delete customer filters"),
+            }
         }
     }
 }
@@ -496,6 +508,8 @@ fn index(mut view: view::ViewWriter, tail: &Tail) {
                 warned = true;
             }
         }
+        // Idle: build the customer filters a view written before them lacks.
+        while tail.lag() == 0 && view.build_filter() {}
         let batch = tail.next_batch(INDEX_BATCH, INDEX_LINGER);
         let Some(last) = batch.last() else {
             return;
@@ -593,7 +607,7 @@ impl DecisionLog for JournalLog {
 
     fn by_customer(&self, refs: &[String]) -> Result<Vec<DecisionRecord>, LogError> {
         let (mut found, extra) = self.with_tail(
-            |c| view::by_customer(c, &self.names, refs),
+            |c| view::by_customer(c, &self.names, &self.filters, refs),
             &Select::Customer { refs, before: None },
         )?;
         for e in &extra {
@@ -606,7 +620,7 @@ impl DecisionLog for JournalLog {
 
     fn previous(&self, refs: &[String], seq: i64) -> Result<Option<DecisionRecord>, LogError> {
         let (found, extra) = self.with_tail(
-            |c| view::previous(c, &self.names, refs, seq),
+            |c| view::previous(c, &self.names, &self.filters, refs, seq),
             &Select::Customer {
                 refs,
                 before: Some(seq),

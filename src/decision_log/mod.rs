@@ -10,7 +10,9 @@
 //! inserted or reordered record from an intact log. [`migrate`] owns the directory's
 //! formats.
 
+mod bloom;
 pub mod chain;
+mod customer_filter;
 mod group;
 pub mod journal;
 mod journaled;

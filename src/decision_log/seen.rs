@@ -2,42 +2,28 @@
 //! request index, so that the writer looks a new request id up on disk only when it may be a
 //! retry (about 1 in 100 new ids, and every real retry).
 //!
-//! Written here rather than taken from a crate because it is forty lines and the writer needs
-//! exactly this shape: filters added as it fills (a scalable Bloom filter: each new filter
-//! twice the size of the one before), so that no rebuild ever stalls the acknowledgement
-//! path. About 10 bits per id, 7 probes, ~1% false positives per filter.
+//! Filters are added as it fills (a scalable Bloom filter: each new [`Bloom`] twice the size
+//! of the one before), so that no rebuild ever stalls the acknowledgement path; ~1% false
+//! positives per filter.
 
 use std::hash::{BuildHasher, Hasher};
 
-const BITS_PER_ID: usize = 10;
-const PROBES: u64 = 7;
+use super::bloom::Bloom;
 
 struct Filter {
-    bits: Vec<u64>,
+    bloom: Bloom,
     capacity: usize,
     len: usize,
 }
 
 impl Filter {
     fn new(capacity: usize) -> Filter {
-        let words = (capacity * BITS_PER_ID).div_ceil(64).max(1);
         Filter {
-            bits: vec![0; words],
+            bloom: Bloom::with_capacity(capacity),
             capacity,
             len: 0,
         }
     }
-}
-
-/// The bits an id with hash `h` sets in a filter of `words` words: double hashing
-/// (Kirsch–Mitzenmacher), probe i at h1 + i·h2.
-fn probes(words: usize, h: u64) -> impl Iterator<Item = (usize, u64)> {
-    let n = words as u64 * 64;
-    let (h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
-    (0..PROBES).map(move |i| {
-        let bit = (h1.wrapping_add(i.wrapping_mul(h2))) % n;
-        ((bit / 64) as usize, 1u64 << (bit % 64))
-    })
 }
 
 /// The request ids seen, with false positives and no false negatives.
@@ -71,18 +57,14 @@ impl SeenIds {
             self.filters.push(Filter::new(capacity));
         }
         let f = self.filters.last_mut().expect("a filter");
-        for (word, mask) in probes(f.bits.len(), h) {
-            f.bits[word] |= mask;
-        }
+        f.bloom.insert(h);
         f.len += 1;
     }
 
     /// False: certainly never inserted. True: maybe.
     pub fn may_contain(&self, id: &str) -> bool {
         let h = self.hash(id);
-        self.filters
-            .iter()
-            .any(|f| probes(f.bits.len(), h).all(|(word, mask)| f.bits[word] & mask != 0))
+        self.filters.iter().any(|f| f.bloom.may_contain(h))
     }
 }
 

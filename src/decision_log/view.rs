@@ -11,17 +11,18 @@
 //! its JSON in `body_json`, which the view and the readers then take as it is.
 //!
 //! Customers, whose keys arrive in random order, are indexed per span of the log
-//! (`seq >> SPAN_BITS`), so that inserts stay in a small, cached subtree; a lookup probes
-//! every span.
+//! (`seq >> SPAN_BITS`), so that inserts stay in a small, cached subtree; a lookup seeks in
+//! each span whose filter ([`super::customer_filter`]) may hold the customer.
 //!
 //! `prev_hash` is stored only where it is not the hash of the row before (the first row,
 //! the first after a retention cut, a broken link): every other row's is that hash.
 //!
 //! `journal_checkpoint` says which journal record the view holds up to, written in the same
 //! transaction as the rows, so that after a crash the indexer resumes exactly after it. The
-//! view is a cache of the journal: it is written without fsync (`synchronous = NORMAL`; a
-//! power loss can only take rows the journal still has), any row it lacks is re-read from
-//! the journal on start, and a file of an older layout is dropped and rebuilt. Queries here
+//! view is a cache of the journal: it is written without fsync (`synchronous = OFF`, and a
+//! view a machine crash may have damaged is rebuilt: see "Durability" below), any row it
+//! lacks is re-read from the journal on start, and a file of an older layout is dropped and
+//! rebuilt. Queries here
 //! see only what the view holds; [`super::JournalLog`] adds the tail.
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
+use super::customer_filter::{self, CustomerFilters};
 use super::journal::Position;
 use super::journaled::LogFiles;
 use super::names::FeatureNames;
@@ -49,27 +51,18 @@ pub const USER_VERSION: i64 = 4;
 /// log2 of the seqs per span of the customer index; the schema's index expression
 /// (`seq >> 18`) and the lookups' must match it, character for character, for SQLite to use
 /// the index.
-const SPAN_BITS: u32 = 18;
-
-/// The spans from the newest down to the first, as SQL (a recursive CTE named `span`,
-/// starting at parameter `?{top}`: the newest span, `max(seq) >> SPAN_BITS`).
-fn spans_cte(top: usize) -> String {
-    format!(
-        "WITH RECURSIVE span(s) AS (SELECT ?{top} UNION ALL SELECT s - 1 FROM span WHERE s > 0) "
-    )
-}
+pub(super) const SPAN_BITS: u32 = 18;
 
 /// A served request id's record: ?1 its key, ?2 the id.
 fn by_request_sql() -> String {
     format!("{SELECT} WHERE d.request_key = ?1 AND d.request_id = ?2 AND a.arm != 'shadow' LIMIT 1")
 }
 
-/// A customer ref's records: ?1 its key, ?2 the ref, ?3 the newest span.
+/// A customer ref's records in span ?3: ?1 its key, ?2 the ref.
 fn by_customer_sql() -> String {
     format!(
-        "{}{SELECT} WHERE (d.seq >> {SPAN_BITS}) IN span AND d.customer_key = ?1 \
-         AND d.customer_ref = ?2 ORDER BY d.seq",
-        spans_cte(3)
+        "{SELECT} WHERE (d.seq >> {SPAN_BITS}) = ?3 AND d.customer_key = ?1 \
+         AND d.customer_ref = ?2"
     )
 }
 
@@ -80,15 +73,6 @@ fn previous_sql() -> String {
          AND d.customer_ref = ?2 AND d.seq < ?3 AND a.arm != 'shadow' \
          ORDER BY d.seq DESC LIMIT 1"
     )
-}
-
-/// The newest span of the view (0 when it is empty).
-fn top_span(c: &Connection) -> Result<i64, LogError> {
-    c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM decision_rows")
-        .map_err(query_err)?
-        .query_row([], |r| r.get::<_, i64>(0))
-        .map(|seq| seq >> SPAN_BITS)
-        .map_err(query_err)
 }
 
 pub(super) const SCHEMA: &str = "
@@ -140,6 +124,12 @@ CREATE INDEX IF NOT EXISTS decision_rows_customer_span ON decision_rows(seq >> 1
 CREATE INDEX IF NOT EXISTS decision_rows_request ON decision_rows(request_key);
 CREATE INDEX IF NOT EXISTS decision_rows_arm ON decision_rows(arm_id, at);
 CREATE INDEX IF NOT EXISTS decision_rows_time ON decision_rows(at);
+-- A Bloom filter of the customer keys of each complete span (customer_filter.rs), so that a
+-- lookup seeks only in the spans that may hold the customer.
+CREATE TABLE IF NOT EXISTS customer_filters (
+    span    INTEGER PRIMARY KEY,
+    filter  BLOB NOT NULL
+);
 -- The journal record the view holds up to (seq, and where the journal has it).
 CREATE TABLE IF NOT EXISTS journal_checkpoint (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
@@ -427,7 +417,12 @@ fn key_text(v: ValueRef<'_>, uuid: bool) -> rusqlite::Result<String> {
         ValueRef::Blob(b) if uuid => uuid::Uuid::from_slice(b)
             .map(|u| u.to_string())
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, v.data_type(), Box::new(e))),
-        ValueRef::Blob(b) => Ok(hex::encode(b)),
+        ValueRef::Blob(b) => {
+            // encode_to_slice: `hex::encode` collects chars one by one, a few % of a lookup.
+            let mut text = vec![0; b.len() * 2];
+            hex::encode_to_slice(b, &mut text).expect("twice the bytes");
+            Ok(String::from_utf8(text).expect("hex digits are ASCII"))
+        }
         ValueRef::Text(t) => Ok(String::from_utf8_lossy(t).into_owned()),
         other => Err(rusqlite::Error::InvalidColumnType(
             0,
@@ -537,10 +532,17 @@ pub(super) struct ViewWriter {
     /// The view's last row: its seq and hash, so a row whose prev_hash is that hash need
     /// not store it.
     last: Option<(i64, Option<[u8; 32]>)>,
+    /// The customer filters of complete spans, and the complete spans that have none yet.
+    filters: Arc<CustomerFilters>,
+    unfiltered: customer_filter::Pending,
 }
 
 impl ViewWriter {
-    pub fn new(conn: Connection, names: Arc<FeatureNames>) -> Result<ViewWriter, LogError> {
+    pub fn new(
+        conn: Connection,
+        names: Arc<FeatureNames>,
+        filters: Arc<CustomerFilters>,
+    ) -> Result<ViewWriter, LogError> {
         let last = conn
             .query_row(
                 "SELECT seq, hash FROM decision_rows ORDER BY seq DESC LIMIT 1",
@@ -552,6 +554,7 @@ impl ViewWriter {
             )
             .optional()
             .map_err(query_err)?;
+        let unfiltered = customer_filter::load(&conn, &filters)?;
         Ok(ViewWriter {
             conn,
             names,
@@ -559,6 +562,8 @@ impl ViewWriter {
             compact_arms: Vec::new(),
             named: std::collections::HashSet::new(),
             last,
+            filters,
+            unfiltered,
         })
     }
 
@@ -678,7 +683,8 @@ impl ViewWriter {
         Ok(id)
     }
 
-    /// Writes a batch of records and the new checkpoint in one transaction.
+    /// Writes a batch of records and the new checkpoint in one transaction, then the
+    /// customer filter of one complete span that lacks it, if any.
     pub fn insert(&mut self, batch: &[Arc<Entry>]) -> Result<(), LogError> {
         let written = self.insert_batch(batch);
         if written.is_err() {
@@ -687,8 +693,29 @@ impl ViewWriter {
             self.arms.clear();
             self.compact_arms.clear();
             self.named.clear();
+            return written;
         }
-        written
+        if let (Some(first), Some(last)) = (batch.first(), batch.last()) {
+            self.unfiltered.note(first.seq(), last.seq());
+        }
+        self.build_filter();
+        Ok(())
+    }
+
+    /// Builds the customer filter of one complete span that lacks it. False if none lacks
+    /// one, or building failed: a span without its filter is searched by every lookup, which
+    /// is slower, not wrong, so a failure is logged and retried later.
+    pub fn build_filter(&mut self) -> bool {
+        if self.unfiltered.is_empty() {
+            return false;
+        }
+        match customer_filter::build_one(&self.conn, &self.filters, &mut self.unfiltered) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not build a customer filter; trying again later");
+                false
+            }
+        }
     }
 
     fn insert_batch(&mut self, batch: &[Arc<Entry>]) -> Result<(), LogError> {
@@ -941,19 +968,25 @@ pub(super) fn seq_of_hash(c: &Connection, hash: &str) -> Option<i64> {
 pub(super) fn by_customer(
     c: &Connection,
     names: &FeatureNames,
+    filters: &CustomerFilters,
     refs: &[String],
 ) -> Result<Vec<DecisionRecord>, LogError> {
     let mut out = Vec::new();
-    let top = top_span(c)?;
+    let Some((first, last)) = customer_filter::span_range(c)? else {
+        return Ok(out);
+    };
     let mut stmt = c.prepare_cached(&by_customer_sql()).map_err(query_err)?;
     for r in refs {
-        let rows = stmt
-            .query_map(params![text_key(r), Key::hex::<32>(r), top], |row| {
-                row_to_record(row, names)
-            })
-            .map_err(query_err)?;
-        for row in rows {
-            out.push(row.map_err(query_err)?);
+        let key = text_key(r);
+        for span in (first..=last).filter(|s| filters.may_hold(*s, key)) {
+            let rows = stmt
+                .query_map(params![key, Key::hex::<32>(r), span], |row| {
+                    row_to_record(row, names)
+                })
+                .map_err(query_err)?;
+            for row in rows {
+                out.push(row.map_err(query_err)?);
+            }
         }
     }
     out.sort_by_key(|r| r.seq);
@@ -963,18 +996,26 @@ pub(super) fn by_customer(
 pub(super) fn previous(
     c: &Connection,
     names: &FeatureNames,
+    filters: &CustomerFilters,
     refs: &[String],
     seq: i64,
 ) -> Result<Option<DecisionRecord>, LogError> {
+    let Some((first, last)) = customer_filter::span_range(c)? else {
+        return Ok(None);
+    };
     let mut stmt = c.prepare_cached(&previous_sql()).map_err(query_err)?;
+    let keys: Vec<i64> = refs.iter().map(|r| text_key(r)).collect();
     // Span by span from the one `seq` is in, newest first: the first span that has one of
     // the customer's records has the latest.
-    let mut span = ((seq - 1).max(0) >> SPAN_BITS).min(top_span(c)?);
-    loop {
+    let from = ((seq - 1).max(0) >> SPAN_BITS).min(last);
+    for span in (first..=from).rev() {
         let mut best: Option<DecisionRecord> = None;
-        for r in refs {
+        for (r, &key) in refs.iter().zip(&keys) {
+            if !filters.may_hold(span, key) {
+                continue;
+            }
             let found = stmt
-                .query_row(params![text_key(r), Key::hex::<32>(r), seq, span], |row| {
+                .query_row(params![key, Key::hex::<32>(r), seq, span], |row| {
                     row_to_record(row, names)
                 })
                 .optional()
@@ -985,11 +1026,11 @@ pub(super) fn previous(
                 best = Some(f);
             }
         }
-        if best.is_some() || span == 0 {
+        if best.is_some() {
             return Ok(best);
         }
-        span -= 1;
     }
+    Ok(None)
 }
 
 /// A window's bounds in µs (inclusive, exclusive).
@@ -1479,11 +1520,35 @@ mod tests {
                 entry(&f.names, seq, b, &format!("{:064x}", seq - 1), true).0
             })
             .collect();
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let filters = Arc::new(CustomerFilters::default());
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), filters.clone()).unwrap();
         w.insert(&entries).unwrap();
+        // Spans 0 to 4 are complete; each insert builds one filter, so 4 are still to come.
+        assert_eq!(w.unfiltered.spans(), [1, 2, 3, 4]);
+        while w.build_filter() {}
+        assert!(w.unfiltered.is_empty());
+        let key = text_key(&first.body.customer_ref);
+        let held: Vec<bool> = (0..6).map(|s| filters.may_hold(s, key)).collect();
+        // Filters rule out the empty spans; the newest, still filling, has none.
+        assert_eq!(held, [true, false, true, false, true, true]);
+        // A later start loads them; one whose filters are gone (written before filters)
+        // lists those spans to build again.
+        let loaded = Arc::new(CustomerFilters::default());
+        let again =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), loaded.clone()).unwrap();
+        assert!(again.unfiltered.is_empty());
+        assert!(!loaded.may_hold(3, key) && loaded.may_hold(2, key));
+        again
+            .conn
+            .execute("DELETE FROM customer_filters WHERE span >= 3", [])
+            .unwrap();
+        let mut rebuilt = ViewWriter::new(again.conn, f.names.clone(), Arc::default()).unwrap();
+        assert_eq!(rebuilt.unfiltered.spans(), [3, 4]);
+        while rebuilt.build_filter() {}
         let c = open_ro(&f.path).unwrap();
         let customer = [first.body.customer_ref.clone()];
-        let found: Vec<i64> = by_customer(&c, &f.names, &customer)
+        let found: Vec<i64> = by_customer(&c, &f.names, &filters, &customer)
             .unwrap()
             .iter()
             .map(|r| r.seq)
@@ -1500,7 +1565,7 @@ mod tests {
         );
         // The latest served decision before a seq, across empty spans; the shadow one never.
         let before = |seq: i64| {
-            previous(&c, &f.names, &customer, seq)
+            previous(&c, &f.names, &filters, &customer, seq)
                 .unwrap()
                 .map(|r| r.seq)
         };
@@ -1509,16 +1574,43 @@ mod tests {
         assert_eq!(before(4 * span), Some(seqs[1]));
         assert_eq!(before(seqs[1]), Some(seqs[0]));
         assert_eq!(before(seqs[0]), None);
+        // Retention through span 2: its filters go, and lookups start at the first row kept.
+        let w = open_rw(&f.path).unwrap();
+        delete_through(&w, 3 * span - 1).unwrap();
+        assert_eq!(
+            customer_filter::delete_through(&w, 3 * span - 1).unwrap(),
+            3
+        );
+        let stored: Vec<i64> = w
+            .prepare("SELECT span FROM customer_filters ORDER BY span")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(stored, [3, 4]);
+        filters.forget_below(3);
+        assert!(filters.may_hold(1, key), "no filter is left for span 1");
+        let c = open_ro(&f.path).unwrap();
+        assert_eq!(customer_filter::span_range(&c).unwrap(), Some((4, 5)));
+        let found: Vec<i64> = by_customer(&c, &f.names, &filters, &customer)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(found, seqs[2..]);
     }
 
     #[test]
     fn every_record_reads_back_as_it_was_written() {
         let f = fixture();
         let (records, want) = records(&f.names);
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
         w.insert(&records[..2]).unwrap();
         // A second writer resumes from the file, as the indexer does after a restart.
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
         w.insert(&records[2..]).unwrap();
         let c = open_ro(&f.path).unwrap();
         assert_eq!(indexed_seq(&c).unwrap(), 4);
@@ -1533,12 +1625,24 @@ mod tests {
             let got = get(&c, &f.names, &r.body.decision_id).unwrap();
             assert_eq!(got.as_ref(), Some(r));
         }
-        let customer = by_customer(&c, &f.names, &[want[0].body.customer_ref.clone()]).unwrap();
+        let customer = by_customer(
+            &c,
+            &f.names,
+            &Default::default(),
+            &[want[0].body.customer_ref.clone()],
+        )
+        .unwrap();
         assert_eq!(
             customer.iter().map(|r| r.seq).collect::<Vec<_>>(),
             [1, 2, 4]
         );
-        let odd = by_customer(&c, &f.names, &[want[2].body.customer_ref.clone()]).unwrap();
+        let odd = by_customer(
+            &c,
+            &f.names,
+            &Default::default(),
+            &[want[2].body.customer_ref.clone()],
+        )
+        .unwrap();
         assert_eq!(odd, [want[2].clone()]);
         assert_eq!(
             by_request(&c, &f.names, "req-000124")
@@ -1547,9 +1651,15 @@ mod tests {
             Some(4)
         );
         assert_eq!(
-            previous(&c, &f.names, &[want[0].body.customer_ref.clone()], 4)
-                .unwrap()
-                .map(|r| r.seq),
+            previous(
+                &c,
+                &f.names,
+                &Default::default(),
+                &[want[0].body.customer_ref.clone()],
+                4
+            )
+            .unwrap()
+            .map(|r| r.seq),
             Some(2)
         );
         assert_eq!(seq_of_hash(&c, &format!("{:064x}", 3)), Some(3));
@@ -1574,7 +1684,8 @@ mod tests {
         body.reasons[0].value = f64::NAN;
         let id = body.decision_id.clone();
         let (e, written) = entry(&f.names, 1, body, crate::decision_log::chain::GENESIS, true);
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
         w.insert(std::slice::from_ref(&e)).unwrap();
         let c = open_ro(&f.path).unwrap();
         let missing: i64 = c
@@ -1603,7 +1714,8 @@ mod tests {
     fn a_batch_that_fails_leaves_no_arm_behind_that_later_rows_would_miss() {
         let f = fixture();
         let (records, _) = records(&f.names);
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
         w.insert(&records[..1]).unwrap();
         // Record 2 brings a new arm (no rollout, champion); seq 1 again fails the batch.
         let failing = [records[1].clone(), records[0].clone()];
@@ -1620,7 +1732,8 @@ mod tests {
     fn the_decisions_view_shows_the_columns_and_text_of_the_wide_layout() {
         let f = fixture();
         let (records, want) = records(&f.names);
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
         w.insert(&records).unwrap();
         let c = open_ro(&f.path).unwrap();
         let rows: Vec<DecisionRecord> = c
@@ -1650,7 +1763,8 @@ mod tests {
     fn window_bounds_and_rollout_aggregates_use_the_time_column() {
         let f = fixture();
         let (records, want) = records(&f.names);
-        let mut w = ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone()).unwrap();
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
         w.insert(&records).unwrap();
         let c = open_ro(&f.path).unwrap();
         let rollout = want[0].body.rollout_id.clone().unwrap();
@@ -1708,7 +1822,7 @@ mod speed {
                 conn.execute_batch(&format!("DROP INDEX {i}")).unwrap();
             }
         }
-        let mut w = ViewWriter::new(conn, f.names.clone()).unwrap();
+        let mut w = ViewWriter::new(conn, f.names.clone(), Arc::default()).unwrap();
         let t = std::time::Instant::now();
         let mut last = (t, 0);
         for (i, chunk) in rows.chunks(8192).enumerate() {
