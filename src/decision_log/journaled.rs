@@ -508,8 +508,9 @@ fn index(mut view: view::ViewWriter, tail: &Tail) {
                 warned = true;
             }
         }
-        // Idle: build the customer filters a view written before them lacks.
-        while tail.lag() == 0 && view.build_filter() {}
+        // Idle: build the customer filters a view written before them lacks (not once the
+        // log closes: a shutdown does not wait for them).
+        while tail.lag() == 0 && !tail.is_closed() && view.build_filter() {}
         let batch = tail.next_batch(INDEX_BATCH, INDEX_LINGER);
         let Some(last) = batch.last() else {
             return;
