@@ -257,7 +257,7 @@ impl From<DecisionRecord> for pb::DecisionRecord {
             version: b.version,
             digest: b.digest,
             rollout_id: b.rollout_id.unwrap_or_default(),
-            features: b.features.into_iter().collect(),
+            features: b.features,
             probability_of_default: b.probability_of_default,
             grade: b.grade,
             current_limit: b.current_limit,
