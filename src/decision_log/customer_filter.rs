@@ -190,3 +190,49 @@ pub(super) fn delete_through(conn: &Connection, seq: i64) -> Result<i64, LogErro
         .map_err(query_err)?;
     Ok(below)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPAN: i64 = 1 << SPAN_BITS;
+
+    #[test]
+    fn batches_list_each_span_they_complete_once_and_none_before_the_first_row() {
+        let mut p = Pending::default();
+        // A view that starts after a retention anchor, in span 3: spans 0 to 2 hold nothing.
+        p.note(3 * SPAN + 5, 3 * SPAN + 9);
+        assert!(p.is_empty());
+        // The batch that ends on a span's last seq completes it.
+        p.note(3 * SPAN + 10, 4 * SPAN - 1);
+        assert_eq!(p.spans(), [3]);
+        // Within span 4, nothing more; a batch across two boundaries completes both.
+        p.note(4 * SPAN, 4 * SPAN + 1);
+        p.note(4 * SPAN + 2, 6 * SPAN);
+        assert_eq!(p.spans(), [3, 4, 5]);
+        p.note(6 * SPAN + 1, 6 * SPAN + 2);
+        assert_eq!(p.spans(), [3, 4, 5]);
+    }
+
+    #[test]
+    fn a_span_without_a_filter_may_hold_anyone_and_one_with_a_filter_only_its_keys() {
+        let filters = CustomerFilters::default();
+        let mut f = Bloom::with_capacity(100);
+        for k in 0..100 {
+            f.insert(hash(k));
+        }
+        filters.publish(7, f);
+        assert!((0..100).all(|k| filters.may_hold(7, k)));
+        let strangers = (1_000..11_000).filter(|&k| filters.may_hold(7, k)).count();
+        assert!(
+            strangers < 300,
+            "{strangers} of 10,000 keys not in the span"
+        );
+        assert!(
+            filters.may_hold(8, 5_000),
+            "no filter: the span is searched"
+        );
+        filters.forget_below(8);
+        assert!(filters.may_hold(7, 5_000), "forgotten: searched again");
+    }
+}
