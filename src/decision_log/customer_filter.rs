@@ -10,7 +10,7 @@
 //! span's index entries, stores it in the view (`customer_filters`, so that a start need not
 //! rebuild them) and publishes it here for the readers. A span without a filter is always
 //! searched: the newest, still filling, and any that a release before filters completed,
-//! until the indexer has caught up on them (one a batch).
+//! until the indexer has caught up on them (one after each batch, and all while it is idle).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
