@@ -977,12 +977,11 @@ pub(super) fn by_customer(
     };
     let mut stmt = c.prepare_cached(&by_customer_sql()).map_err(query_err)?;
     for r in refs {
-        let key = text_key(r);
+        // Converted once per ref, not once per span sought.
+        let (key, bytes) = (text_key(r), Key::hex::<32>(r));
         for span in (first..=last).filter(|s| filters.may_hold(*s, key)) {
             let rows = stmt
-                .query_map(params![key, Key::hex::<32>(r), span], |row| {
-                    row_to_record(row, names)
-                })
+                .query_map(params![key, bytes, span], |row| row_to_record(row, names))
                 .map_err(query_err)?;
             for row in rows {
                 out.push(row.map_err(query_err)?);
@@ -1004,18 +1003,22 @@ pub(super) fn previous(
         return Ok(None);
     };
     let mut stmt = c.prepare_cached(&previous_sql()).map_err(query_err)?;
-    let keys: Vec<i64> = refs.iter().map(|r| text_key(r)).collect();
+    // Each ref's index key and stored form, converted once rather than once per span.
+    let keys: Vec<(i64, Key<'_>)> = refs
+        .iter()
+        .map(|r| (text_key(r), Key::hex::<32>(r)))
+        .collect();
     // Span by span from the one `seq` is in, newest first: the first span that has one of
     // the customer's records has the latest.
     let from = ((seq - 1).max(0) >> SPAN_BITS).min(last);
     for span in (first..=from).rev() {
         let mut best: Option<DecisionRecord> = None;
-        for (r, &key) in refs.iter().zip(&keys) {
-            if !filters.may_hold(span, key) {
+        for (key, bytes) in &keys {
+            if !filters.may_hold(span, *key) {
                 continue;
             }
             let found = stmt
-                .query_row(params![key, Key::hex::<32>(r), seq, span], |row| {
+                .query_row(params![key, bytes, seq, span], |row| {
                     row_to_record(row, names)
                 })
                 .optional()
