@@ -28,8 +28,9 @@ const STEPS: &[&str] = &[
     // 1: the shared decision log. Each replica keeps its own chain, (replica_id, seq);
     // `gseq` orders all replicas' records for readers. A served request id is unique across
     // replicas (a retry that lands elsewhere gets the first decision); a shadow decision
-    // shares its request's id. `record` holds the bytes the chain hashes (format 2, or a
-    // format-1 JSON body), the other columns what queries filter and aggregate on.
+    // shares its request's id. `record` holds the bytes the chain hashes (binary, format 3
+    // or the format 2 before it, or a format-1 JSON body), the other columns what queries
+    // filter and aggregate on.
     "CREATE TABLE decisions (
         gseq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         replica_id    text NOT NULL,
@@ -58,7 +59,7 @@ const STEPS: &[&str] = &[
     CREATE INDEX decisions_rollout ON decisions (rollout_id, recorded_us)
         WHERE rollout_id IS NOT NULL;
     CREATE INDEX decisions_time ON decisions (recorded_us);
-    -- The feature names of each bundle with format-2 records, in their stored order.
+    -- The feature names of each bundle with binary records, in their stored order.
     CREATE TABLE feature_names (
         digest text PRIMARY KEY,
         names  jsonb NOT NULL

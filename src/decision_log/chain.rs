@@ -1,8 +1,9 @@
 //! The hash chain over decision records, and its verification.
 //!
-//! `hash = sha256(prev_hash ‖ "\n" ‖ the record's bytes)`: for format 2 (the journal's) the
-//! binary record of [`super::record`], for format 1 (a log written before the journal) the
-//! canonical JSON of the body. The first record's `prev_hash` is [`GENESIS`]. The sequence number is not hashed, so a swap of two records
+//! `hash = sha256(prev_hash ‖ "\n" ‖ the record's bytes)`: for the journal's records the
+//! binary record of [`super::record`] (format 3, or 2 before it), for format 1 (a log
+//! written before the journal) the canonical JSON of the body. The first record's
+//! `prev_hash` is [`GENESIS`]. The sequence number is not hashed, so a swap of two records
 //! shows as broken links rather than as edits, and verification can say which it was.
 //!
 //! Retention: records older than a cut-off may be removed together with writing an *anchor*

@@ -180,7 +180,7 @@ pub(super) fn link(
     request_id
 }
 
-/// Turns bodies into the bytes a record is stored and hashed as: format 2 where the
+/// Turns bodies into the bytes a record is stored and hashed as: format 3 where the
 /// bundle's feature names are stored (or can be) and the body fits, else its JSON.
 pub(super) struct Encoder {
     pub names: Arc<FeatureNames>,
@@ -238,7 +238,7 @@ impl Encoder {
         }
     }
 
-    /// Appends a text body's bytes: format 2 if its names are stored (or can be) and it is
+    /// Appends a text body's bytes: format 3 if its names are stored (or can be) and it is
     /// canonical, else its JSON (still chained and verifiable, only larger).
     fn put_text(&self, body: &RecordBody, out: &mut Vec<u8>) {
         let names = match self.names.get(&body.digest) {

@@ -94,7 +94,7 @@ pub struct RecordBody {
     pub trace_id: Option<String>,
     // Remediation only (issue 18). Absent, they are left out of the JSON, so every record
     // written before them keeps its bytes and its hash; a body with any of them set is not
-    // format 2 (`record::encode` refuses it) and is stored as its JSON (format 1).
+    // format 3 (`record::encode` refuses it) and is stored as its JSON (format 1).
     /// The harmful decision a remediation restores the limit of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remediates: Option<String>,
@@ -115,8 +115,8 @@ impl RecordBody {
     }
 }
 
-/// A decision on its way into the log: compact, as the recorder makes it (stored as format 2),
-/// or in text form (stored as format 2 if it is canonical, else as its JSON).
+/// A decision on its way into the log: compact, as the recorder makes it (stored as format 3),
+/// or in text form (stored as format 3 if it is canonical, else as its JSON).
 #[derive(Debug, Clone, PartialEq)]
 pub enum NewBody {
     Compact(record::CompactBody),

@@ -1,4 +1,4 @@
-//! The feature names of each bundle the journal has records of: a format-2 record stores its
+//! The feature names of each bundle the journal has records of: a binary record stores its
 //! vector as bare numbers, in the order of the names stored here for its bundle's digest.
 //!
 //! One small JSON file per digest, `DIR/<hex>.json` (a sorted array of names), written
@@ -75,7 +75,7 @@ impl FeatureNames {
 
     /// The stored names of `digest`; stores `names` first if there are none yet. A stored
     /// list that differs from `names` is returned as it is: the caller's record then cannot
-    /// use format 2.
+    /// use format 3.
     pub fn ensure(&self, digest: &str, names: Vec<String>) -> std::io::Result<Arc<Vec<String>>> {
         if let Some(found) = self.get(digest) {
             return Ok(found);

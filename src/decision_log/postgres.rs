@@ -226,7 +226,7 @@ async fn decode_rows(
     let mut missing: Vec<String> = Vec::new();
     for row in rows {
         let bytes: &[u8] = row.get(5);
-        if bytes.first() == Some(&record::FORMAT)
+        if record::is_binary(bytes.first())
             && let Ok(d) = record::digest_of(bytes)
             && names.get(&d).is_none()
             && !missing.contains(&d)

@@ -1,15 +1,16 @@
-//! Format 2 of a decision record: the compact binary form the journal stores and the chain
-//! hashes (issue 16). A record body is about a third of its JSON form: hashes, ids and
-//! times as bytes, the vector as packed f64 in the bundle's schema order (the names live in
-//! the bundle, found by its digest), reasons as feature indexes and contributions (a
-//! reason's value is the vector's entry at its index).
+//! Format 3 of a decision record: the compact binary form the journal stores and the chain
+//! hashes (issue 16). A record body is about a quarter of its JSON form: hashes, ids and
+//! times as bytes, the vector in the bundle's schema order (the names live in the bundle,
+//! found by its digest), reasons as feature indexes and contributions (a reason's value is
+//! the vector's entry at its index).
 //!
 //! Layout, little-endian, in this order (`str` is a u8 length then UTF-8; `opt` is a u8 tag,
-//! 0 for none, then the value):
+//! 0 for none, then the value; `zz` is a signed integer zigzag-mapped and written as a
+//! minimal LEB128 varint):
 //!
 //! | field | bytes |
 //! | --- | --- |
-//! | format (= 2) | u8 |
+//! | format (= 3) | u8 |
 //! | decision_id | 16 (UUID) |
 //! | recorded_at | i64, µs since the Unix epoch (the body's RFC 3339 text, exactly) |
 //! | request_id | str |
@@ -20,15 +21,24 @@
 //! | digest | 32 (the hex after `sha256:`) |
 //! | rollout_id | opt 16 (UUID) |
 //! | arm | u8: 0 champion, 1 candidate, 2 shadow |
-//! | features | u16 n, then n × f64 in schema order |
+//! | features | u16 n; a bitmap of ⌈n/8⌉ bytes (bit i set: value i is an f64); then each value in schema order: 8 bytes of f64, or `zz` of its integer |
 //! | probability_of_default | f64 |
 //! | grade | str |
 //! | decision | u8: 0 approve, 1 review, 2 decline |
-//! | current_limit | opt i64 |
-//! | granted_limit | i64 |
+//! | current_limit | opt `zz` |
+//! | granted_limit | `zz` |
 //! | reasons | u8 n, then n × (u16 feature index, f64 contribution) |
 //! | caller | opt str |
 //! | trace_id | opt 16 |
+//!
+//! A value is written as an integer exactly when it is integral, below 2^53 in magnitude and
+//! not negative zero: then the integer gives back its very bits. Credit vectors are mostly
+//! such values (amounts, counts, months late), which makes a 23-feature vector ~45 bytes
+//! rather than 184. Reading refuses any other choice (an f64 that should be an integer, a
+//! varint longer than it needs), so that one body has one encoding.
+//!
+//! Format 2, written until format 3 replaced it and still read, differs only in the vector
+//! (`u16 n`, then n × f64) and the limits (`opt i64`, `i64`).
 //!
 //! A remediation's fields (`remediates`, `pre_harm_limit`, `reason`) have no place here:
 //! encoding refuses a body with any of them, so it is stored as format 1.
@@ -46,8 +56,56 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::{RecordBody, RecordedReason};
 
-/// The format byte of this encoding.
-pub const FORMAT: u8 = 2;
+/// The format byte of this encoding: what new records are written in.
+pub const FORMAT: u8 = 3;
+/// The binary format before it (the vector as packed f64): read, no longer written.
+pub const FORMAT_2: u8 = 2;
+
+/// Whether a record whose first byte is `first` is binary (format 2 or 3), not JSON.
+pub fn is_binary(first: Option<&u8>) -> bool {
+    matches!(first, Some(&(FORMAT | FORMAT_2)))
+}
+
+/// 2^53: below it in magnitude every integer is an f64 exactly.
+const EXACT: f64 = 9_007_199_254_740_992.0;
+
+/// The integer format 3 writes `v` as, if it is one (module doc).
+fn as_integer(v: f64) -> Option<i64> {
+    (v.fract() == 0.0 && v.abs() < EXACT && !(v == 0.0 && v.is_sign_negative())).then_some(v as i64)
+}
+
+fn zigzag(k: i64) -> u64 {
+    ((k << 1) ^ (k >> 63)) as u64
+}
+
+fn unzigzag(u: u64) -> i64 {
+    ((u >> 1) as i64) ^ -((u & 1) as i64)
+}
+
+fn put_zz(w: &mut Vec<u8>, k: i64) {
+    let mut u = zigzag(k);
+    while u >= 0x80 {
+        w.push(u as u8 | 0x80);
+        u >>= 7;
+    }
+    w.push(u as u8);
+}
+
+/// Appends a vector of `n` values (n already checked to fit a u16) in format 3.
+fn put_features(w: &mut Vec<u8>, n: usize, x: impl Iterator<Item = f64>) {
+    w.extend_from_slice(&(n as u16).to_le_bytes());
+    let map = w.len();
+    w.resize(map + n.div_ceil(8), 0);
+    for (i, v) in x.enumerate() {
+        match as_integer(v) {
+            Some(k) => put_zz(w, k),
+            None => {
+                w[map + i / 8] |= 1 << (i % 8);
+                w.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
 
 /// Why a body cannot be encoded, or bytes cannot be decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -81,7 +139,7 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
         ("reason", body.reason.is_some()),
     ];
     if let Some((field, _)) = extra.iter().find(|(_, set)| *set) {
-        return Err(not_canonical(field, "format 2 has no such field"));
+        return Err(not_canonical(field, "the binary format has no such field"));
     }
     let mut w = Vec::with_capacity(256 + 8 * schema.len());
     w.push(FORMAT);
@@ -121,13 +179,10 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
             ),
         ));
     }
-    let n = u16::try_from(schema.len()).map_err(|_| not_canonical("features", "too many"))?;
-    w.extend_from_slice(&n.to_le_bytes());
+    u16::try_from(schema.len()).map_err(|_| not_canonical("features", "too many"))?;
     let (x, in_order) = in_schema_order(&body.features, schema)
         .map_err(|name| not_canonical("features", format!("{name} is not recorded")))?;
-    for v in &x {
-        w.extend_from_slice(&v.to_le_bytes());
-    }
+    put_features(&mut w, x.len(), x.iter().copied());
     w.extend_from_slice(&body.probability_of_default.to_le_bytes());
     put_str(&mut w, "grade", &body.grade)?;
     w.push(match body.decision.as_str() {
@@ -136,8 +191,7 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
         "decline" => 2,
         other => return Err(not_canonical("decision", format!("unknown {other:?}"))),
     });
-    put_opt_i64(&mut w, body.current_limit);
-    w.extend_from_slice(&body.granted_limit.to_le_bytes());
+    put_limits(&mut w, body.current_limit, body.granted_limit);
     let n = u8::try_from(body.reasons.len()).map_err(|_| not_canonical("reasons", "too many"))?;
     w.push(n);
     for r in &body.reasons {
@@ -170,7 +224,7 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
 }
 
 /// A decision's record as the recorder makes it: typed, the vector in the deciding bundle's
-/// schema order, so that the writer puts format 2 together without parsing any text (the
+/// schema order, so that the writer puts format 3 together without parsing any text (the
 /// text form, [`RecordBody`], is what readers get back).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompactBody {
@@ -286,8 +340,8 @@ impl StoredOrder {
     }
 }
 
-/// Appends the format-2 bytes of `c` to `w`: the same bytes [`encode`] gives for its text
-/// form. Refused (and `w` left as it was) where format 2 cannot hold it: a text field over
+/// Appends the format-3 bytes of `c` to `w`: the same bytes [`encode`] gives for its text
+/// form. Refused (and `w` left as it was) where format 3 cannot hold it: a text field over
 /// 255 bytes, a code out of range, a vector or reason that does not fit `order`.
 pub fn encode_compact(
     c: &CompactBody,
@@ -312,7 +366,10 @@ fn put_compact(c: &CompactBody, order: &StoredOrder, w: &mut Vec<u8>) -> Result<
             "the vector does not fit the names",
         ));
     }
-    w.reserve(200 + 8 * c.x.len());
+    if c.x.len() > usize::from(u16::MAX) {
+        return Err(not_canonical("features", "too many"));
+    }
+    w.reserve(200 + 9 * c.x.len());
     w.push(FORMAT);
     w.extend_from_slice(&c.decision_id);
     w.extend_from_slice(&c.recorded_at.to_le_bytes());
@@ -331,15 +388,15 @@ fn put_compact(c: &CompactBody, order: &StoredOrder, w: &mut Vec<u8>) -> Result<
         }
     }
     w.push(c.arm);
-    w.extend_from_slice(&(c.x.len() as u16).to_le_bytes());
-    for &i in &order.schema_index {
-        w.extend_from_slice(&c.x[usize::from(i)].to_le_bytes());
-    }
+    put_features(
+        w,
+        c.x.len(),
+        order.schema_index.iter().map(|&i| c.x[usize::from(i)]),
+    );
     w.extend_from_slice(&c.probability_of_default.to_le_bytes());
     put_str(w, "grade", &c.grade)?;
     w.push(c.decision);
-    put_opt_i64(w, c.current_limit);
-    w.extend_from_slice(&c.granted_limit.to_le_bytes());
+    put_limits(w, c.current_limit, c.granted_limit);
     let n = u8::try_from(c.reasons.len()).map_err(|_| not_canonical("reasons", "too many"))?;
     w.push(n);
     for &(i, contribution) in &c.reasons {
@@ -399,7 +456,7 @@ pub fn digest_of(bytes: &[u8]) -> Result<String, RecordError> {
     Ok(Fields::read(bytes)?.digest_text())
 }
 
-/// A format-2 record read in place: every field borrowed from the bytes, nothing decoded
+/// A binary record (format 3 or 2) read in place: every field borrowed from the bytes, nothing decoded
 /// that a reader does not ask for. The indexer writes view rows from it and the tail selects
 /// records by it, neither of which needs the text form.
 #[derive(Debug, Clone, Copy)]
@@ -417,8 +474,8 @@ pub struct Fields<'a> {
     pub rollout_id: Option<&'a [u8; 16]>,
     /// 0 champion, 1 candidate, 2 shadow.
     pub arm: u8,
-    /// n × f64 (little-endian), in the order of the names stored for the digest.
-    features: &'a [u8],
+    /// The vector, in the order of the names stored for the digest.
+    features: Vector<'a>,
     pub probability_of_default: f64,
     pub grade: &'a str,
     /// 0 approve, 1 review, 2 decline.
@@ -431,16 +488,64 @@ pub struct Fields<'a> {
     pub trace_id: Option<&'a [u8; 16]>,
 }
 
-/// The arms format 2 knows, by code.
+/// A record's vector as its bytes hold it (checked by [`Fields::read`]).
+#[derive(Debug, Clone, Copy)]
+struct Vector<'a> {
+    n: usize,
+    /// Format 3: which values are f64 (else an integer). None for format 2, all f64.
+    map: Option<&'a [u8]>,
+    values: &'a [u8],
+}
+
+/// The values of a [`Vector`], in order.
+pub struct Values<'a> {
+    vector: Vector<'a>,
+    i: usize,
+    at: usize,
+}
+
+impl Iterator for Values<'_> {
+    type Item = f64;
+
+    fn next(&mut self) -> Option<f64> {
+        let v = &self.vector;
+        if self.i == v.n {
+            return None;
+        }
+        let float = v
+            .map
+            .is_none_or(|m| m[self.i / 8] & (1 << (self.i % 8)) != 0);
+        self.i += 1;
+        let mut r = Reader {
+            bytes: v.values,
+            at: self.at,
+        };
+        // Fields::read took these bytes apart once already: they cannot fail now.
+        let x = if float {
+            r.f64("features")
+        } else {
+            r.zz("features").map(|k| k as f64)
+        };
+        self.at = r.at;
+        Some(x.expect("a vector Fields::read checked"))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.vector.n - self.i;
+        (left, Some(left))
+    }
+}
+
+/// The arms the binary formats know, by code.
 pub const ARMS: [&str; 3] = ["champion", "candidate", "shadow"];
-/// The decisions format 2 knows, by code.
+/// The decisions the binary formats know, by code.
 pub const DECISIONS: [&str; 3] = ["approve", "review", "decline"];
 
 impl<'a> Fields<'a> {
-    /// Reads the fields of format-2 bytes (checking their framing, not their names).
+    /// Reads the fields of binary bytes (checking their framing, not their names).
     pub fn read(bytes: &'a [u8]) -> Result<Fields<'a>, RecordError> {
         let mut r = Reader { bytes, at: 0 };
-        r.header()?;
+        let format = r.header()?;
         let decision_id = r.array::<16>("decision_id")?;
         let recorded_at = r.i64("recorded_at")?;
         let request_id = r.str_ref("request_id")?;
@@ -460,19 +565,34 @@ impl<'a> Fields<'a> {
             return Err(invalid("arm", format!("code {arm}")));
         }
         let n = usize::from(r.u16("features")?);
-        let features = r.take(8 * n, "features")?;
+        let features = if format == FORMAT_2 {
+            Vector {
+                n,
+                map: None,
+                values: r.take(8 * n, "features")?,
+            }
+        } else {
+            r.vector(n)?
+        };
         let probability_of_default = r.f64("probability_of_default")?;
         let grade = r.str_ref("grade")?;
         let decision = r.u8("decision")?;
         if usize::from(decision) >= DECISIONS.len() {
             return Err(invalid("decision", format!("code {decision}")));
         }
+        let limit = |r: &mut Reader<'a>, what| {
+            if format == FORMAT_2 {
+                r.i64(what)
+            } else {
+                r.zz(what)
+            }
+        };
         let current_limit = match r.u8("current_limit")? {
             0 => None,
-            1 => Some(r.i64("current_limit")?),
+            1 => Some(limit(&mut r, "current_limit")?),
             t => return Err(invalid("current_limit", format!("tag {t}"))),
         };
-        let granted_limit = r.i64("granted_limit")?;
+        let granted_limit = limit(&mut r, "granted_limit")?;
         let n_reasons = usize::from(r.u8("reasons")?);
         let reasons = r.take(10 * n_reasons, "reasons")?;
         for k in 0..n_reasons {
@@ -520,14 +640,16 @@ impl<'a> Fields<'a> {
 
     /// How many features the vector has.
     pub fn feature_count(&self) -> usize {
-        self.features.len() / 8
+        self.features.n
     }
 
     /// The vector, in the order of the names stored for the digest.
-    pub fn features(&self) -> impl Iterator<Item = f64> + 'a {
-        self.features
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
+    pub fn features(&self) -> Values<'a> {
+        Values {
+            vector: self.features,
+            i: 0,
+            at: 0,
+        }
     }
 
     /// The reasons: (feature index into the vector, contribution), in their order.
@@ -617,14 +739,16 @@ fn put_str(w: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), RecordEr
     Ok(())
 }
 
-fn put_opt_i64(w: &mut Vec<u8>, v: Option<i64>) {
-    match v {
+/// The current limit (if any) and the granted one, in format 3.
+fn put_limits(w: &mut Vec<u8>, current: Option<i64>, granted: i64) {
+    match current {
         None => w.push(0),
         Some(v) => {
             w.push(1);
-            w.extend_from_slice(&v.to_le_bytes());
+            put_zz(w, v);
         }
     }
+    put_zz(w, granted);
 }
 
 /// Lowercase hex of exactly `N` bytes.
@@ -678,8 +802,8 @@ fn rfc3339(us: i64) -> String {
 /// The first byte of a format-1 record: its canonical JSON (`{`).
 const JSON_FORMAT: u8 = b'{';
 
-/// A journal entry: `prev_hash (32) | hash (32) | record`, where the record is format 2
-/// (binary, first byte 2) or format 1 (canonical JSON, first byte `{`: a migrated record, or
+/// A journal entry: `prev_hash (32) | hash (32) | record`, where the record is binary
+/// (first byte 3, or 2 before it) or format 1 (canonical JSON, first byte `{`: a migrated record, or
 /// a body that is not in canonical form). Genesis, the first record's `prev_hash`, is 32
 /// zero bytes.
 pub struct Entry<'a> {
@@ -727,7 +851,7 @@ pub fn decode_entry(payload: &[u8]) -> Result<Entry<'_>, RecordError> {
     })
 }
 
-/// The bytes a body is stored and hashed as: format 2 when `names` (the feature names of
+/// The bytes a body is stored and hashed as: format 3 when `names` (the feature names of
 /// the body's bundle, sorted) are given and the body is canonical, format 1 otherwise.
 pub fn body_bytes(body: &RecordBody, names: Option<&[String]>) -> Vec<u8> {
     names
@@ -745,7 +869,7 @@ pub fn decode_body(
             field: "record",
             why: format!("format 1 JSON: {e}"),
         }),
-        Some(&FORMAT) => {
+        Some(&(FORMAT | FORMAT_2)) => {
             let digest = digest_of(bytes)?;
             let names = names(&digest).ok_or_else(|| RecordError::Invalid {
                 field: "digest",
@@ -775,11 +899,60 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn header(&mut self) -> Result<(), RecordError> {
+    /// The format byte: 2 or 3.
+    fn header(&mut self) -> Result<u8, RecordError> {
         match self.u8("format")? {
-            FORMAT => Ok(()),
+            f @ (FORMAT | FORMAT_2) => Ok(f),
             f => Err(RecordError::Format(f)),
         }
+    }
+
+    /// A minimal LEB128 varint of a zigzag-mapped i64.
+    fn zz(&mut self, what: &'static str) -> Result<i64, RecordError> {
+        let mut u: u64 = 0;
+        for k in 0..10 {
+            let b = self.u8(what)?;
+            if k == 9 && b > 1 {
+                return Err(invalid(what, "varint over 64 bits"));
+            }
+            u |= u64::from(b & 0x7f) << (7 * k);
+            if b & 0x80 == 0 {
+                if b == 0 && k > 0 {
+                    return Err(invalid(what, "varint longer than it needs"));
+                }
+                return Ok(unzigzag(u));
+            }
+        }
+        Err(invalid(what, "varint over 10 bytes"))
+    }
+
+    /// A format-3 vector of `n` values, each in the one form format 3 allows it.
+    fn vector(&mut self, n: usize) -> Result<Vector<'a>, RecordError> {
+        let map = self.take(n.div_ceil(8), "features")?;
+        if !n.is_multiple_of(8) && map.last().is_some_and(|&b| b >> (n % 8) != 0) {
+            return Err(invalid("features", "bitmap bits past the vector"));
+        }
+        let start = self.at;
+        for i in 0..n {
+            if map[i / 8] & (1 << (i % 8)) != 0 {
+                if as_integer(self.f64("features")?).is_some() {
+                    return Err(invalid(
+                        "features",
+                        format!("value {i} is an integer stored as f64"),
+                    ));
+                }
+            } else {
+                let k = self.zz("features")?;
+                if (k as f64).abs() >= EXACT {
+                    return Err(invalid("features", format!("value {i} is past 2^53")));
+                }
+            }
+        }
+        Ok(Vector {
+            n,
+            map: Some(map),
+            values: &self.bytes[start..self.at],
+        })
     }
 
     fn u8(&mut self, what: &'static str) -> Result<u8, RecordError> {
@@ -973,7 +1146,7 @@ pub(super) mod tests {
             assert_eq!(&w[..6], b"prefix");
             assert_eq!(w[6..], encode(&b, &stored).unwrap()[..]);
             assert_eq!(decode(&w[6..], &stored).unwrap(), b);
-            // A field format 2 cannot hold leaves nothing behind.
+            // A field format 3 cannot hold leaves nothing behind.
             let long = CompactBody {
                 caller: Some("x".repeat(256)),
                 ..c.clone()
@@ -1115,5 +1288,184 @@ pub(super) mod tests {
                 ..
             })
         ));
+    }
+
+    /// The body of the format-2 bytes below (written by the encoder before format 3).
+    fn golden_body(schema: &[String]) -> RecordBody {
+        RecordBody {
+            decision_id: "0193a5c2-7d1e-7000-8000-000000000001".into(),
+            recorded_at: "2026-12-04T14:00:00.123456Z".into(),
+            rollout_id: Some("0193a5c2-7d1e-7000-8000-000000000002".into()),
+            ..body(schema)
+        }
+    }
+
+    #[test]
+    fn a_format_2_record_still_reads_and_new_ones_are_format_3_and_smaller() {
+        let schema = schema();
+        let v2 = hex::decode(concat!(
+            "020193a5c27d1e70008000000000000001407aba4acf6106000a7265712d303030313233abababababababab",
+            "abababababababababababababababababababababababab0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f",
+            "0f0f0f0f0f0f0f0f0f0f0f0f056465762d310c6372656469742d6c696d69740276319c9c9c9c9c9c9c9c9c9c",
+            "9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c9c010193a5c27d1e700080000000000000020115000000",
+            "00000088d340000000000000e0bf000000000000e03f000000000088d3400000000000000440000000000000",
+            "0c40000000000088d34000000000000016400000000000001a40000000000088d34000000000000021400000",
+            "000000002340000000000088d34000000000000027400000000000002940000000000088d340000000000000",
+            "2d400000000000002f40000000000088d340000000000080314000000000008032405ef64637dd9abf3f0143",
+            "0101007701000000000000000000000000000400009a9999999999b93f03009a9999999999993f0500111111",
+            "111111913f07009a9999999999893f010d6c696d69742d73657276696365014bf92f3577b34da6a3ce929d0e",
+            "0e4736",
+        ))
+        .unwrap();
+        assert_eq!(v2[0], FORMAT_2);
+        let b = golden_body(&schema);
+        assert_eq!(decode(&v2, &schema).unwrap(), b);
+        assert_eq!(
+            decode_body(&v2, |_| Some(Arc::new(schema.clone()))).unwrap(),
+            b
+        );
+        let f = Fields::read(&v2).unwrap();
+        assert_eq!(f.feature_count(), schema.len());
+        assert_eq!(f.current_limit, Some(96_000));
+        // The same body now: format 3, the same fields, fewer bytes (a third of this vector
+        // is integers, 3 bytes each rather than 8, and the limits are varints).
+        let v3 = encode(&b, &schema).unwrap();
+        assert_eq!(v3[0], FORMAT);
+        assert_eq!(decode(&v3, &schema).unwrap(), b);
+        assert!(
+            v3.len() + 40 <= v2.len(),
+            "{} against {} bytes",
+            v3.len(),
+            v2.len()
+        );
+    }
+
+    #[test]
+    fn every_value_of_a_vector_and_every_limit_round_trips_bit_for_bit() {
+        let schema = schema();
+        let specials = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            20_000.0,
+            0.35,
+            -1.5,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            EXACT,
+            -EXACT,
+            EXACT - 1.0,
+            -(EXACT - 1.0),
+            1e300,
+            5e-324,
+            f64::MAX,
+            f64::MIN,
+        ];
+        let b = body(&schema);
+        for start in 0..specials.len() {
+            let features = schema
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), specials[(start + i) % specials.len()]))
+                .collect();
+            let reasons = b
+                .reasons
+                .iter()
+                .map(|r| RecordedReason {
+                    value: specials[(start + schema.iter().position(|n| *n == r.feature).unwrap())
+                        % specials.len()],
+                    ..r.clone()
+                })
+                .collect();
+            let limits = [i64::MIN, -1, 0, 63, 64, i64::MAX];
+            let x = RecordBody {
+                features,
+                reasons,
+                current_limit: Some(limits[start % limits.len()]),
+                granted_limit: limits[(start + 1) % limits.len()],
+                ..b.clone()
+            };
+            let bytes = encode(&x, &schema).unwrap();
+            let back = decode(&bytes, &schema).unwrap();
+            for (n, v) in &x.features {
+                assert_eq!(back.features[n].to_bits(), v.to_bits(), "{n} = {v:e}");
+            }
+            assert_eq!(
+                (back.current_limit, back.granted_limit),
+                (x.current_limit, x.granted_limit)
+            );
+            // The compact form the writer encodes gives the same bytes.
+            let order = StoredOrder::new(&schema, &schema).unwrap();
+            let mut w = Vec::new();
+            encode_compact(&compact(&x, &schema), &order, &mut w).unwrap();
+            assert_eq!(w, bytes);
+        }
+    }
+
+    #[test]
+    fn a_value_in_any_form_but_its_own_is_refused() {
+        let schema = schema();
+        let mut b = body(&schema);
+        // The first feature 20000 (an integer), the second 0.5 (an f64), so that the vector
+        // starts after the u16 count and a 3-byte bitmap with bit 1 set.
+        let names: Vec<String> = schema.clone();
+        b.features.insert(names[0].clone(), 20_000.0);
+        b.features.insert(names[1].clone(), 0.5);
+        for r in &mut b.reasons {
+            r.value = b.features[&r.feature];
+        }
+        let bytes = encode(&b, &schema).unwrap();
+        let n_at = bytes.len()
+            - bytes
+                .windows(2)
+                .rev()
+                .position(|w| w == (schema.len() as u16).to_le_bytes())
+                .unwrap()
+            - 2;
+        let map = n_at + 2;
+        let values = map + schema.len().div_ceil(8);
+        assert_eq!(bytes[map] & 0b11, 0b10);
+        let refused = |bytes: &[u8]| match decode(bytes, &schema) {
+            Err(RecordError::Invalid {
+                field: "features",
+                why,
+            }) => why,
+            other => panic!("decoded as {other:?}"),
+        };
+        // 20000 as an f64 where its integer belongs.
+        let mut as_float = bytes[..values].to_vec();
+        as_float[map] |= 1;
+        as_float.extend_from_slice(&20_000.0f64.to_le_bytes());
+        as_float.extend_from_slice(&bytes[values + 3..]);
+        assert!(refused(&as_float).contains("integer stored as f64"));
+        // 20000 (zigzag 40000: 3 bytes) padded to 4 bytes.
+        let mut padded = bytes[..values].to_vec();
+        padded.extend_from_slice(&[
+            bytes[values],
+            bytes[values + 1],
+            bytes[values + 2] | 0x80,
+            0,
+        ]);
+        padded.extend_from_slice(&bytes[values + 3..]);
+        assert!(refused(&padded).contains("longer than it needs"));
+        // A bitmap bit past the vector's last value.
+        let mut stray = bytes.clone();
+        stray[values - 1] |= 0x80;
+        assert!(refused(&stray).contains("past the vector"));
+    }
+
+    #[test]
+    fn any_flipped_byte_is_an_error_or_a_record_never_a_panic() {
+        let schema = schema();
+        let bytes = encode(&body(&schema), &schema).unwrap();
+        for at in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[at] ^= flip;
+                let _ = decode(&b, &schema);
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@ impl Entry {
         self.position.seq as i64
     }
 
-    /// The bytes the chain hashes: format 2, or format 1's JSON.
+    /// The bytes the chain hashes: binary (format 3, or 2), or format 1's JSON.
     pub fn record_bytes(&self) -> &[u8] {
         &self.payload[64..]
     }
@@ -44,9 +44,9 @@ impl Entry {
         self.payload[32..64].try_into().expect("32 bytes")
     }
 
-    /// The record's fields in place, if it is format 2 (else its JSON must be decoded).
+    /// The record's fields in place, if it is binary (else its JSON must be decoded).
     pub fn fields(&self) -> Option<Fields<'_>> {
-        if self.record_bytes().first() != Some(&record::FORMAT) {
+        if !record::is_binary(self.record_bytes().first()) {
             return None;
         }
         Fields::read(self.record_bytes()).ok()
@@ -72,7 +72,7 @@ impl Entry {
         })
     }
 
-    /// An entry read back from the journal, checked: a format-2 record must parse and have
+    /// An entry read back from the journal, checked: a binary record must parse and have
     /// its feature names stored, a format-1 record must decode.
     pub fn read(
         position: Position,
@@ -118,7 +118,7 @@ impl Entry {
     }
 }
 
-/// What a reader selects from the tail, compared on the bytes of format-2 records.
+/// What a reader selects from the tail, compared on the bytes of binary records.
 pub enum Select<'a> {
     /// The record of this decision id.
     Decision(&'a str),

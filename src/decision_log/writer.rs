@@ -4,7 +4,7 @@
 //! Per group: take the first queued job and whatever else is queued (up to `max_batch`
 //! decisions); for each served decision check its request id (this group, the tail, then —
 //! only if the Bloom filter says it may be there — the view); give each new record its seq,
-//! its bytes (format 2) and its chain hash; append them all; then answer. A failed append
+//! its bytes (format 3) and its chain hash; append them all; then answer. A failed append
 //! fails every job of the group, and the writer accepts nothing until a probe proves the
 //! disk takes a group of the failed group's size at the place it would go (see
 //! [`Journal::probe`]); a journal file removed or replaced underneath is damage no probe
@@ -362,8 +362,8 @@ impl Chainer for Writer {
     /// The journal entry (prev_hash | hash | record); its place in the journal is known once
     /// the group is written.
     fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
-        // A format-2 record of 23 features is ~420 bytes: room for it and its hashes, so that
-        // the vector never grows.
+        // A binary record of 23 features is at most ~440 bytes (~300 with an integer
+        // vector): room for it and its hashes, so that the vector never grows.
         let mut payload = Vec::with_capacity(64 + 512);
         let request_id = group::link(&mut self.encoder, head, body, &mut payload);
         Entry {

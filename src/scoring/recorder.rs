@@ -145,8 +145,8 @@ impl Recorder {
     }
 
     /// The record of a decision: what the log stores, hashes and chains. The customer id
-    /// becomes its keyed pseudonym here. Compact (typed, written as format 2 without any
-    /// text parsed back) whenever format 2 can hold it, which is always for what a server
+    /// becomes its keyed pseudonym here. Compact (typed, written as format 3 without any
+    /// text parsed back) whenever format 3 can hold it, which is always for what a server
     /// of this release decides; else the text form, stored as its JSON.
     fn new_body(&self, req: &ScoreRequest, d: &Decided, scheme: HashScheme) -> NewBody {
         let customer = self.keys.current(&req.customer_id);
