@@ -87,7 +87,31 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Rust starts with SIGPIPE ignored, so a client command piped into a reader that stops
+/// early (`trace export | head`) would panic in `println!`. The commands that only print
+/// end on it quietly, as Unix tools do; those that serve keep it ignored, where a peer's
+/// closed socket is an error to handle, not a reason to stop.
+fn end_quietly_on_a_closed_pipe(command: &Command) {
+    if matches!(
+        command,
+        Command::Score(_)
+            | Command::Models(_)
+            | Command::Rollout(_)
+            | Command::Backtest(_)
+            | Command::Remediate(_)
+            | Command::Trace(_)
+            | Command::Report(_)
+            | Command::Token(_)
+    ) {
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    end_quietly_on_a_closed_pipe(&cli.command);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -79,10 +79,48 @@ pub(crate) async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
                     .await??;
             Ok(print_verify(&pb::VerifyResult::from(report), args.json))
         }
-        (Some(_), _) => {
-            anyhow::bail!("--data works with `trace verify` only; ask a server for the rest")
+        (
+            Some(dir),
+            TraceQuery::Export {
+                since,
+                until,
+                format,
+            },
+        ) => {
+            let window = crate::decision_log::Window {
+                since: crate::trace::parse_bound("since", since)?,
+                until: crate::trace::parse_bound("until", until)?,
+            };
+            let (dir, csv) = (dir.clone(), format == "csv");
+            tokio::task::spawn_blocking(move || export_offline(&dir, &window, csv)).await??;
+            Ok(ExitCode::SUCCESS)
         }
+        (Some(_), _) => anyhow::bail!(
+            "--data works with `trace verify` and `trace export` only; ask a server for the rest"
+        ),
     }
+}
+
+/// `trace export --data`: the records of a stopped server's journal, as a server would
+/// stream them.
+fn export_offline(
+    dir: &std::path::Path,
+    window: &crate::decision_log::Window,
+    csv: bool,
+) -> anyhow::Result<()> {
+    let mut out = Exporter::new(csv)?;
+    let mut failed = None;
+    crate::decision_log::scan_offline(dir, window, &mut |record| match out.push(&record.into()) {
+        Ok(()) => true,
+        Err(e) => {
+            failed = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    out.finish()
 }
 
 /// Asks the server one trace query and prints the answer; exit code 1 when a replay differs

@@ -288,4 +288,43 @@ async fn bench_loads_the_server_through_score_and_through_the_inference_protocol
     // Warm-up requests are recorded but not counted.
     assert!(records >= counted, "{records} records, {counted} counted");
     server.stop().await.unwrap();
+
+    // The stopped server's files alone export every record, as the server would.
+    let mut export = riskserve();
+    export
+        .args(["trace", "--data"])
+        .arg(data.path())
+        .arg("export");
+    let all = String::from_utf8(run_ok(export).await).unwrap();
+    assert_eq!(all.lines().count() as u64, records);
+    let first: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
+    assert_eq!(first["seq"], 1, "{first}");
+
+    // A client command piped into a reader that stops early (`| head -1`) ends quietly, as
+    // Unix tools do: far more than a pipe's buffer of records, and the reader takes a line.
+    let mut export = riskserve()
+        .args(["trace", "--data"])
+        .arg(data.path())
+        .args(["export"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("decision_id"), "{first}");
+    let out = export.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
 }
