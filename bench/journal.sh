@@ -7,13 +7,14 @@
 # decision; last, bytes per decision of a filled log.
 # Servers on core 0, load on core 1.
 # Usage: [BASE_BIN=/path/to/old/riskserve] bench/journal.sh
-# env: DURATION=10 WARMUP=2 ROUNDS=3 LONG=60 FILL=200000
+# env: DURATION=10 WARMUP=2 ROUNDS=3 LONG=60 LONG_ROUNDS=1 FILL=200000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 source bench/common.sh
 LONG=${LONG:-60}
+LONG_ROUNDS=${LONG_ROUNDS:-1}
 OUT=bench/out/journal
 rm -rf "$OUT" && mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
@@ -64,7 +65,30 @@ PY
 # therefore leave out most of the indexing; the long runs (60 s, far past what the tail
 # absorbs) show the steady state.
 quiet() { "$BIN" trace verify --json --server 127.0.0.1:$1 > /dev/null; }
+# One fdatasync of this disk, measured where the journal is, in the same run: what the c=1
+# target ("p50 about one fdatasync") is held against. A 600-byte pwrite (one record and its
+# frame) into a preallocated file, then fdatasync, 2,000 times; the p50 in µs. On the
+# servers' core: here the disk's interrupt is on core 1, and a sync waited for on core 0
+# takes ~50 µs longer (160-200 against ~115 µs), as the writer's does.
+fsync_probe() {
+  taskset -c 0 python3 - "$OUT/fsync-probe" <<'PY' | tee -a "$RESULTS"
+import json, os, statistics, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+os.posix_fallocate(fd, 0, 64 << 20)
+os.fsync(fd)
+lat, block = [], os.urandom(600)
+for i in range(2000):
+    t = time.perf_counter()
+    os.pwrite(fd, block, i * 600)
+    os.fdatasync(fd)
+    lat.append((time.perf_counter() - t) * 1e6)
+os.close(fd)
+os.unlink(sys.argv[1])
+print(json.dumps({"label": "fdatasync-600B", "p50_us": round(statistics.median(lat))}))
+PY
+}
 for round in $(seq "$ROUNDS"); do
+  fsync_probe
   for c in 1 32; do
     load "off-c$c" 50082 "$c"
     load "sync-c$c" 50081 "$c"; quiet 50081
@@ -78,14 +102,23 @@ for round in $(seq "$ROUNDS"); do
   if [ -n "${BASE_BIN:-}" ]; then load "base-sync-v2b64-c8" 50083 8 --protocol v2 --batch 64; quiet 50083; fi
 done
 
-DURATION=$LONG load off-c32-long 50082 32
-long_run sync-c32-long 50081 "$SYNC_PID" 32
-if [ -n "${BASE_BIN:-}" ]; then long_run base-sync-c32-long 50083 "$BASE_PID" 32; fi
-DURATION=$LONG load off-v2b64-c8-long 50082 8 --protocol v2 --batch 64
-long_run sync-v2b64-c8-long 50081 "$SYNC_PID" 8 --protocol v2 --batch 64
-if [ -n "${BASE_BIN:-}" ]; then
-  long_run base-sync-v2b64-c8-long 50083 "$BASE_PID" 8 --protocol v2 --batch 64
-fi
+# LONG_ROUNDS rounds of long runs; with BASE_BIN, the two logged servers swap places every
+# round, so that neither always runs on the machine the other has just warmed or drained.
+for round in $(seq "$LONG_ROUNDS"); do
+  for load_args in "32" "8 --protocol v2 --batch 64"; do
+    # shellcheck disable=SC2086
+    set -- $load_args
+    tag=$([ "$1" = 32 ] && echo c32 || echo v2b64-c8)
+    DURATION=$LONG load "off-$tag-long" 50082 "$@"
+    if [ -n "${BASE_BIN:-}" ] && [ $((round % 2)) -eq 0 ]; then
+      long_run "base-sync-$tag-long" 50083 "$BASE_PID" "$@"
+      long_run "sync-$tag-long" 50081 "$SYNC_PID" "$@"
+    else
+      long_run "sync-$tag-long" 50081 "$SYNC_PID" "$@"
+      if [ -n "${BASE_BIN:-}" ]; then long_run "base-sync-$tag-long" 50083 "$BASE_PID" "$@"; fi
+    fi
+  done
+done
 # Bytes per decision: a log filled through the recorder, its view caught up.
 FILL=${FILL:-200000}
 "$BIN" bench-fill-log --data "$OUT/fill" --decisions "$FILL" --customers 20000 | tee -a "$RESULTS"

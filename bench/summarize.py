@@ -46,6 +46,11 @@ for c in (8, 32):
         print(f"c={c}: sync-logged / unlogged throughput {ratio(f'sync-c{c}', f'off-c{c}'):.2f}, "
               f"async / unlogged {ratio(f'async-c{c}', f'off-c{c}'):.2f}; "
               f"p99 added by sync logging {med(f'sync-c{c}', 'p99_us') - med(f'off-c{c}', 'p99_us'):.0f} µs")
+if "fdatasync-600B" in rows and "sync-c1" in rows:
+    sync_ = med("fdatasync-600B", "p50_us")
+    added = med("sync-c1", "p50_us") - med("off-c1", "p50_us")
+    print(f"c=1: sync logging adds {added:.0f} µs to the p50, {added / sync_:.2f} fdatasyncs "
+          f"(one 600-byte pwrite + fdatasync on the servers' core: p50 {sync_:.0f} µs)")
 if "fill" in rows:
     print(f"fill: {med('fill', 'decisions'):,.0f} decisions at {med('fill', 'decisions_per_s'):,.0f}/s, "
           f"{med('fill', 'bytes_per_decision'):,.0f} bytes per decision")
