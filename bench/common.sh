@@ -5,7 +5,8 @@ DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
 ROUNDS=${ROUNDS:-3}
 BIN=target/release/riskserve
-cargo build --release --quiet
+# NO_BUILD=1 measures the release binary as it is.
+[ "${NO_BUILD:-0}" = 1 ] || cargo build --release --quiet
 
 # train_version MODELS_DIR VERSION SEED: a credit-limit version trained like the shipped v1
 # but on another seed, into MODELS_DIR.
@@ -24,11 +25,12 @@ start() { # port data-dir [flags...]
   local port=$1 dir=$2; shift 2
   taskset -c 0 "$BIN" serve --listen 127.0.0.1:$port --data "$dir" "$@" > /dev/null 2>> "$OUT/server.log" &
   PIDS+=($!)
-  for _ in $(seq 100); do
+  for _ in $(seq 200); do
     "$BIN" models list --server 127.0.0.1:$port > /dev/null 2>&1 && return
+    kill -0 "${PIDS[-1]}" 2>/dev/null || break
     sleep 0.1
   done
-  echo "server on $port did not start" >&2; exit 1
+  echo "server on $port did not start (see $OUT/server.log)" >&2; exit 1
 }
 load() { # label port concurrency [args...]
   local label=$1 port=$2 c=$3; shift 3
