@@ -33,8 +33,8 @@
 //!
 //! A value is written as an integer exactly when it is integral, below 2^53 in magnitude and
 //! not negative zero: then the integer gives back its very bits. Credit vectors are mostly
-//! such values (amounts, counts, months late), which makes a 23-feature vector ~45 bytes
-//! rather than 184. Reading refuses any other choice (an f64 that should be an integer, a
+//! such values (amounts, counts, months late), which makes the shipped 21-feature vector
+//! ~45 bytes rather than 168. Reading refuses any other choice (an f64 that should be an integer, a
 //! varint longer than it needs), so that one body has one encoding.
 //!
 //! Format 2, written until format 3 replaced it and still read, differs only in the vector
@@ -65,6 +65,9 @@ pub const FORMAT_2: u8 = 2;
 pub fn is_binary(first: Option<&u8>) -> bool {
     matches!(first, Some(&(FORMAT | FORMAT_2)))
 }
+
+/// 10000-01-01T00:00:00Z in µs since the epoch: the first time RFC 3339 cannot write.
+const END_OF_9999: i64 = 253_402_300_800_000_000;
 
 /// 2^53: below it in magnitude every integer is an f64 exactly.
 const EXACT: f64 = 9_007_199_254_740_992.0;
@@ -548,6 +551,14 @@ impl<'a> Fields<'a> {
         let format = r.header()?;
         let decision_id = r.array::<16>("decision_id")?;
         let recorded_at = r.i64("recorded_at")?;
+        // Text is made of it on every read: a time RFC 3339 cannot write (before 1970, after
+        // 9999) is damage, refused here rather than a panic there.
+        if !(0..END_OF_9999).contains(&recorded_at) {
+            return Err(invalid(
+                "recorded_at",
+                format!("{recorded_at} µs is not between 1970 and 9999"),
+            ));
+        }
         let request_id = r.str_ref("request_id")?;
         let request_hash = r.array::<32>("request_hash")?;
         let customer_ref = r.array::<32>("customer_ref")?;
@@ -1460,6 +1471,27 @@ pub(super) mod tests {
     fn any_flipped_byte_is_an_error_or_a_record_never_a_panic() {
         let schema = schema();
         let bytes = encode(&body(&schema), &schema).unwrap();
+        // A time no RFC 3339 text can hold (bytes 17..25) is refused, not a panic in rfc3339.
+        for at in [-1i64, END_OF_9999, i64::MAX, i64::MIN] {
+            let mut b = bytes.clone();
+            b[17..25].copy_from_slice(&at.to_le_bytes());
+            assert!(
+                matches!(
+                    decode(&b, &schema),
+                    Err(RecordError::Invalid {
+                        field: "recorded_at",
+                        ..
+                    })
+                ),
+                "{at}"
+            );
+        }
+        let mut last = bytes.clone();
+        last[17..25].copy_from_slice(&(END_OF_9999 - 1).to_le_bytes());
+        assert_eq!(
+            decode(&last, &schema).unwrap().recorded_at,
+            "9999-12-31T23:59:59.999999Z"
+        );
         for at in 0..bytes.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut b = bytes.clone();

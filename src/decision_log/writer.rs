@@ -362,7 +362,7 @@ impl Chainer for Writer {
     /// The journal entry (prev_hash | hash | record); its place in the journal is known once
     /// the group is written.
     fn chain(&mut self, head: &mut Head, body: NewBody) -> Entry {
-        // A binary record of 23 features is at most ~440 bytes (~300 with an integer
+        // A binary record of 21 features is at most ~440 bytes (~300 with an integer
         // vector): room for it and its hashes, so that the vector never grows.
         let mut payload = Vec::with_capacity(64 + 512);
         let request_id = group::link(&mut self.encoder, head, body, &mut payload);
