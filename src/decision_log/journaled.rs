@@ -761,24 +761,38 @@ fn offline(data_dir: &Path) -> Result<(LogFiles, FeatureNames), LogError> {
     Ok((files, names))
 }
 
-/// Visits the records of a stopped server's journal in the window (`recorded_at`, as
-/// [`DecisionLog::scan`]), in chain order, until `visit` returns false. Frames are checked
-/// as they are read; a damaged one ends the walk with its error.
+/// Visits the records of a stopped server's journal in the window, in chain order, until
+/// `visit` returns false. The window is compared in µs, as the view's `at` column is by
+/// [`DecisionLog::scan`] (a format-1 record's time is its text's, read as the indexer
+/// reads it), so both exports select the same records. Frames are checked as they are
+/// read; a damaged one ends the walk with its error.
 pub fn scan_offline(
     data_dir: &Path,
     window: &Window,
     visit: &mut dyn FnMut(DecisionRecord) -> bool,
 ) -> Result<(), LogError> {
+    let (since, until) = view::bounds(window)?;
     let (files, names) = offline(data_dir)?;
     let mut bad = None;
-    let read = |r: journal::Record| Entry::read(r.position, r.payload, &names)?.decode(&names);
-    journal::read_only(&files.journal, |r| match read(r) {
-        Ok(record) => {
-            let at = record.body.recorded_at.as_str();
-            let inside = window.since.as_deref().is_none_or(|s| at >= s)
-                && window.until.as_deref().is_none_or(|u| at < u);
-            !inside || visit(record)
+    // The record if it is inside the window; decoded only then.
+    let read = |r: journal::Record| -> Result<Option<DecisionRecord>, LogError> {
+        let entry = Entry::read(r.position, r.payload, &names)?;
+        let at = match entry.fields() {
+            Some(f) => f.recorded_at,
+            None => {
+                let record = entry.decode(&names)?;
+                let at = view::micros_of(&record.body.recorded_at).unwrap_or(0);
+                return Ok((since..until).contains(&at).then_some(record));
+            }
+        };
+        if !(since..until).contains(&at) {
+            return Ok(None);
         }
+        entry.decode(&names).map(Some)
+    };
+    journal::read_only(&files.journal, |r| match read(r) {
+        Ok(Some(record)) => visit(record),
+        Ok(None) => true,
         Err(e) => {
             bad = Some(e);
             false
