@@ -80,6 +80,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        // Output piped into a reader that stopped early (`trace export | head`): end
+        // quietly with the status a shell gives a command SIGPIPE ended (128 + 13), as Unix
+        // tools do. SIGPIPE itself stays ignored: a client's gRPC socket writes would raise
+        // it too, and a server gone mid-call must be an error message, not a silent death.
+        Err(err) if closed_pipe(&err) => ExitCode::from(141),
         Err(err) => {
             eprintln!("riskserve: error: {err:#}");
             ExitCode::from(2)
@@ -87,31 +92,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Rust starts with SIGPIPE ignored, so a client command piped into a reader that stops
-/// early (`trace export | head`) would panic in `println!`. The commands that only print
-/// end on it quietly, as Unix tools do; those that serve keep it ignored, where a peer's
-/// closed socket is an error to handle, not a reason to stop.
-fn end_quietly_on_a_closed_pipe(command: &Command) {
-    if matches!(
-        command,
-        Command::Score(_)
-            | Command::Models(_)
-            | Command::Rollout(_)
-            | Command::Backtest(_)
-            | Command::Remediate(_)
-            | Command::Trace(_)
-            | Command::Report(_)
-            | Command::Token(_)
-    ) {
-        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+/// Whether writing the output failed because its reader closed the pipe.
+fn closed_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        let io = e.downcast_ref::<std::io::Error>().or_else(|| {
+            match e.downcast_ref::<csv::Error>().map(csv::Error::kind) {
+                Some(csv::ErrorKind::Io(io)) => Some(io),
+                _ => None,
+            }
+        });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    end_quietly_on_a_closed_pipe(&cli.command);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

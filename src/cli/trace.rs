@@ -568,8 +568,11 @@ impl Exporter {
     }
 
     fn push(&mut self, r: &pb::DecisionRecord) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        // Written, not printed: a reader that closed the pipe is an error to end on
+        // (`cli::main` ends quietly), where `println!` would panic.
         match self.csv.as_mut() {
-            None => println!("{}", record_json(r)),
+            None => writeln!(std::io::stdout().lock(), "{}", record_json(r))?,
             Some(w) => w.write_record(csv_row(r))?,
         }
         Ok(())

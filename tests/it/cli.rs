@@ -300,8 +300,9 @@ async fn bench_loads_the_server_through_score_and_through_the_inference_protocol
     let first: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
     assert_eq!(first["seq"], 1, "{first}");
 
-    // A client command piped into a reader that stops early (`| head -1`) ends quietly, as
-    // Unix tools do: far more than a pipe's buffer of records, and the reader takes a line.
+    // An export piped into a reader that stops early (`| head -1`) ends quietly with the
+    // status a shell gives a command SIGPIPE ended, as Unix tools do: far more than a
+    // pipe's buffer of records, and the reader takes a line.
     let mut export = riskserve()
         .args(["trace", "--data"])
         .arg(data.path())
@@ -319,12 +320,6 @@ async fn bench_loads_the_server_through_score_and_through_the_inference_protocol
     assert!(first.contains("decision_id"), "{first}");
     let out = export.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        out.status.signal(),
-        Some(libc::SIGPIPE),
-        "{:?} {stderr}",
-        out.status
-    );
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
 }
