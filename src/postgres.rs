@@ -116,6 +116,11 @@ const STEPS: &[&str] = &[
         version    text NOT NULL,
         changed_at timestamptz NOT NULL DEFAULT now()
     );",
+    // 3: no new table. Records are now written in binary format 3, which a release before
+    // it cannot read: this step makes such a replica refuse the store ("schema version 3;
+    // this release knows up to 2") instead of reporting the new records as damage.
+    "COMMENT ON COLUMN decisions.record IS 'the bytes the chain hashes: binary format 3 \
+     (or 2, written before it) or format-1 JSON'",
 ];
 
 /// The channel a change of rollouts or serving choices is announced on (LISTEN/NOTIFY).
