@@ -4,7 +4,8 @@
 # a build of an earlier log in the same run; ModelInfer one row per call (c=32) and 64 rows per
 # call (c=8); then long runs per binary (Score c=32, and ModelInfer 64 rows c=8) for the
 # steady-state ratios and p99.9 / p99, with the CPU the writer and indexer threads spent per
-# decision; last, bytes per decision of a filled log.
+# decision; last, bytes per decision of a filled log. Each round first measures one
+# fdatasync of this disk (fsync_probe), which the c=1 p50 is held against.
 # Servers on core 0, load on core 1.
 # Usage: [BASE_BIN=/path/to/old/riskserve] bench/journal.sh
 # env: DURATION=10 WARMUP=2 ROUNDS=3 LONG=60 LONG_ROUNDS=1 FILL=200000
