@@ -55,7 +55,7 @@ long_run() {
 import json, sys
 label = sys.argv[1]
 w0, w1, i0, i1, n, hz = map(int, sys.argv[2:])
-us = lambda a, b: round((b - a) / hz * 1e6 / n, 2)
+us = lambda a, b: round((b - a) / hz * 1e6 / n, 2) if n else None  # none recorded: no figure
 print(json.dumps({"label": f"{label}-cpu", "decisions": n,
                   "writer_us_per_decision": us(w0, w1), "indexer_us_per_decision": us(i0, i1)}))
 PY
