@@ -94,9 +94,14 @@ fn put_zz(w: &mut Vec<u8>, k: i64) {
     w.push(u as u8);
 }
 
-/// Appends a vector of `n` values (n already checked to fit a u16) in format 3.
-fn put_features(w: &mut Vec<u8>, n: usize, x: impl Iterator<Item = f64>) {
-    w.extend_from_slice(&(n as u16).to_le_bytes());
+/// Appends a vector of `n` values in format 3; refused if `n` does not fit its u16.
+fn put_features(
+    w: &mut Vec<u8>,
+    n: usize,
+    x: impl Iterator<Item = f64>,
+) -> Result<(), RecordError> {
+    let count = u16::try_from(n).map_err(|_| not_canonical("features", "too many"))?;
+    w.extend_from_slice(&count.to_le_bytes());
     let map = w.len();
     w.resize(map + n.div_ceil(8), 0);
     for (i, v) in x.enumerate() {
@@ -108,6 +113,7 @@ fn put_features(w: &mut Vec<u8>, n: usize, x: impl Iterator<Item = f64>) {
             }
         }
     }
+    Ok(())
 }
 
 /// Why a body cannot be encoded, or bytes cannot be decoded.
@@ -182,10 +188,9 @@ pub fn encode(body: &RecordBody, schema: &[String]) -> Result<Vec<u8>, RecordErr
             ),
         ));
     }
-    u16::try_from(schema.len()).map_err(|_| not_canonical("features", "too many"))?;
     let (x, in_order) = in_schema_order(&body.features, schema)
         .map_err(|name| not_canonical("features", format!("{name} is not recorded")))?;
-    put_features(&mut w, x.len(), x.iter().copied());
+    put_features(&mut w, x.len(), x.iter().copied())?;
     w.extend_from_slice(&body.probability_of_default.to_le_bytes());
     put_str(&mut w, "grade", &body.grade)?;
     w.push(match body.decision.as_str() {
@@ -369,9 +374,6 @@ fn put_compact(c: &CompactBody, order: &StoredOrder, w: &mut Vec<u8>) -> Result<
             "the vector does not fit the names",
         ));
     }
-    if c.x.len() > usize::from(u16::MAX) {
-        return Err(not_canonical("features", "too many"));
-    }
     w.reserve(200 + 9 * c.x.len());
     w.push(FORMAT);
     w.extend_from_slice(&c.decision_id);
@@ -395,7 +397,7 @@ fn put_compact(c: &CompactBody, order: &StoredOrder, w: &mut Vec<u8>) -> Result<
         w,
         c.x.len(),
         order.schema_index.iter().map(|&i| c.x[usize::from(i)]),
-    );
+    )?;
     w.extend_from_slice(&c.probability_of_default.to_le_bytes());
     put_str(w, "grade", &c.grade)?;
     w.push(c.decision);
