@@ -15,7 +15,10 @@
 //! - 3: the rows of layout 4, with the customer index over the whole log and a `decisions`
 //!   view without the remediation columns. The step to layout 4 drops both and builds the
 //!   per-span index over the rows in place (no rebuild from the journal) and the new view.
-//! - 0 without one: a new directory; 4: the current layout. Anything newer was written by a
+//! - 4: the rows of layout 5 with three more indexes, by time, arm and decision id. The
+//!   step to layout 5 drops them and builds the block summaries that replace them
+//!   ([`super::blocks`]) from the rows in place.
+//! - 0 without one: a new directory; 5: the current layout. Anything newer was written by a
 //!   later release and is refused rather than guessed at.
 
 use rusqlite::{Connection, OptionalExtension};
@@ -23,7 +26,7 @@ use rusqlite::{Connection, OptionalExtension};
 use super::journal::{Journal, JournalOptions};
 use super::journaled::LogFiles;
 use super::record::encode_entry;
-use super::{DecisionRecord, LogError, view};
+use super::{DecisionRecord, LogError, blocks, view};
 
 /// Records copied per journal group during a migration.
 const MIGRATE_GROUP: usize = 4_096;
@@ -148,6 +151,18 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
         .map_err(q)?;
     }
     tx.execute_batch(view::SCHEMA).map_err(q)?;
+    if version == 3 || version == 4 {
+        tx.execute_batch(
+            "DROP INDEX IF EXISTS decision_rows_id; DROP INDEX IF EXISTS decision_rows_arm; \
+             DROP INDEX IF EXISTS decision_rows_time;",
+        )
+        .map_err(q)?;
+        let rows = blocks::build_in_place(&tx)?;
+        tracing::info!(
+            rows,
+            "layout {version} to 5: block summaries in place of the time, arm and decision-id indexes"
+        );
+    }
     tx.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))
         .map_err(q)?;
     tx.commit().map_err(q)

@@ -10,6 +10,7 @@
 //! inserted or reordered record from an intact log. [`migrate`] owns the directory's
 //! formats.
 
+mod blocks;
 mod bloom;
 pub mod chain;
 mod customer_filter;

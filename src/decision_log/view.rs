@@ -32,6 +32,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
+use super::blocks;
 use super::customer_filter::{self, CustomerFilters};
 use super::journal::Position;
 use super::journaled::LogFiles;
@@ -45,8 +46,9 @@ use super::{
 
 /// `PRAGMA user_version` of a file in this layout. 0 is the log before the journal (its
 /// `decisions` table was the log itself, with `chain_head`), 2 the first view of the journal
-/// (one wide `decisions` table); see [`super::migrate`].
-pub const USER_VERSION: i64 = 4;
+/// (one wide `decisions` table), 3 and 4 the narrow rows with per-row indexes by time, arm
+/// and decision id; see [`super::migrate`].
+pub const USER_VERSION: i64 = 5;
 
 /// log2 of the seqs per span of the customer index; the schema's index expression
 /// (`seq >> 18`) and the lookups' must match it, character for character, for SQLite to use
@@ -114,7 +116,6 @@ CREATE TABLE IF NOT EXISTS decision_rows (
     hash           BLOB NOT NULL,
     body_json      TEXT
 );
-CREATE INDEX IF NOT EXISTS decision_rows_id ON decision_rows(decision_id);
 -- Customers are indexed per span of 2^18 seqs (`seq >> 18`, SPAN_BITS below): their keys
 -- arrive in random order, and per span new entries go into the newest span's small subtree,
 -- which stays in the page cache, instead of anywhere in one index as large as the log; a
@@ -122,8 +123,25 @@ CREATE INDEX IF NOT EXISTS decision_rows_id ON decision_rows(decision_id);
 -- acknowledgement path (when the Bloom filter says maybe), where one probe must do.
 CREATE INDEX IF NOT EXISTS decision_rows_customer_span ON decision_rows(seq >> 18, customer_key);
 CREATE INDEX IF NOT EXISTS decision_rows_request ON decision_rows(request_key);
-CREATE INDEX IF NOT EXISTS decision_rows_arm ON decision_rows(arm_id, at);
-CREATE INDEX IF NOT EXISTS decision_rows_time ON decision_rows(at);
+-- Time windows, arms and decision ids are found through per-block summaries (blocks.rs)
+-- rather than an index entry per row: a block is 1,024 seqs (`seq >> 10`).
+CREATE TABLE IF NOT EXISTS blocks (
+    block     INTEGER PRIMARY KEY,
+    first_at  INTEGER NOT NULL,
+    last_at   INTEGER NOT NULL,
+    id_min    INTEGER NOT NULL,
+    id_max    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS block_arms (
+    arm_id  INTEGER NOT NULL,
+    block   INTEGER NOT NULL,
+    PRIMARY KEY (arm_id, block)
+) WITHOUT ROWID;
+-- Decision ids that are not UUIDv7 (whose time the blocks cannot place): a migrated log's.
+CREATE TABLE IF NOT EXISTS other_ids (
+    decision_id  NOT NULL PRIMARY KEY,
+    seq          INTEGER NOT NULL
+) WITHOUT ROWID;
 -- A Bloom filter of the customer keys of each complete span (customer_filter.rs), so that a
 -- lookup seeks only in the spans that may hold the customer.
 CREATE TABLE IF NOT EXISTS customer_filters (
@@ -397,6 +415,16 @@ impl<'a> Key<'a> {
         match uuid::Uuid::parse_str(s) {
             Ok(id) if id.hyphenated().to_string() == s => Key::Bytes(id.as_bytes().to_vec()),
             _ => Key::Text(s),
+        }
+    }
+
+    /// The milliseconds of a decision id stored as these bytes, if it is a UUIDv7: whether
+    /// the block summaries find it, or `other_ids` (see [`super::blocks`]).
+    pub fn millis(&self) -> Option<i64> {
+        match self {
+            Key::Bytes(b) => blocks::v7_millis(b),
+            Key::Slice(b) => blocks::v7_millis(b),
+            Key::Text(_) => None,
         }
     }
 }
@@ -730,6 +758,7 @@ impl ViewWriter {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(query_err)?;
         let mut prev_row = self.last;
+        let mut summaries = blocks::Summaries::default();
         {
             let mut insert = tx
                 .prepare_cached(
@@ -781,6 +810,11 @@ impl ViewWriter {
                             reasons.push(']');
                         }
                         reasons.push(']');
+                        let millis = blocks::v7_millis(&f.decision_id[..]);
+                        if millis.is_none() {
+                            blocks::note_other_id(&tx, &&f.decision_id[..], seq)?;
+                        }
+                        summaries.note(seq, f.recorded_at, millis, arm);
                         insert
                             .execute(params![
                                 seq,
@@ -827,11 +861,18 @@ impl ViewWriter {
                         )?;
                         let body_json =
                             serde_json::to_string(b).expect("a record body always serialises");
+                        let id = Key::uuid(&b.decision_id);
+                        let millis = id.millis();
+                        if millis.is_none() {
+                            blocks::note_other_id(&tx, &id, seq)?;
+                        }
+                        let at = micros_of(&b.recorded_at).unwrap_or(0);
+                        summaries.note(seq, at, millis, arm);
                         insert
                             .execute(params![
                                 seq,
-                                Key::uuid(&b.decision_id),
-                                micros_of(&b.recorded_at).unwrap_or(0),
+                                id,
+                                at,
                                 b.request_id,
                                 text_key(&b.request_id),
                                 Key::hex::<32>(&b.request_hash),
@@ -858,6 +899,7 @@ impl ViewWriter {
                 prev_row = Some((seq, Some(*hash)));
             }
         }
+        summaries.write(&tx)?;
         set_checkpoint(&tx, last.position)?;
         tx.commit().map_err(query_err)?;
         self.last = prev_row;
@@ -883,7 +925,27 @@ pub(super) fn get(
     names: &FeatureNames,
     decision_id: &str,
 ) -> Result<Option<DecisionRecord>, LogError> {
-    select_one(c, names, "d.decision_id = ?1", [Key::uuid(decision_id)])
+    let id = Key::uuid(decision_id);
+    let Some(millis) = id.millis() else {
+        return select_one(
+            c,
+            names,
+            "d.seq = (SELECT seq FROM other_ids WHERE decision_id = ?1)",
+            [id],
+        );
+    };
+    for b in blocks::of_id(c, millis)? {
+        let found = select_one(
+            c,
+            names,
+            "d.seq >= ?2 AND d.seq <= ?3 AND d.decision_id = ?1",
+            params![id, blocks::first_seq(b), blocks::last_seq(b)],
+        )?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 /// The served record of a request id.
@@ -952,6 +1014,7 @@ pub(super) fn delete_through(c: &Connection, seq: i64) -> Result<usize, LogError
             .execute([seq])
             .map_err(query_err)?;
         if n == 0 {
+            blocks::delete_through(c, seq)?;
             return Ok(deleted);
         }
         deleted += n;
@@ -1050,6 +1113,16 @@ pub(super) fn bounds(w: &Window) -> Result<(i64, i64), LogError> {
     Ok((bound(&w.since, i64::MIN)?, bound(&w.until, i64::MAX)?))
 }
 
+/// A version's served decisions in a window: ?1 model, ?2 version, ?3 since, ?4 until (µs).
+fn version_stats_sql() -> String {
+    let (with, from) = blocks::by_arms(
+        "SELECT id FROM arms WHERE model = ?1 AND version = ?2 AND arm != 'shadow'",
+        "?3",
+        "?4",
+    );
+    format!("{with} SELECT {STATS} {from}")
+}
+
 pub(super) fn version_stats(
     c: &Connection,
     model: &str,
@@ -1058,12 +1131,7 @@ pub(super) fn version_stats(
 ) -> Result<VersionStats, LogError> {
     let (since, until) = bounds(window)?;
     c.query_row(
-        &format!(
-            "SELECT {STATS} FROM decision_rows
-             WHERE arm_id IN (SELECT id FROM arms WHERE model = ?1 AND version = ?2
-                              AND arm != 'shadow')
-               AND at >= ?3 AND at < ?4"
-        ),
+        &version_stats_sql(),
         params![model, version, since, until],
         |r| stats_from_row(r, 0),
     )
@@ -1092,15 +1160,20 @@ pub(super) fn scan(
     let (since, until) = bounds(window)?;
     let mut stmt = c
         .prepare(&format!(
-            "{SELECT} WHERE d.at >= ?1 AND d.at < ?2 ORDER BY d.seq"
+            "{SELECT} WHERE d.seq >= ?1 AND d.seq <= ?2 AND d.at >= ?3 AND d.at < ?4 \
+             ORDER BY d.seq"
         ))
         .map_err(query_err)?;
-    let rows = stmt
-        .query_map(params![since, until], |r| row_to_record(r, names))
-        .map_err(query_err)?;
-    for row in rows {
-        if !visit(row.map_err(query_err)?) {
-            break;
+    for (first, last) in blocks::in_window(c, since, until)? {
+        let rows = stmt
+            .query_map(params![first, last, since, until], |r| {
+                row_to_record(r, names)
+            })
+            .map_err(query_err)?;
+        for row in rows {
+            if !visit(row.map_err(query_err)?) {
+                return Ok(());
+            }
         }
     }
     Ok(())
@@ -1139,11 +1212,16 @@ fn rollout_snapshot(
     since: i64,
 ) -> Result<RolloutDecisions, LogError> {
     // Every query reads the rollout's arms from its start on.
-    const SCOPE: &str = "FROM decision_rows d JOIN arms a ON a.id = d.arm_id \
-        WHERE d.arm_id IN (SELECT id FROM arms WHERE rollout_id = ?2) AND d.at >= ?1";
+    let (with, scope) = blocks::by_arms(
+        "SELECT id FROM arms WHERE rollout_id = ?2",
+        "?1",
+        &i64::MAX.to_string(),
+    );
     let mut out = RolloutDecisions::default();
     let mut stmt = c
-        .prepare(&format!("SELECT a.arm, {STATS} {SCOPE} GROUP BY a.arm"))
+        .prepare(&format!(
+            "{with} SELECT a.arm, {STATS} {scope} GROUP BY a.arm"
+        ))
         .map_err(query_err)?;
     let rows = stmt
         .query_map(params![since, rollout_id], |r| {
@@ -1162,8 +1240,8 @@ fn rollout_snapshot(
 
     let mut stmt = c
         .prepare(&format!(
-            "SELECT a.arm, MIN(MAX(CAST(d.pd * {PD_BINS} AS INTEGER), 0), {last}), COUNT(*)
-             {SCOPE} GROUP BY 1, 2",
+            "{with} SELECT a.arm, MIN(MAX(CAST(d.pd * {PD_BINS} AS INTEGER), 0), {last}), \
+             COUNT(*) {scope} GROUP BY 1, 2",
             last = PD_BINS - 1
         ))
         .map_err(query_err)?;
@@ -1185,7 +1263,7 @@ fn rollout_snapshot(
 
     let span: Option<(i64, i64)> = c
         .query_row(
-            &format!("SELECT MIN(d.at), MAX(d.at) {SCOPE}"),
+            &format!("{with} SELECT MIN(d.at), MAX(d.at) {scope}"),
             params![since, rollout_id],
             |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
         )
@@ -1196,7 +1274,7 @@ fn rollout_snapshot(
     let stretch = out.choose_stretch(first, last);
     let mut stmt = c
         .prepare(&format!(
-            "SELECT d.at / ?3, a.arm, COUNT(*) {SCOPE} GROUP BY 1, 2 ORDER BY 1"
+            "{with} SELECT d.at / ?3, a.arm, COUNT(*) {scope} GROUP BY 1, 2 ORDER BY 1"
         ))
         .map_err(query_err)?;
     let rows = stmt
@@ -1817,6 +1895,119 @@ mod tests {
             }),
             Err(LogError::Query(_))
         ));
+    }
+
+    #[test]
+    fn time_windows_arms_and_decision_ids_are_found_through_the_block_summaries() {
+        let f = fixture();
+        let first = records(&f.names).1.remove(0).body;
+        let block = 1i64 << blocks::BLOCK_BITS;
+        let n = 5 * block - 120;
+        // Block 3 is version v2's; one decision id is a UUIDv4 (as a migrated log may hold).
+        let mut v4 = *uuid::Uuid::now_v7().as_bytes();
+        v4[6] = 0x40 | (v4[6] & 0x0f);
+        let v4 = uuid::Uuid::from_bytes(v4).to_string();
+        let mut ids = Vec::new();
+        let mut prev = chain::GENESIS.to_string();
+        let mut entries = Vec::new();
+        for seq in 1..=n {
+            let mut b = first.clone();
+            b.decision_id = if seq == 2000 {
+                v4.clone()
+            } else {
+                uuid::Uuid::now_v7().to_string()
+            };
+            b.request_id = format!("req-{seq}");
+            b.recorded_at = rfc3339_micros(1_800_000_000_000_000 + seq * 150);
+            if seq >> blocks::BLOCK_BITS == 3 {
+                b.version = "v2".into();
+            }
+            ids.push(b.decision_id.clone());
+            let (e, r) = entry(&f.names, seq, b, &prev, true);
+            prev = r.hash;
+            entries.push(e);
+        }
+        let mut w =
+            ViewWriter::new(open_rw(&f.path).unwrap(), f.names.clone(), Arc::default()).unwrap();
+        // Batches that end inside blocks, so that a block's summary is merged from two.
+        for batch in entries.chunks(700) {
+            w.insert(batch).unwrap();
+        }
+        let c = open_ro(&f.path).unwrap();
+        let get_seq = |c: &Connection, seq: i64| {
+            get(c, &f.names, &ids[seq as usize - 1])
+                .unwrap()
+                .map(|r| r.seq)
+        };
+        for seq in [1, 699, 700, 701, 1023, 1024, 2000, 3500, n] {
+            assert_eq!(get_seq(&c, seq), Some(seq), "decision {seq}");
+        }
+        assert!(
+            get(&c, &f.names, &uuid::Uuid::now_v7().to_string())
+                .unwrap()
+                .is_none()
+        );
+
+        let at = |seq: i64| rfc3339_micros(1_800_000_000_000_000 + seq * 150);
+        let window = Window {
+            since: Some(at(1000)),
+            until: Some(at(2101)),
+        };
+        let mut seen = Vec::new();
+        scan(&c, &f.names, &window, &mut |r| {
+            seen.push(r.seq);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, (1000..=2100).collect::<Vec<_>>());
+        let mut first_three = Vec::new();
+        scan(&c, &f.names, &window, &mut |r| {
+            first_three.push(r.seq);
+            first_three.len() < 3
+        })
+        .unwrap();
+        assert_eq!(first_three, [1000, 1001, 1002]);
+
+        let stats = |c: &Connection, version: &str, window: &Window| {
+            version_stats(c, "credit-limit", version, window)
+                .unwrap()
+                .decisions
+        };
+        assert_eq!(stats(&c, "v2", &Window::default()), block as u64);
+        assert_eq!(stats(&c, "v1", &Window::default()), (n - block) as u64);
+        assert_eq!(stats(&c, "v2", &window), 0);
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", version_stats_sql()))
+            .unwrap()
+            .query_map(params!["credit-limit", "v2", 0, i64::MAX], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.starts_with("SEARCH d USING INTEGER PRIMARY KEY")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|p| p.starts_with("SCAN d")), "{plan:?}");
+
+        // Retention through seq 2500: blocks 0 and 1 go with their rows, block 2 keeps its
+        // summary for the rows it still has.
+        let rw = open_rw(&f.path).unwrap();
+        delete_through(&rw, 2500).unwrap();
+        for seq in [1, 1024, 2000, 2500] {
+            assert_eq!(get_seq(&c, seq), None, "decision {seq}");
+        }
+        for seq in [2501, 3000, n] {
+            assert_eq!(get_seq(&c, seq), Some(seq), "decision {seq}");
+        }
+        let left: i64 = rw
+            .query_row("SELECT MIN(block) FROM blocks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 2);
+        assert_eq!(
+            stats(&c, "v1", &Window::default()),
+            (n - block - 2500) as u64
+        );
     }
 }
 

@@ -465,6 +465,7 @@ async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal()
              CREATE TABLE checkpoint_v2 AS SELECT * FROM journal_checkpoint;
              DROP VIEW decisions; DROP TABLE decision_rows; DROP TABLE arms;
              DROP TABLE feature_names; DROP TABLE journal_checkpoint;
+             DROP TABLE blocks; DROP TABLE block_arms; DROP TABLE other_ids;
              {}
              INSERT INTO decisions SELECT * FROM wide; DROP TABLE wide;
              CREATE TABLE journal_checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -498,21 +499,31 @@ async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal()
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, rows), (4, 9));
+    assert_eq!((version, rows), (5, 9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_layout_3_view_gets_its_customer_index_per_span() {
-    // Layout 3 had the same rows as layout 4, with the customer index over the whole log:
-    // make one from a view of this release by swapping the index back.
+async fn a_layout_3_view_gets_its_customer_index_per_span_and_block_summaries() {
+    older_layout_is_brought_up_to_date(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_4_view_gets_block_summaries_for_its_time_arm_and_id_indexes() {
+    older_layout_is_brought_up_to_date(4).await;
+}
+
+/// A view of layout 3 or 4, made from one of this release (the rows are the same), opens:
+/// the same history, retries and lookups by decision id as before, in the current layout.
+async fn older_layout_is_brought_up_to_date(layout: i64) {
     let data = tempfile::tempdir().unwrap();
     let server = TestServer::start(&repo().join("models"), data.path()).await;
-    score_each(&server, 9, 3, "layout3").await;
+    let tag = format!("layout{layout}");
+    score_each(&server, 9, 3, &tag).await;
     let before = history(&server, 2).await;
     let first = history(&server, 0)
         .await
         .into_iter()
-        .find(|r| r.request_id == "layout3-0")
+        .find(|r| r.request_id == format!("{tag}-0"))
         .expect("customer 0's first request")
         .decision_id;
     server.stop().await.unwrap();
@@ -529,26 +540,49 @@ async fn a_layout_3_view_gets_its_customer_index_per_span() {
             .unwrap()
     };
     {
+        // Layouts 3 and 4 indexed time, arm and decision id per row, without block summaries.
         let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
-        db.execute_batch(
+        db.execute_batch(&format!(
             "BEGIN;
-             DROP INDEX decision_rows_customer_span;
-             CREATE INDEX decision_rows_customer ON decision_rows(customer_key, seq);
-             DROP VIEW decisions;
-             CREATE VIEW decisions AS SELECT seq, hash FROM decision_rows;
-             PRAGMA user_version = 3;
-             COMMIT;",
-        )
+             DROP TABLE blocks; DROP TABLE block_arms; DROP TABLE other_ids;
+             CREATE INDEX decision_rows_id ON decision_rows(decision_id);
+             CREATE INDEX decision_rows_arm ON decision_rows(arm_id, at);
+             CREATE INDEX decision_rows_time ON decision_rows(at);
+             PRAGMA user_version = {layout};
+             COMMIT;"
+        ))
         .unwrap();
+        if layout == 3 {
+            // Layout 3 had the customer index over the whole log.
+            db.execute_batch(
+                "BEGIN;
+                 DROP INDEX decision_rows_customer_span;
+                 CREATE INDEX decision_rows_customer ON decision_rows(customer_key, seq);
+                 DROP VIEW decisions;
+                 CREATE VIEW decisions AS SELECT seq, hash FROM decision_rows;
+                 COMMIT;",
+            )
+            .unwrap();
+        }
     }
 
     let server = TestServer::start(&repo().join("models"), data.path()).await;
     assert_eq!(server.records().await, 9);
     assert_eq!(history(&server, 2).await, before, "the same history");
+    // A decision is found by its id (through the block summaries now).
+    let found = server
+        .trace()
+        .get_decision(pb::DecisionRef {
+            decision_id: first.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.request_id, format!("{tag}-0"));
     // A retry of a recorded request is still found (through the request index).
     let again = server
         .scoring()
-        .score(request(&customers()[0], "layout3-0"))
+        .score(request(&customers()[0], &format!("{tag}-0")))
         .await
         .unwrap()
         .into_inner();
@@ -561,8 +595,8 @@ async fn a_layout_3_view_gets_its_customer_index_per_span() {
             r.get(0)
         })
         .unwrap();
-    assert_eq!(version, 4);
-    // The view shows layout 4's columns (none of these records is a remediation).
+    assert_eq!(version, 5);
+    // The view shows the current columns (none of these records is a remediation).
     let plain: i64 = db
         .query_row(
             "SELECT COUNT(*) FROM decisions WHERE remediates IS NULL AND reason IS NULL",
@@ -571,13 +605,18 @@ async fn a_layout_3_view_gets_its_customer_index_per_span() {
         )
         .unwrap();
     assert_eq!(plain, 9);
-    let names = indexes(&db);
-    assert!(
-        names.contains(&"decision_rows_customer_span".to_string())
-            && names.contains(&"decision_rows_request".to_string())
-            && !names.contains(&"decision_rows_customer".to_string()),
-        "{names:?}"
+    assert_eq!(
+        indexes(&db),
+        ["decision_rows_customer_span", "decision_rows_request"]
     );
+    let summarised: (i64, i64) = db
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM blocks), (SELECT COUNT(*) FROM block_arms)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(summarised, (1, 1), "the nine rows' block and arm");
 }
 
 /// The decision ids of `n` requests scored one after another.
