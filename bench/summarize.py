@@ -82,15 +82,18 @@ for proto, unit in (("v2-c32", "throughput_rps"), ("v2b64-c8", "rows_per_s")):
                      f"this / previous {ratio(f'sync-{proto}', f'base-sync-{proto}', unit):.2f}")
         print(line + f" ({med(f'sync-{proto}', unit):,.0f} vs {med(f'off-{proto}', unit):,.0f} {unit})")
 if "off-c32-long" in rows and "sync-c32-long" in rows:
-    line = f"steady state, Score c=32 for 60 s: sync / off {ratio('sync-c32-long', 'off-c32-long'):.2f}"
+    line = (f"steady state, Score c=32 for {med('sync-c32-long', 'duration_s'):.0f} s: sync / off "
+            f"{ratio('sync-c32-long', 'off-c32-long'):.2f}")
     if "base-sync-c32-long" in rows:
-        line += f", previous / off {ratio('base-sync-c32-long', 'off-c32-long'):.2f}"
+        line += (f", previous / off {ratio('base-sync-c32-long', 'off-c32-long'):.2f}, "
+                 f"this / previous {ratio('sync-c32-long', 'base-sync-c32-long'):.2f}")
     print(line)
 if "sync-v2b64-c8-long" in rows and "off-v2b64-c8-long" in rows:
-    line = (f"steady state, ModelInfer 64 rows c=8 for 60 s: sync / off "
-            f"{ratio('sync-v2b64-c8-long', 'off-v2b64-c8-long', 'rows_per_s'):.2f}")
+    line = (f"steady state, ModelInfer 64 rows c=8 for {med('sync-v2b64-c8-long', 'duration_s'):.0f} s: "
+            f"sync / off {ratio('sync-v2b64-c8-long', 'off-v2b64-c8-long', 'rows_per_s'):.2f}")
     if "base-sync-v2b64-c8-long" in rows:
-        line += f", previous / off {ratio('base-sync-v2b64-c8-long', 'off-v2b64-c8-long', 'rows_per_s'):.2f}"
+        line += (f", previous / off {ratio('base-sync-v2b64-c8-long', 'off-v2b64-c8-long', 'rows_per_s'):.2f}, "
+                 f"this / previous {ratio('sync-v2b64-c8-long', 'base-sync-v2b64-c8-long', 'rows_per_s'):.2f}")
     print(line)
 for who, run in [(w, r) for r in ("c32-long", "v2b64-c8-long") for w in ("sync", "base-sync")]:
     label = f"{who}-{run}"

@@ -376,7 +376,7 @@ impl JournalLog {
                 let _ = run("COMMIT");
                 result
             })?;
-            if let Some(extra) = self.tail.after(c, |e| select.selects(e, &self.names)) {
+            if let Some(extra) = self.tail.after(c, &select.matcher(), &self.names) {
                 return Ok((found, extra));
             }
         }

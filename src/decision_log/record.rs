@@ -466,19 +466,8 @@ pub fn digest_of(bytes: &[u8]) -> Result<String, RecordError> {
 /// records by it, neither of which needs the text form.
 #[derive(Debug, Clone, Copy)]
 pub struct Fields<'a> {
-    pub decision_id: &'a [u8; 16],
-    /// µs since the Unix epoch.
-    pub recorded_at: i64,
-    pub request_id: &'a str,
-    pub request_hash: &'a [u8; 32],
-    pub customer_ref: &'a [u8; 32],
-    pub key_id: &'a str,
-    pub model: &'a str,
-    pub version: &'a str,
-    pub digest: &'a [u8; 32],
-    pub rollout_id: Option<&'a [u8; 16]>,
-    /// 0 champion, 1 candidate, 2 shadow.
-    pub arm: u8,
+    /// The fields before the vector, read as `f.decision_id` and so on (through `Deref`).
+    head: Head<'a>,
     /// The vector, in the order of the names stored for the digest.
     features: Vector<'a>,
     pub probability_of_default: f64,
@@ -546,10 +535,37 @@ pub const ARMS: [&str; 3] = ["champion", "candidate", "shadow"];
 /// The decisions the binary formats know, by code.
 pub const DECISIONS: [&str; 3] = ["approve", "review", "decline"];
 
-impl<'a> Fields<'a> {
-    /// Reads the fields of binary bytes (checking their framing, not their names).
-    pub fn read(bytes: &'a [u8]) -> Result<Fields<'a>, RecordError> {
-        let mut r = Reader { bytes, at: 0 };
+/// The fields of a binary record before its vector: what the tail selects records by, read
+/// without walking the vector (a tens of nanoseconds against a microsecond for
+/// [`Fields::read`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    format: u8,
+    pub decision_id: &'a [u8; 16],
+    pub recorded_at: i64,
+    pub request_id: &'a str,
+    pub request_hash: &'a [u8; 32],
+    pub customer_ref: &'a [u8; 32],
+    pub key_id: &'a str,
+    pub model: &'a str,
+    pub version: &'a str,
+    pub digest: &'a [u8; 32],
+    pub rollout_id: Option<&'a [u8; 16]>,
+    /// An index into [`ARMS`].
+    pub arm: u8,
+}
+
+impl<'a> Head<'a> {
+    /// Reads the head of binary bytes (checking what it reads, nothing after it).
+    pub fn read(bytes: &'a [u8]) -> Result<Head<'a>, RecordError> {
+        Head::take(&mut Reader { bytes, at: 0 })
+    }
+
+    pub fn is_shadow(&self) -> bool {
+        self.arm == 2
+    }
+
+    fn take(r: &mut Reader<'a>) -> Result<Head<'a>, RecordError> {
         let format = r.header()?;
         let decision_id = r.array::<16>("decision_id")?;
         let recorded_at = r.i64("recorded_at")?;
@@ -577,6 +593,37 @@ impl<'a> Fields<'a> {
         if usize::from(arm) >= ARMS.len() {
             return Err(invalid("arm", format!("code {arm}")));
         }
+        Ok(Head {
+            format,
+            decision_id,
+            recorded_at,
+            request_id,
+            request_hash,
+            customer_ref,
+            key_id,
+            model,
+            version,
+            digest,
+            rollout_id,
+            arm,
+        })
+    }
+}
+
+impl<'a> std::ops::Deref for Fields<'a> {
+    type Target = Head<'a>;
+
+    fn deref(&self) -> &Head<'a> {
+        &self.head
+    }
+}
+
+impl<'a> Fields<'a> {
+    /// Reads the fields of binary bytes (checking their framing, not their names).
+    pub fn read(bytes: &'a [u8]) -> Result<Fields<'a>, RecordError> {
+        let mut r = Reader { bytes, at: 0 };
+        let head = Head::take(&mut r)?;
+        let format = head.format;
         let n = usize::from(r.u16("features")?);
         let features = if format == FORMAT_2 {
             Vector {
@@ -628,17 +675,7 @@ impl<'a> Fields<'a> {
             return Err(RecordError::Trailing(bytes.len() - r.at));
         }
         Ok(Fields {
-            decision_id,
-            recorded_at,
-            request_id,
-            request_hash,
-            customer_ref,
-            key_id,
-            model,
-            version,
-            digest,
-            rollout_id,
-            arm,
+            head,
             features,
             probability_of_default,
             grade,
@@ -678,10 +715,6 @@ impl<'a> Fields<'a> {
     /// `sha256:<hex>`, as the body's digest reads.
     pub fn digest_text(&self) -> String {
         format!("sha256:{}", hex::encode(self.digest))
-    }
-
-    pub fn is_shadow(&self) -> bool {
-        self.arm == 2
     }
 
     /// The body; `schema` gives the feature names stored for the digest.

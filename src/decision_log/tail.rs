@@ -21,12 +21,49 @@ use super::{DecisionRecord, FastMap, LogError, RecordBody};
 pub struct Entry {
     pub position: Position,
     /// The journal's payload: prev_hash (32) | hash (32) | record.
-    pub payload: Vec<u8>,
+    payload: Vec<u8>,
     /// The request id, if this is a served (non-shadow) decision: the answer to a retry.
     pub request_id: Option<String>,
+    /// What readers select a binary record by; None for format 1 (decoded to tell).
+    keys: Option<Keys>,
+}
+
+/// What readers select a binary record by, read from its head once as it enters the tail,
+/// so that a lookup compares bytes instead of parsing each record it passes. Parsing every
+/// one made a history lookup take 81 ms at p99 while batch scoring kept tens of thousands
+/// of records ahead of the view (BENCHMARKS.md, session 20).
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    decision_id: [u8; 16],
+    customer_ref: [u8; 32],
+    shadow: bool,
 }
 
 impl Entry {
+    /// The entry of a journal payload at `position`; `request_id` as the field says.
+    pub fn new(position: Position, payload: Vec<u8>, request_id: Option<String>) -> Entry {
+        let record = payload.get(64..).unwrap_or_default();
+        let keys = record::is_binary(record.first())
+            .then(|| record::Head::read(record).ok())
+            .flatten()
+            .map(|h| Keys {
+                decision_id: *h.decision_id,
+                customer_ref: *h.customer_ref,
+                shadow: h.is_shadow(),
+            });
+        Entry {
+            position,
+            payload,
+            request_id,
+            keys,
+        }
+    }
+
+    /// The journal's payload: prev_hash (32) | hash (32) | record.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
     pub fn seq(&self) -> i64 {
         self.position.seq as i64
     }
@@ -79,20 +116,16 @@ impl Entry {
         payload: Vec<u8>,
         names: &FeatureNames,
     ) -> Result<Entry, LogError> {
-        let mut e = Entry {
-            position,
-            payload,
-            request_id: None,
-        };
-        if e.payload.len() <= 64 {
+        if payload.len() <= 64 {
             return Err(LogError::Damaged(format!(
                 "record seq {} (segment {}, offset {}): {} bytes, too short for an entry",
                 position.seq,
                 position.segment,
                 position.offset,
-                e.payload.len()
+                payload.len()
             )));
         }
+        let mut e = Entry::new(position, payload, None);
         e.request_id = match e.fields() {
             Some(f) => {
                 let digest = f.digest_text();
@@ -129,32 +162,60 @@ pub enum Select<'a> {
     },
 }
 
-impl Select<'_> {
+/// A [`Select`] with its ids as the bytes binary records hold, converted once per lookup.
+pub struct Matcher<'a> {
+    select: &'a Select<'a>,
+    /// The decision id's bytes, if its text is the canonical form of some.
+    decision_id: Option<[u8; 16]>,
+    /// The refs that are canonical hex (lowercase, 64 digits): only those are in binary
+    /// records, whose refs read back as such text.
+    customer_refs: Vec<[u8; 32]>,
+}
+
+impl<'a> Select<'a> {
+    pub fn matcher(&'a self) -> Matcher<'a> {
+        let (mut decision_id, mut customer_refs) = (None, Vec::new());
+        match self {
+            Select::Decision(id) => {
+                decision_id = uuid::Uuid::parse_str(id)
+                    .ok()
+                    .filter(|u| u.hyphenated().to_string() == *id)
+                    .map(|u| *u.as_bytes());
+            }
+            Select::Customer { refs, .. } => {
+                customer_refs = refs
+                    .iter()
+                    .filter(|r| !r.bytes().any(|b| b.is_ascii_uppercase()))
+                    .filter_map(|r| {
+                        let mut b = [0u8; 32];
+                        hex::decode_to_slice(r, &mut b).ok().map(|()| b)
+                    })
+                    .collect();
+            }
+        }
+        Matcher {
+            select: self,
+            decision_id,
+            customer_refs,
+        }
+    }
+}
+
+impl Matcher<'_> {
     /// Whether `e` is selected; a format-1 record is decoded to tell.
     pub fn selects(&self, e: &Entry, names: &FeatureNames) -> bool {
         if let Select::Customer {
             before: Some(seq), ..
-        } = self
+        } = self.select
             && e.seq() >= *seq
         {
             return false;
         }
-        match e.fields() {
-            Some(f) => match self {
-                Select::Decision(id) => {
-                    let mut buf = [0u8; 36];
-                    let text = uuid::Uuid::from_bytes(*f.decision_id)
-                        .hyphenated()
-                        .encode_lower(&mut buf);
-                    &*text == *id
-                }
-                Select::Customer { refs, before } => {
-                    if before.is_some() && f.is_shadow() {
-                        return false;
-                    }
-                    let mut hex = [0u8; 64];
-                    hex::encode_to_slice(f.customer_ref, &mut hex).expect("64 digits");
-                    refs.iter().any(|r| r.as_bytes() == hex)
+        match &e.keys {
+            Some(k) => match self.select {
+                Select::Decision(_) => self.decision_id == Some(k.decision_id),
+                Select::Customer { before, .. } => {
+                    !(before.is_some() && k.shadow) && self.customer_refs.contains(&k.customer_ref)
                 }
             },
             None => match e.decode(names) {
@@ -165,7 +226,7 @@ impl Select<'_> {
     }
 
     fn selects_body(&self, b: &RecordBody) -> bool {
-        match self {
+        match self.select {
             Select::Decision(id) => b.decision_id == *id,
             Select::Customer { refs, before } => {
                 (before.is_none() || b.arm != "shadow") && refs.contains(&b.customer_ref)
@@ -180,6 +241,14 @@ struct Inner {
     records: VecDeque<Arc<Entry>>,
     /// Served (non-shadow) request ids of `records`, to their seq.
     by_request: FastMap<String, i64>,
+    /// The binary records of `records` by customer ref (their seqs, in order) and by
+    /// decision id, so that a lookup reads the few it wants rather than every record: the
+    /// tail can hold tens of thousands under load, and a scan of them under this lock held
+    /// the writer and the indexer up as well.
+    by_customer: FastMap<[u8; 32], VecDeque<i64>>,
+    by_decision: FastMap<[u8; 16], i64>,
+    /// The seqs of records without keys (format 1, kept as JSON): decoded to be selected.
+    unkeyed: VecDeque<i64>,
     /// The last seq the view holds.
     indexed: i64,
     /// The last durable seq.
@@ -201,6 +270,9 @@ impl Tail {
             inner: Mutex::new(Inner {
                 records: VecDeque::new(),
                 by_request: FastMap::default(),
+                by_customer: FastMap::default(),
+                by_decision: FastMap::default(),
+                unkeyed: VecDeque::new(),
                 indexed,
                 head,
                 waiting: 0,
@@ -221,6 +293,16 @@ impl Tail {
             if let Some(id) = &e.request_id {
                 t.by_request.insert(id.clone(), e.seq());
             }
+            match &e.keys {
+                Some(k) => {
+                    t.by_customer
+                        .entry(k.customer_ref)
+                        .or_default()
+                        .push_back(e.seq());
+                    t.by_decision.insert(k.decision_id, e.seq());
+                }
+                None => t.unkeyed.push_back(e.seq()),
+            }
             t.head = e.seq();
             t.records.push_back(e);
         }
@@ -236,23 +318,43 @@ impl Tail {
         t.records.get((seq - first) as usize).cloned()
     }
 
-    /// The records after `c` that `keep` selects, or None if the tail no longer holds all of
-    /// them (trimmed past `c`: read the view again).
-    pub fn after(&self, c: i64, mut keep: impl FnMut(&Entry) -> bool) -> Option<Vec<Arc<Entry>>> {
+    /// The records after `c` that `m` selects, in seq order, or None if the tail no longer
+    /// holds all of them (trimmed past `c`: read the view again). Only the records the maps
+    /// name (and any without keys) are looked at.
+    pub fn after(&self, c: i64, m: &Matcher<'_>, names: &FeatureNames) -> Option<Vec<Arc<Entry>>> {
         let t = self.lock();
         let kept_from = t.records.front().map_or(t.head + 1, |e| e.seq());
         if kept_from > c + 1 {
             return None;
         }
-        let skip = (c + 1 - kept_from) as usize;
+        let mut seqs: Vec<i64> = t.unkeyed.iter().copied().filter(|&s| s > c).collect();
+        match m.select {
+            Select::Decision(_) => {
+                seqs.extend(m.decision_id.and_then(|id| t.by_decision.get(&id).copied()));
+            }
+            Select::Customer { .. } => {
+                for r in &m.customer_refs {
+                    seqs.extend(t.by_customer.get(r).into_iter().flatten().copied());
+                }
+            }
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
         Some(
-            t.records
-                .iter()
-                .skip(skip)
-                .filter(|e| keep(e))
+            seqs.into_iter()
+                .filter(|&s| s > c)
+                .filter_map(|s| t.records.get((s - kept_from) as usize))
+                .filter(|e| m.selects(e, names))
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// How many keys the lookup maps hold (customers, decision ids, unkeyed records).
+    #[cfg(test)]
+    pub fn keys_held(&self) -> (usize, usize, usize) {
+        let t = self.lock();
+        (t.by_customer.len(), t.by_decision.len(), t.unkeyed.len())
     }
 
     /// The last durable seq.
@@ -314,6 +416,27 @@ impl Tail {
                 && t.by_request.get(id) == Some(&e.seq())
             {
                 t.by_request.remove(id);
+            }
+            match &e.keys {
+                // Seqs leave in the order they came, so each is the front of its list.
+                Some(k) => {
+                    if let Some(seqs) = t.by_customer.get_mut(&k.customer_ref) {
+                        if seqs.front() == Some(&e.seq()) {
+                            seqs.pop_front();
+                        }
+                        if seqs.is_empty() {
+                            t.by_customer.remove(&k.customer_ref);
+                        }
+                    }
+                    if t.by_decision.get(&k.decision_id) == Some(&e.seq()) {
+                        t.by_decision.remove(&k.decision_id);
+                    }
+                }
+                None => {
+                    if t.unkeyed.front() == Some(&e.seq()) {
+                        t.unkeyed.pop_front();
+                    }
+                }
             }
         }
         drop(t);

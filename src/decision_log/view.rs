@@ -1431,15 +1431,15 @@ mod tests_support {
         } else {
             serde_json::to_vec(&body).unwrap()
         };
-        let entry = Entry {
-            position: Position {
+        let entry = Entry::new(
+            Position {
                 seq: seq as u64,
                 segment: 1,
                 offset: 64 * seq as u64,
             },
-            payload: record::encode_entry(prev, &hash_bytes, &bytes),
-            request_id: (body.arm != "shadow").then(|| body.request_id.clone()),
-        };
+            record::encode_entry(prev, &hash_bytes, &bytes),
+            (body.arm != "shadow").then(|| body.request_id.clone()),
+        );
         let record = DecisionRecord {
             seq,
             body,
@@ -1895,6 +1895,86 @@ mod tests {
             }),
             Err(LogError::Query(_))
         ));
+    }
+
+    #[test]
+    fn the_tail_selects_by_its_keys_what_the_decoded_records_say() {
+        use crate::decision_log::tail::Select;
+        let f = fixture();
+        let (mut entries, mut want) = records(&f.names);
+        let shadow = RecordBody {
+            arm: "shadow".into(),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            request_id: "req-shadow".into(),
+            ..want[0].body.clone()
+        };
+        let (e, r) = entry(&f.names, 5, shadow, &want[3].hash, true);
+        entries.push(e);
+        want.push(r);
+        // Every id and ref the records hold, as they are and in capitals, and nobody's.
+        let capitals = |v: Vec<String>| -> Vec<String> {
+            let upper: Vec<String> = v.iter().map(|t| t.to_uppercase()).collect();
+            v.into_iter().chain(upper).collect()
+        };
+        let mut ids = capitals(want.iter().map(|r| r.body.decision_id.clone()).collect());
+        ids.push(uuid::Uuid::now_v7().to_string());
+        let mut refs = capitals(want.iter().map(|r| r.body.customer_ref.clone()).collect());
+        refs.extend(["ab".repeat(32), "not hex".into()]);
+        for (e, r) in entries.iter().zip(&want) {
+            for id in &ids {
+                let got = Select::Decision(id).matcher().selects(e, &f.names);
+                assert_eq!(got, r.body.decision_id == *id, "seq {} by id {id}", r.seq);
+            }
+            for one in &refs {
+                let set = [refs[refs.len() - 1].clone(), one.clone()];
+                for before in [None, Some(3), Some(6)] {
+                    let select = Select::Customer { refs: &set, before };
+                    let expected = before.is_none_or(|b| r.seq < b)
+                        && (before.is_none() || r.body.arm != "shadow")
+                        && set.contains(&r.body.customer_ref);
+                    assert_eq!(
+                        select.matcher().selects(e, &f.names),
+                        expected,
+                        "seq {} by ref {one}, before {before:?}",
+                        r.seq
+                    );
+                }
+            }
+        }
+
+        // The tail finds the same records through its maps, after any checkpoint it holds.
+        let tail = crate::decision_log::tail::Tail::new(0, 0);
+        tail.push(entries.clone());
+        let found = |after: i64, select: &Select<'_>| {
+            tail.after(after, &select.matcher(), &f.names)
+                .map(|v| v.iter().map(|e| e.seq()).collect::<Vec<_>>())
+        };
+        let everyone: Vec<String> = want.iter().map(|r| r.body.customer_ref.clone()).collect();
+        let customers = Select::Customer {
+            refs: &everyone,
+            before: Some(5),
+        };
+        assert_eq!(found(0, &customers), Some(vec![1, 2, 3, 4]));
+        assert_eq!(found(2, &customers), Some(vec![3, 4]));
+        let odd = [want[2].body.customer_ref.clone()];
+        let only_odd = Select::Customer {
+            refs: &odd,
+            before: None,
+        };
+        assert_eq!(found(0, &only_odd), Some(vec![3]));
+        assert_eq!(
+            found(0, &Select::Decision(&want[4].body.decision_id)),
+            Some(vec![5])
+        );
+        assert_eq!(
+            found(0, &Select::Decision(&want[2].body.decision_id)),
+            Some(vec![3])
+        );
+        tail.indexed_to(3);
+        assert_eq!(found(1, &customers), None, "trimmed past the checkpoint");
+        assert_eq!(found(3, &customers), Some(vec![4]));
+        tail.indexed_to(5);
+        assert_eq!(tail.keys_held(), (0, 0, 0), "nothing left behind");
     }
 
     #[test]

@@ -231,11 +231,11 @@ impl Writer {
         let started = Instant::now();
         let mut head = self.head.clone();
         let (fresh, answers) = group::plan(self, &mut head, &mut batch);
-        let group_bytes: usize = fresh.iter().map(|f| f.payload.len() + 16).sum();
+        let group_bytes: usize = fresh.iter().map(|f| f.payload().len() + 16).sum();
         let written = if fresh.is_empty() {
             Ok(Vec::new())
         } else {
-            let payloads: Vec<&[u8]> = fresh.iter().map(|f| f.payload.as_slice()).collect();
+            let payloads: Vec<&[u8]> = fresh.iter().map(|f| f.payload()).collect();
             self.journal.append(&payloads).map_err(|e| e.to_string())
         };
         let written = written.and_then(|positions| {
@@ -366,15 +366,15 @@ impl Chainer for Writer {
         // vector): room for it and its hashes, so that the vector never grows.
         let mut payload = Vec::with_capacity(64 + 512);
         let request_id = group::link(&mut self.encoder, head, body, &mut payload);
-        Entry {
-            position: Position {
+        Entry::new(
+            Position {
                 seq: head.seq as u64,
                 segment: 0,
                 offset: 0,
             },
             payload,
             request_id,
-        }
+        )
     }
 
     fn request_id(entry: &Entry) -> Option<&str> {
