@@ -255,6 +255,10 @@ struct Inner {
     head: i64,
     /// Readers waiting for the view to reach a seq: the indexer then does not linger.
     waiting: usize,
+    /// While the indexer waits for records: how many pending records it waits for (0: it
+    /// is not waiting). A push wakes it only once there are that many, not on every group:
+    /// each wake-up was a context switch on the core the requests share.
+    wake_at: usize,
     closed: bool,
 }
 
@@ -276,6 +280,7 @@ impl Tail {
                 indexed,
                 head,
                 waiting: 0,
+                wake_at: 0,
                 closed: false,
             }),
             changed: Condvar::new(),
@@ -306,8 +311,12 @@ impl Tail {
             t.head = e.seq();
             t.records.push_back(e);
         }
+        let pending = (t.head - t.indexed).max(0) as usize;
+        let wake = t.wake_at > 0 && pending >= t.wake_at;
         drop(t);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
     }
 
     /// The served record of a request id, if the tail has it.
@@ -383,21 +392,25 @@ impl Tail {
             if pending > 0 || t.closed {
                 break;
             }
+            t.wake_at = 1;
             t = self.changed.wait(t).expect("decision log tail poisoned");
         }
         let until = Instant::now() + linger;
+        let enough = (max / 8).max(1);
         loop {
             let pending = (t.head - t.indexed).max(0) as usize;
             let now = Instant::now();
-            if t.closed || t.waiting > 0 || pending >= max / 8 || now >= until {
+            if t.closed || t.waiting > 0 || pending >= enough || now >= until {
                 break;
             }
+            t.wake_at = enough;
             t = self
                 .changed
                 .wait_timeout(t, until - now)
                 .expect("decision log tail poisoned")
                 .0;
         }
+        t.wake_at = 0;
         let first = match t.records.front() {
             Some(e) => e.seq(),
             None => return Vec::new(),

@@ -1978,6 +1978,40 @@ mod tests {
     }
 
     #[test]
+    fn an_indexer_waiting_for_records_is_woken_once_enough_are_pushed() {
+        use crate::decision_log::tail::Tail;
+        let f = fixture();
+        let (entries, _) = records(&f.names);
+        let tail = Arc::new(Tail::new(0, 0));
+        let (done, batches) = std::sync::mpsc::channel();
+        // As the indexer does: a batch (of 16 at most, so 2 are enough), then indexed.
+        std::thread::spawn({
+            let tail = tail.clone();
+            move || {
+                for _ in 0..2 {
+                    let batch = tail.next_batch(16, Duration::from_secs(600));
+                    tail.indexed_to(batch.last().map_or(0, |e| e.seq()));
+                    let _ = done.send(batch.len());
+                }
+            }
+        });
+        let wait = |what: &str| {
+            batches
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("the indexer was not woken for {what}"))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        tail.push(entries[..2].to_vec());
+        assert_eq!(wait("its first records"), 2);
+        // One record wakes it from waiting for any; it then lingers until a second comes.
+        std::thread::sleep(Duration::from_millis(50));
+        tail.push(entries[2..3].to_vec());
+        std::thread::sleep(Duration::from_millis(50));
+        tail.push(entries[3..4].to_vec());
+        assert_eq!(wait("enough records"), 2);
+    }
+
+    #[test]
     fn time_windows_arms_and_decision_ids_are_found_through_the_block_summaries() {
         let f = fixture();
         let first = records(&f.names).1.remove(0).body;
