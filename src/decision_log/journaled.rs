@@ -361,7 +361,7 @@ impl JournalLog {
     }
 
     /// What the view says (`query`, in one read transaction) together with the tail's
-    /// records after the view's checkpoint that `keep` selects.
+    /// records after the view's checkpoint that `select` selects.
     fn with_tail<T>(
         &self,
         query: impl Fn(&Connection) -> Result<T, LogError>,

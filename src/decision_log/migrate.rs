@@ -160,7 +160,15 @@ pub(super) fn prepare(conn: &mut Connection, files: &LogFiles) -> Result<(), Log
         let rows = blocks::build_in_place(&tx)?;
         tracing::info!(
             rows,
-            "layout {version} to 5: block summaries in place of the time, arm and decision-id indexes"
+            "layout {version} to {}: block summaries in place of the time, arm and decision-id indexes",
+            view::USER_VERSION
+        );
+    }
+    if version == 5 {
+        let blocks = blocks::list_ids_in_place(&tx)?;
+        tracing::info!(
+            blocks,
+            "layout 5 to 6: blocks listed by their decision ids' times"
         );
     }
     tx.execute_batch(&format!("PRAGMA user_version = {}", view::USER_VERSION))

@@ -304,7 +304,9 @@ impl Tail {
                         .entry(k.customer_ref)
                         .or_default()
                         .push_back(e.seq());
-                    t.by_decision.insert(k.decision_id, e.seq());
+                    // The first record of an id answers, as in the view (only a damaged
+                    // or hand-made log repeats one).
+                    t.by_decision.entry(k.decision_id).or_insert(e.seq());
                 }
                 None => t.unkeyed.push_back(e.seq()),
             }

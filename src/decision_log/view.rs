@@ -47,8 +47,8 @@ use super::{
 /// `PRAGMA user_version` of a file in this layout. 0 is the log before the journal (its
 /// `decisions` table was the log itself, with `chain_head`), 2 the first view of the journal
 /// (one wide `decisions` table), 3 and 4 the narrow rows with per-row indexes by time, arm
-/// and decision id; see [`super::migrate`].
-pub const USER_VERSION: i64 = 5;
+/// and decision id, 5 the block summaries without `block_ids`; see [`super::migrate`].
+pub const USER_VERSION: i64 = 6;
 
 /// log2 of the seqs per span of the customer index; the schema's index expression
 /// (`seq >> 18`) and the lookups' must match it, character for character, for SQLite to use
@@ -136,6 +136,13 @@ CREATE TABLE IF NOT EXISTS block_arms (
     arm_id  INTEGER NOT NULL,
     block   INTEGER NOT NULL,
     PRIMARY KEY (arm_id, block)
+) WITHOUT ROWID;
+-- Blocks by the milliseconds of their v7 decision ids, in buckets of a few widths (the
+-- width in the bits above 48), so that a lookup by id reads a handful of summaries.
+CREATE TABLE IF NOT EXISTS block_ids (
+    bucket  INTEGER NOT NULL,
+    block   INTEGER NOT NULL,
+    PRIMARY KEY (bucket, block)
 ) WITHOUT ROWID;
 -- Decision ids that are not UUIDv7 (whose time the blocks cannot place): a migrated log's.
 CREATE TABLE IF NOT EXISTS other_ids (
@@ -1945,6 +1952,13 @@ mod tests {
         // The tail finds the same records through its maps, after any checkpoint it holds.
         let tail = crate::decision_log::tail::Tail::new(0, 0);
         tail.push(entries.clone());
+        // A record repeating an id (only a damaged or hand-made log has one): the first
+        // answers, as in the view.
+        let repeat = RecordBody {
+            request_id: "req-repeat".into(),
+            ..want[3].body.clone()
+        };
+        tail.push(vec![entry(&f.names, 6, repeat, &want[4].hash, true).0]);
         let found = |after: i64, select: &Select<'_>| {
             tail.after(after, &select.matcher(), &f.names)
                 .map(|v| v.iter().map(|e| e.seq()).collect::<Vec<_>>())
@@ -1970,10 +1984,14 @@ mod tests {
             found(0, &Select::Decision(&want[2].body.decision_id)),
             Some(vec![3])
         );
+        assert_eq!(
+            found(0, &Select::Decision(&want[3].body.decision_id)),
+            Some(vec![4])
+        );
         tail.indexed_to(3);
         assert_eq!(found(1, &customers), None, "trimmed past the checkpoint");
         assert_eq!(found(3, &customers), Some(vec![4]));
-        tail.indexed_to(5);
+        tail.indexed_to(6);
         assert_eq!(tail.keys_held(), (0, 0, 0), "nothing left behind");
     }
 
@@ -2021,15 +2039,17 @@ mod tests {
         let mut v4 = *uuid::Uuid::now_v7().as_bytes();
         v4[6] = 0x40 | (v4[6] & 0x0f);
         let v4 = uuid::Uuid::from_bytes(v4).to_string();
-        let mut ids = Vec::new();
+        let mut ids: Vec<String> = Vec::new();
         let mut prev = chain::GENESIS.to_string();
         let mut entries = Vec::new();
         for seq in 1..=n {
             let mut b = first.clone();
-            b.decision_id = if seq == 2000 {
-                v4.clone()
-            } else {
-                uuid::Uuid::now_v7().to_string()
+            // Seqs 2001 and 3000 repeat an id (only a damaged or hand-made log does): the
+            // first row of an id answers, whichever kind it is.
+            b.decision_id = match seq {
+                2000 | 2001 => v4.clone(),
+                3000 => ids[99].clone(),
+                _ => uuid::Uuid::now_v7().to_string(),
             };
             b.request_id = format!("req-{seq}");
             b.recorded_at = rfc3339_micros(1_800_000_000_000_000 + seq * 150);
@@ -2053,9 +2073,19 @@ mod tests {
                 .unwrap()
                 .map(|r| r.seq)
         };
-        for seq in [1, 699, 700, 701, 1023, 1024, 2000, 3500, n] {
+        for seq in [1, 100, 699, 700, 701, 1023, 1024, 2000, 3500, n] {
             assert_eq!(get_seq(&c, seq), Some(seq), "decision {seq}");
         }
+        assert_eq!(
+            get_seq(&c, 2001),
+            Some(2000),
+            "the first row of a repeated v4 id"
+        );
+        assert_eq!(
+            get_seq(&c, 3000),
+            Some(100),
+            "the first row of a repeated v7 id"
+        );
         assert!(
             get(&c, &f.names, &uuid::Uuid::now_v7().to_string())
                 .unwrap()

@@ -499,7 +499,7 @@ async fn a_query_view_of_the_first_journal_release_is_rebuilt_from_the_journal()
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((version, rows), (5, 9));
+    assert_eq!((version, rows), (6, 9));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,7 +512,12 @@ async fn a_layout_4_view_gets_block_summaries_for_its_time_arm_and_id_indexes() 
     older_layout_is_brought_up_to_date(4).await;
 }
 
-/// A view of layout 3 or 4, made from one of this release (the rows are the same), opens:
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_5_view_gets_its_blocks_listed_by_decision_id_time() {
+    older_layout_is_brought_up_to_date(5).await;
+}
+
+/// A view of layout 3, 4 or 5, made from one of this release (the rows are the same), opens:
 /// the same history, retries and lookups by decision id as before, in the current layout.
 async fn older_layout_is_brought_up_to_date(layout: i64) {
     let data = tempfile::tempdir().unwrap();
@@ -539,7 +544,12 @@ async fn older_layout_is_brought_up_to_date(layout: i64) {
             .collect::<Result<_, _>>()
             .unwrap()
     };
-    {
+    if layout == 5 {
+        // Layout 5 had the block summaries, without the blocks listed by id time.
+        let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+        db.execute_batch("BEGIN; DROP TABLE block_ids; PRAGMA user_version = 5; COMMIT;")
+            .unwrap();
+    } else {
         // Layouts 3 and 4 indexed time, arm and decision id per row, without block summaries.
         let db = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
         db.execute_batch(&format!(
@@ -595,7 +605,7 @@ async fn older_layout_is_brought_up_to_date(layout: i64) {
             r.get(0)
         })
         .unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     // The view shows the current columns (none of these records is a remediation).
     let plain: i64 = db
         .query_row(
@@ -609,14 +619,19 @@ async fn older_layout_is_brought_up_to_date(layout: i64) {
         indexes(&db),
         ["decision_rows_customer_span", "decision_rows_request"]
     );
-    let summarised: (i64, i64) = db
+    let summarised: (i64, i64, i64) = db
         .query_row(
-            "SELECT (SELECT COUNT(*) FROM blocks), (SELECT COUNT(*) FROM block_arms)",
+            "SELECT (SELECT COUNT(*) FROM blocks), (SELECT COUNT(*) FROM block_arms), \
+             (SELECT COUNT(DISTINCT block) FROM block_ids)",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-    assert_eq!(summarised, (1, 1), "the nine rows' block and arm");
+    assert_eq!(
+        summarised,
+        (1, 1, 1),
+        "the nine rows' block, its arm, its id listing"
+    );
 }
 
 /// The decision ids of `n` requests scored one after another.
