@@ -24,7 +24,7 @@ use super::names::FeatureNames;
 use super::record::{decode_body, decode_entry};
 use super::seen::SeenIds;
 use super::tail::{Entry, Select, Tail};
-use super::writer::{Msg, Writer, file_identity};
+use super::writer::{Answerer, Msg, Writer, file_identity};
 use super::{
     AppendAllFuture, AppendFuture, DecisionLog, DecisionRecord, Durability, LogError, NewBody,
     RolloutDecisions, VerifyReport, VersionStats, Window, chain, migrate, view,
@@ -294,6 +294,7 @@ impl JournalLog {
             down: None,
             unsynced: false,
             files: files.clone(),
+            answerer: Answerer::on_current_runtime(),
         };
         let writer = std::thread::Builder::new()
             .name("decision-log-writer".into())
