@@ -27,7 +27,7 @@ use super::tail::{Entry, Select, Tail};
 use super::writer::{Answerer, Msg, Writer, file_identity};
 use super::{
     AppendAllFuture, AppendFuture, DecisionLog, DecisionRecord, Durability, LogError, NewBody,
-    RolloutDecisions, VerifyReport, VersionStats, Window, chain, migrate, view,
+    RolloutDecisions, VerifyReport, VersionStats, Window, chain, migrate, set_nice, view,
 };
 
 /// Rows the indexer writes in one transaction at most.
@@ -207,7 +207,7 @@ impl JournalLog {
         // they are read, so that memory holds one batch rather than the whole journal. If
         // the view cannot be written now, the rest waits in the tail for the indexer.
         let mut index_now = true;
-        let (journal, torn) = Journal::open_with(&files.journal, opts, checkpoint, |r| {
+        let (mut journal, torn) = Journal::open_with(&files.journal, opts, checkpoint, |r| {
             if bad.is_some() {
                 return;
             }
@@ -232,6 +232,7 @@ impl JournalLog {
         if let Some(e) = bad {
             return Err(e);
         }
+        journal.make_segments_ahead();
         if let Some(t) = &torn {
             tracing::warn!(
                 segment = %t.segment.display(),
@@ -474,14 +475,6 @@ fn retain(
             }
         }
     }
-}
-
-/// Sets the calling thread's nice value (Linux: PRIO_PROCESS with who = 0 is this thread).
-/// Raising priority back needs CAP_SYS_NICE or a soft RLIMIT_NICE that allows it; without, the
-/// call fails and the thread keeps its priority, which is logged once.
-fn set_nice(nice: i32) -> bool {
-    // SAFETY: setpriority on the calling thread has no memory effects.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
 }
 
 /// The indexer: the tail into the view, batch by batch, until the tail is closed and drained.

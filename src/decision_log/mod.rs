@@ -474,3 +474,11 @@ impl DecisionLog for Unrecorded {
         ))
     }
 }
+
+/// Sets the calling thread's nice value (Linux: PRIO_PROCESS with who = 0 is this thread).
+/// Raising priority back needs CAP_SYS_NICE or a soft RLIMIT_NICE that allows it; without, the
+/// call fails and the thread keeps its priority, which the indexer logs once.
+fn set_nice(nice: i32) -> bool {
+    // SAFETY: setpriority on the calling thread has no memory effects.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}

@@ -13,6 +13,7 @@
 //! checked. The journal is single-writer (`&mut self`); readers borrow it.
 
 mod format;
+mod spares;
 #[cfg(test)]
 mod tests;
 
@@ -163,7 +164,10 @@ pub struct Journal {
     /// The newest record, if any.
     last: Option<Position>,
     poisoned: Option<Dirty>,
+    /// A segment file the probe made (where a full disk shows).
     spare: Option<Spare>,
+    /// Segment files made ahead, zero-filled; the writer's journal has them (see `spares`).
+    spares: Option<spares::Spares>,
     buf: Vec<u8>,
     #[cfg(test)]
     fail_next_sync: bool,
@@ -273,6 +277,7 @@ impl Journal {
             last: None,
             poisoned: None,
             spare: None,
+            spares: None,
             buf: Vec::new(),
             #[cfg(test)]
             fail_next_sync: false,
@@ -447,16 +452,30 @@ impl Journal {
         Ok((journal, torn))
     }
 
-    /// Creates segment `first_seq` (from the spare if it is big enough) and makes it active.
-    /// On failure nothing is left behind and the active segment is unchanged.
+    /// From now on, makes each next segment ahead, zero-filled, on a thread of its own (see
+    /// `spares`): for the journal a writer appends to, not for one opened to read.
+    pub fn make_segments_ahead(&mut self) {
+        let spares = spares::Spares::start(self.dir.clone());
+        spares.request(self.options.segment_size);
+        self.spares = Some(spares);
+    }
+
+    /// Creates segment `first_seq` (from a spare if one big enough is ready: the probe's,
+    /// else the one made ahead) and makes it active. On failure nothing is left behind and
+    /// the active segment is unchanged.
     fn add_segment(&mut self, first_seq: u64, prev_first_seq: u64, capacity: u64) -> Result<()> {
         let path = self.dir.join(segment_name(first_seq));
-        let (tmp, file, capacity) = match self.spare.take() {
-            Some(s) if s.capacity >= capacity => (s.path, s.file, s.capacity),
+        let probed = match self.spare.take() {
+            Some(s) if s.capacity >= capacity => Some(s),
             other => {
-                if let Some(s) = other {
-                    self.spare = Some(s);
-                }
+                self.spare = other;
+                None
+            }
+        };
+        let ready = probed.or_else(|| self.spares.as_ref()?.take(capacity));
+        let (tmp, file, capacity) = match ready {
+            Some(s) => (s.path, s.file, s.capacity),
+            None => {
                 let tmp = self.dir.join(format!("{}.tmp", segment_name(first_seq)));
                 let file = self.make_file(&tmp, capacity)?;
                 (tmp, file, capacity)
@@ -488,6 +507,9 @@ impl Journal {
             },
         );
         self.tail = HEADER_LEN;
+        if let Some(spares) = &self.spares {
+            spares.request(self.options.segment_size);
+        }
         Ok(())
     }
 
