@@ -186,29 +186,44 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Makes `file` `len` bytes long with its blocks allocated: fallocate, or where the file
 /// system has none, zeros written (so a full disk shows here, not at a later append).
 fn preallocate(file: &File, path: &Path, len: u64) -> Result<()> {
+    if fallocate(file, path, len)? {
+        return Ok(());
+    }
+    let have = file.metadata().map_err(io_err("stat", path, 0))?.len();
+    write_zeros(file, have, len, |_| Ok(()))
+        .map_err(|(at, e)| io_err("preallocate (write zeros)", path, at)(e))
+}
+
+/// fallocate of `len` bytes from the start; false where the file system has none.
+fn fallocate(file: &File, path: &Path, len: u64) -> Result<bool> {
     // SAFETY: fallocate on an open descriptor we own; no memory is passed.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
     if rc == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let err = io::Error::last_os_error();
-    if !matches!(
-        err.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-    ) {
-        return Err(io_err("fallocate", path, 0)(err));
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(io_err("fallocate", path, 0)(err)),
     }
-    let have = file.metadata().map_err(io_err("stat", path, 0))?.len();
+}
+
+/// Writes zeros over `[from, to)` of `file`, a MiB at a time, calling `after` with the
+/// offset reached after each write (to sync, or to stop early with an error). A failure
+/// gives the offset it happened at.
+fn write_zeros(
+    file: &File,
+    from: u64,
+    to: u64,
+    mut after: impl FnMut(u64) -> io::Result<()>,
+) -> std::result::Result<(), (u64, io::Error)> {
     let zeros = vec![0u8; 1 << 20];
-    let mut at = have;
-    while at < len {
-        let n = (len - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at).map_err(io_err(
-            "preallocate (write zeros)",
-            path,
-            at,
-        ))?;
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at).map_err(|e| (at, e))?;
         at += n as u64;
+        after(at).map_err(|e| (at, e))?;
     }
     Ok(())
 }

@@ -12,7 +12,6 @@
 //! more than a step of it in front of the journal's own syncs.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -132,20 +131,18 @@ fn make(path: &Path, capacity: u64, stop: &AtomicBool) -> std::io::Result<File> 
         .create(true)
         .truncate(true)
         .open(path)?;
-    // Allocated first, so that a full disk shows at once rather than after a partial fill.
-    super::preallocate(&file, path, capacity).map_err(std::io::Error::other)?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut at = 0;
-    while at < capacity {
+    // Allocated first where the file system can, so that a full disk shows at once rather
+    // than after a partial fill.
+    super::fallocate(&file, path, capacity).map_err(std::io::Error::other)?;
+    super::write_zeros(&file, 0, capacity, |at| {
         if stop.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("stopped"));
         }
-        let n = (capacity - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
         if at % STEP == 0 || at == capacity {
             file.sync_data()?;
         }
-    }
+        Ok(())
+    })
+    .map_err(|(_, e)| e)?;
     Ok(file)
 }
