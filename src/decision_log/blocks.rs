@@ -84,8 +84,10 @@ fn list_ids(c: &Connection, block: i64, lo: i64, hi: i64) -> Result<(), LogError
     let mut insert = c
         .prepare_cached("INSERT OR IGNORE INTO block_ids (bucket, block) VALUES (?1, ?2)")
         .map_err(query_err)?;
-    for bucket in id_buckets(lo, hi) {
-        insert.execute([bucket, block]).map_err(query_err)?;
+    let [first, last] = id_buckets(lo, hi);
+    insert.execute([first, block]).map_err(query_err)?;
+    if last != first {
+        insert.execute([last, block]).map_err(query_err)?;
     }
     Ok(())
 }
@@ -296,18 +298,25 @@ pub(super) fn list_ids_in_place(c: &Connection) -> Result<u64, LogError> {
     Ok(blocks)
 }
 
+/// What retention deletes once it has deleted the rows: the blocks before ?1, the first it
+/// keeps. Each statement seeks by an index (`block_arms` by arm, then block), so that a pass
+/// reads what it deletes rather than the whole table.
+const DELETE_BLOCKS: [&str; 3] = [
+    "DELETE FROM block_arms WHERE arm_id IN (SELECT id FROM arms) AND block < ?1",
+    "DELETE FROM block_ids WHERE block < ?1",
+    "DELETE FROM blocks WHERE block < ?1",
+];
+/// The other ids of the rows through seq ?1.
+const DELETE_OTHER_IDS: &str = "DELETE FROM other_ids WHERE seq <= ?1";
+
 /// Deletes the summaries of the blocks retention emptied (every seq through `seq`), and the
 /// other ids of the rows it deleted.
 pub(super) fn delete_through(c: &Connection, seq: i64) -> Result<(), LogError> {
     let below = (seq + 1) >> BLOCK_BITS;
-    c.execute("DELETE FROM block_arms WHERE block < ?1", [below])
-        .map_err(query_err)?;
-    c.execute("DELETE FROM block_ids WHERE block < ?1", [below])
-        .map_err(query_err)?;
-    c.execute("DELETE FROM blocks WHERE block < ?1", [below])
-        .map_err(query_err)?;
-    c.execute("DELETE FROM other_ids WHERE seq <= ?1", [seq])
-        .map_err(query_err)?;
+    for sql in DELETE_BLOCKS {
+        c.execute(sql, [below]).map_err(query_err)?;
+    }
+    c.execute(DELETE_OTHER_IDS, [seq]).map_err(query_err)?;
     Ok(())
 }
 
@@ -405,6 +414,44 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(plan.iter().all(|p| !p.starts_with("SCAN")), "{plan:?}");
+
+        // Retention of the first 1,000 blocks takes their summaries, listings and arms,
+        // seeking rather than reading the tables whole.
+        c.execute_batch(
+            "INSERT INTO arms (id, model, version, digest, arm) VALUES \
+             (1, 'credit-limit', 'v1', 'd1', 'stable'), (2, 'credit-limit', 'v2', 'd2', 'candidate')",
+        )
+        .unwrap();
+        delete_through(&c, last_seq(999)).unwrap();
+        let count = |table: &str, cond: &str| -> i64 {
+            c.query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE {cond}"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        for table in ["blocks", "block_ids", "block_arms"] {
+            assert_eq!(count(table, "block < 1000"), 0, "{table}");
+            assert!(count(table, "block >= 1000") >= 2_001, "{table}");
+        }
+        assert_eq!(
+            of_id(&c, start + (first_seq(1_234) + 500) / 51).unwrap(),
+            [1_234, day]
+        );
+        for sql in DELETE_BLOCKS.iter().chain([&DELETE_OTHER_IDS]) {
+            let plan: Vec<String> = c
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([0_i64], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().all(|p| !p.starts_with("SCAN")),
+                "{sql}: {plan:?}"
+            );
+        }
     }
 
     #[test]
