@@ -396,13 +396,14 @@ impl Writer {
 impl Chainer for Writer {
     type Entry = Entry;
 
-    /// The tail, then — only if the Bloom filter says it may be there — the view.
+    /// Only if the Bloom filter says it may be there (every id in the tail or the view is in
+    /// it): the tail, then the view. Most ids are new, and the filter alone answers them.
     fn recorded_before(&self, id: &str) -> Result<Option<DecisionRecord>, LogError> {
-        if let Some(e) = self.tail.find_request(id) {
-            return e.decode(&self.encoder.names).map(Some);
-        }
         if !self.seen.may_contain(id) {
             return Ok(None);
+        }
+        if let Some(e) = self.tail.find_request(id) {
+            return e.decode(&self.encoder.names).map(Some);
         }
         view::by_request(&self.view, &self.encoder.names, id)
             .map_err(|e| LogError::Unavailable(format!("looking up a request id: {e}")))
