@@ -39,25 +39,53 @@ ticks() {
   echo 0
 }
 
-# The long run against server $2 (pid $3) labelled $1, at concurrency $4 with the load's
-# further arguments: latency tails, and the CPU its writer and indexer threads spent per
-# decision recorded meanwhile (read once `trace verify` says the view has caught up).
+# How far the view of the log in $1 trailed its journal when a run ended, and how long the
+# indexer took to catch up: the view's checkpoint, read-only beside the running server, every
+# 20 ms until it has not moved for 2 s (the indexer lingers at most 200 ms for a batch).
+# Prints "first_seq last_seq seconds_until_last_move".
+catch_up() {
+  python3 - "$1/decisions.db" <<'PY'
+import sqlite3, sys, time
+c = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+seq = lambda: c.execute("SELECT seq FROM journal_checkpoint").fetchone()[0]
+start = time.monotonic()
+first = last = seq()
+moved = start
+while time.monotonic() - moved < 2:
+    time.sleep(0.02)
+    now = seq()
+    if now != last:
+        last, moved = now, time.monotonic()
+print(first, last, round(moved - start, 2))
+PY
+}
+
+# The long run against server $2 (pid $3, data in $4) labelled $1, at concurrency $5 with the
+# load's further arguments: latency tails; the CPU its writer and indexer threads spent per
+# decision recorded meanwhile (read once `trace verify` says the view has caught up); how
+# far the view trailed the journal when the load stopped, and how long it took to catch up
+# on its own (before `trace verify`, which would hurry it).
 long_run() {
-  local label=$1 port=$2 pid=$3 c=$4
-  shift 4
-  local before after w0 w1 i0 i1
+  local label=$1 port=$2 pid=$3 dir=$4 c=$5
+  shift 5
+  local before after w0 w1 i0 i1 lag
   before=$("$BIN" trace verify --json --server 127.0.0.1:$port | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
   w0=$(ticks "$pid" decision-log-wr); i0=$(ticks "$pid" decision-log-in)
   DURATION=$LONG load "$label" "$port" "$c" "$@"
+  lag=$(catch_up "$dir")
   after=$("$BIN" trace verify --json --server 127.0.0.1:$port | python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
   w1=$(ticks "$pid" decision-log-wr); i1=$(ticks "$pid" decision-log-in)
-  python3 - "$label" "$w0" "$w1" "$i0" "$i1" "$((after - before))" "$(getconf CLK_TCK)" <<'PY' | tee -a "$RESULTS"
+  # shellcheck disable=SC2086
+  python3 - "$label" "$w0" "$w1" "$i0" "$i1" "$((after - before))" "$(getconf CLK_TCK)" "$after" $lag <<'PY' | tee -a "$RESULTS"
 import json, sys
 label = sys.argv[1]
-w0, w1, i0, i1, n, hz = map(int, sys.argv[2:])
+w0, w1, i0, i1, n, hz, head, first, last = map(int, sys.argv[2:11])
 us = lambda a, b: round((b - a) / hz * 1e6 / n, 2) if n else None  # none recorded: no figure
 print(json.dumps({"label": f"{label}-cpu", "decisions": n,
-                  "writer_us_per_decision": us(w0, w1), "indexer_us_per_decision": us(i0, i1)}))
+                  "writer_us_per_decision": us(w0, w1), "indexer_us_per_decision": us(i0, i1),
+                  # No retention here: the count verified is the journal's last seq.
+                  "view_lag_at_end": head - first, "caught_up_by_itself": last == head,
+                  "catch_up_s": float(sys.argv[11])}))
 PY
 }
 
@@ -112,11 +140,11 @@ for round in $(seq "$LONG_ROUNDS"); do
     tag=$([ "$1" = 32 ] && echo c32 || echo v2b64-c8)
     DURATION=$LONG load "off-$tag-long" 50082 "$@"
     if [ -n "${BASE_BIN:-}" ] && [ $((round % 2)) -eq 0 ]; then
-      long_run "base-sync-$tag-long" 50083 "$BASE_PID" "$@"
-      long_run "sync-$tag-long" 50081 "$SYNC_PID" "$@"
+      long_run "base-sync-$tag-long" 50083 "$BASE_PID" "$OUT/base" "$@"
+      long_run "sync-$tag-long" 50081 "$SYNC_PID" "$OUT/sync" "$@"
     else
-      long_run "sync-$tag-long" 50081 "$SYNC_PID" "$@"
-      if [ -n "${BASE_BIN:-}" ]; then long_run "base-sync-$tag-long" 50083 "$BASE_PID" "$@"; fi
+      long_run "sync-$tag-long" 50081 "$SYNC_PID" "$OUT/sync" "$@"
+      if [ -n "${BASE_BIN:-}" ]; then long_run "base-sync-$tag-long" 50083 "$BASE_PID" "$OUT/base" "$@"; fi
     fi
   done
 done

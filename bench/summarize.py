@@ -105,6 +105,9 @@ for who, run in [(w, r) for r in ("c32-long", "v2b64-c8-long") for w in ("sync",
             r = rows[cpu][0]
             print(f"{cpu}: writer {r['writer_us_per_decision']} µs, indexer {r['indexer_us_per_decision']} µs "
                   f"per decision ({r['decisions']:,} decisions)")
+            if "view_lag_at_end" in r:
+                print(f"{cpu}: the view trailed by {r['view_lag_at_end']:,} records when the load stopped, "
+                      f"caught up in {r['catch_up_s']} s" + ("" if r["caught_up_by_itself"] else " (not by itself)"))
 for label in ("fill", "base-fill"):
     if label in rows:
         r = rows[label][0]
