@@ -219,7 +219,7 @@ pub async fn serve(
     let shadow_task = tokio::spawn(shadow_worker.run(stop.clone()));
     let scorer = Scorer::new(registry.clone(), router.clone(), recorder, shadow);
     // Kept until the server stops: the gauges report while their handles live.
-    let _gauges = crate::telemetry::observe_state(registry.clone(), router);
+    let _gauges = crate::telemetry::observe_state(registry.clone(), router, log.clone());
     let inference = InferenceService::new(
         scorer.clone(),
         registry.clone(),

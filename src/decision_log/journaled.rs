@@ -662,6 +662,10 @@ impl DecisionLog for JournalLog {
         let head = self.tail.head();
         self.read(|c| verify_journal(&self.files, &self.names, Some(head), Some(c)))
     }
+
+    fn view_lag(&self) -> Option<u64> {
+        Some(self.index_lag().max(0) as u64)
+    }
 }
 
 /// Walks the journal (up to `upto`, or all of it) and checks every record: its frame, its

@@ -405,6 +405,12 @@ pub trait DecisionLog: Send + Sync + 'static {
     ) -> Result<Option<RecentByArm>, LogError> {
         Ok(None)
     }
+
+    /// Durable decisions the query view does not hold yet, which readers are served from
+    /// memory meanwhile; `None` for a log without a view built behind its writes.
+    fn view_lag(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Records nothing and says every decision is durable. Only the baseline of the logging

@@ -415,6 +415,7 @@ async fn spans_continue_the_callers_trace_and_metrics_arrive_over_otlp() {
         "riskserve.limit_changes",
         "riskserve.decision_log.batch_size",
         "riskserve.decision_log.commit.duration",
+        "riskserve.decision_log.view_lag",
         "riskserve.versions.loads",
         "riskserve.versions",
         "riskserve.rollout.share",
@@ -441,6 +442,23 @@ async fn spans_continue_the_callers_trace_and_metrics_arrive_over_otlp() {
         })
         .await;
     assert!(requests_ok >= 62.0);
+    // The view's lag is reported, never more than the decisions made, and falls to 0 once
+    // the load stops and the indexer catches up.
+    receiver
+        .until("the query view caught up", |r| {
+            let lags: Vec<f64> = r
+                .points
+                .iter()
+                .filter(|p| p.metric == "riskserve.decision_log.view_lag")
+                .map(|p| p.value)
+                .collect();
+            assert!(
+                lags.iter().all(|&l| (0.0..=1_000.0).contains(&l)),
+                "{lags:?}"
+            );
+            lags.last().is_some_and(|&l| l == 0.0).then_some(())
+        })
+        .await;
     receiver
         .until("a refused request by status", |r| {
             r.points
