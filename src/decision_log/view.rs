@@ -149,9 +149,9 @@ CREATE TABLE IF NOT EXISTS other_ids (
     decision_id  NOT NULL PRIMARY KEY,
     seq          INTEGER NOT NULL
 ) WITHOUT ROWID;
--- Retention deletes both by block or seq, the oldest first; without these it read each
--- table whole on every pass. Added to a layout 6 file as it opens (no new layout: a
--- release that does not know them reads and writes the file the same).
+-- Retention deletes from these two by block and by seq, the oldest first; without these
+-- indexes it read each table whole on every pass. Added to a layout 6 file as it opens
+-- (no new layout: a release that does not know them reads and writes the file the same).
 CREATE INDEX IF NOT EXISTS block_ids_block ON block_ids(block);
 CREATE INDEX IF NOT EXISTS other_ids_seq ON other_ids(seq);
 -- A Bloom filter of the customer keys of each complete span (customer_filter.rs), so that a
