@@ -65,6 +65,10 @@ pub struct Config {
     /// whose decisions are all older are removed, with their rows in the query view; the
     /// chain stays verifiable from the anchor. Unset keeps every decision.
     pub log_retention: Option<String>,
+    /// Durable decisions the SQLite query view may trail the journal by (held in memory
+    /// meanwhile, ~0.6 KB each); at this many, new decisions are refused (UNAVAILABLE) and
+    /// readiness is NOT_SERVING until the view has caught up to half of it.
+    pub log_max_view_lag: u64,
     /// Files holding the customer HMAC keys, current first (older ones for lookups after a
     /// rotation). Empty: a server on loopback generates a development key in the data
     /// directory; any other server refuses to start.
@@ -122,6 +126,7 @@ impl Default for Config {
             log_segment_bytes: 64 << 20,
             log_min_free_bytes: 0,
             log_retention: None,
+            log_max_view_lag: 1_000_000,
             customer_key_files: Vec::new(),
             rollout_eval_interval_ms: 1_000,
             rollout_snapshot_interval_ms: 10_000,
@@ -199,9 +204,9 @@ impl Config {
             ));
         }
         self.log_retention()?;
-        if self.log_batch == 0 || self.log_queue == 0 {
+        if self.log_batch == 0 || self.log_queue == 0 || self.log_max_view_lag == 0 {
             return Err(ConfigError::Invalid(
-                "log_batch and log_queue must be at least 1".into(),
+                "log_batch, log_queue and log_max_view_lag must be at least 1".into(),
             ));
         }
         if !(1..=100_000).contains(&self.max_concurrent_requests)

@@ -129,6 +129,7 @@ pub async fn serve(
                 segment_bytes: config.log_segment_bytes,
                 min_free_bytes: config.log_min_free_bytes,
                 retention: config.log_retention()?,
+                max_view_lag: config.log_max_view_lag,
             },
         )?
     };

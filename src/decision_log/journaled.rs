@@ -57,6 +57,10 @@ pub struct LogOptions {
     /// their rows from the view), the chain kept verifiable from the anchor. None keeps
     /// everything.
     pub retention: Option<Duration>,
+    /// Durable decisions the query view may trail the journal by, held in memory meanwhile;
+    /// at this many new decisions are refused (and the log reports itself unhealthy) until
+    /// the view has caught up to half of it.
+    pub max_view_lag: u64,
 }
 
 impl Default for LogOptions {
@@ -68,6 +72,7 @@ impl Default for LogOptions {
             segment_bytes: 64 << 20,
             min_free_bytes: 0,
             retention: None,
+            max_view_lag: 1_000_000,
         }
     }
 }
@@ -293,6 +298,8 @@ impl JournalLog {
             durability: options.durability,
             segment_file,
             down: None,
+            max_view_lag: options.max_view_lag.clamp(1, i64::MAX as u64) as i64,
+            view_behind: false,
             unsynced: false,
             files: files.clone(),
             answerer: Answerer::on_current_runtime(),

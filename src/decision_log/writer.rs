@@ -63,6 +63,12 @@ pub(super) struct Writer {
     pub segment_file: Option<(u64, (u64, u64))>,
     /// Why the writer stopped accepting decisions, while it has.
     pub down: Option<Down>,
+    /// The view may trail the journal by fewer records than this; at this many the writer
+    /// refuses new decisions (the tail holding what the view lacks is memory) until the
+    /// view has caught up to half of it.
+    pub max_view_lag: i64,
+    /// Refusing because the view trails by `max_view_lag` or more.
+    pub view_behind: bool,
     /// Groups written but not yet synced (async durability).
     pub unsynced: bool,
     /// Where retention writes its anchor.
@@ -140,12 +146,13 @@ impl Writer {
     pub fn run(&mut self, rx: Receiver<Msg>) {
         let mut last_sync = Instant::now();
         loop {
-            let wait = if self.down.is_some() {
-                Some(PROBE_EVERY)
-            } else if self.unsynced {
-                Some(ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed()))
-            } else {
-                None
+            let probe = (self.down.is_some() || self.view_behind).then_some(PROBE_EVERY);
+            let sync = self
+                .unsynced
+                .then(|| ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed()));
+            let wait = match (probe, sync) {
+                (Some(p), Some(s)) => Some(p.min(s)),
+                (p, s) => p.or(s),
             };
             let first = match wait {
                 None => match rx.recv() {
@@ -161,6 +168,7 @@ impl Writer {
                             self.sync_written();
                             last_sync = Instant::now();
                         }
+                        self.check_view_lag();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -270,13 +278,21 @@ impl Writer {
         if self.down.is_some() {
             self.recover();
         }
-        if let Some(down) = &self.down {
-            let why = match down {
-                Down::Damaged(d) => format!("the decision log is damaged: {d}"),
-                Down::Failed { .. } => {
-                    "the log cannot be written; waiting for the disk to recover".into()
-                }
-            };
+        self.check_view_lag();
+        let why = match &self.down {
+            Some(Down::Damaged(d)) => Some(format!("the decision log is damaged: {d}")),
+            Some(Down::Failed { .. }) => {
+                Some("the log cannot be written; waiting for the disk to recover".into())
+            }
+            None if self.view_behind => Some(format!(
+                "the query view trails the decision journal by {} decisions (log_max_view_lag \
+                 {}); new decisions are refused until it catches up",
+                self.tail.lag(),
+                self.max_view_lag
+            )),
+            None => None,
+        };
+        if let Some(why) = why {
             for job in batch {
                 let _ = job.reply.send(Err(LogError::Unavailable(why.clone())));
             }
@@ -362,8 +378,41 @@ impl Writer {
             return;
         }
         self.down = Some(down);
+        self.publish_health();
+    }
+
+    /// Healthy while the journal takes writes and the view keeps up.
+    fn publish_health(&self) {
+        let healthy = self.down.is_none() && !self.view_behind;
         self.healthy
-            .send_if_modified(|h| std::mem::replace(h, false));
+            .send_if_modified(|h| std::mem::replace(h, healthy) != healthy);
+    }
+
+    /// Starts refusing new decisions once the view trails the journal by `max_view_lag`, and
+    /// stops once it trails by half of that or less: the tail, in memory, holds every record
+    /// the view lacks, and a view that cannot be written (a reviewer's tool holding its write
+    /// lock, a failing disk) must not let it grow until the process runs out of memory.
+    fn check_view_lag(&mut self) {
+        let lag = self.tail.lag();
+        let behind = if self.view_behind {
+            lag > self.max_view_lag / 2
+        } else {
+            lag >= self.max_view_lag
+        };
+        if behind == self.view_behind {
+            return;
+        }
+        self.view_behind = behind;
+        if behind {
+            tracing::warn!(
+                lag,
+                limit = self.max_view_lag,
+                "the query view trails the decision journal too far; refusing new decisions until it catches up"
+            );
+        } else {
+            tracing::info!(lag, "the query view has caught up; taking decisions again");
+        }
+        self.publish_health();
     }
 
     /// Proves the journal takes a group like the one that failed; healthy again only then.
@@ -383,8 +432,7 @@ impl Writer {
             Ok(()) => {
                 tracing::info!(dir = %self.journal.dir().display(), probe_bytes = group_bytes, "decision log writable again");
                 self.down = None;
-                self.healthy
-                    .send_if_modified(|h| !std::mem::replace(h, true));
+                self.publish_health();
             }
             Err(e) => {
                 tracing::debug!(error = %e, "decision log still unavailable");

@@ -198,6 +198,30 @@ async fn ready(server: &TestServer) -> bool {
         .is_ok_and(|r| r.into_inner().status == 1)
 }
 
+const DOWN: &str = "readiness never went down";
+
+/// Every one of `ids` is found by the server's trace service.
+async fn assert_traceable(server: &TestServer, ids: &[String]) {
+    for id in ids {
+        server
+            .trace()
+            .get_decision(pb::DecisionRef {
+                decision_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {id} lost: {e}"));
+    }
+}
+
+/// Waits up to `within` for readiness to be `want`; panics naming `what` if it never is.
+async fn until_ready(server: &TestServer, want: bool, within: Duration, what: &str) {
+    let start = Instant::now();
+    while ready(server).await != want {
+        assert!(start.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_keeps_readiness_down_until_space_is_freed_and_loses_nothing() {
     let base = tempfile::tempdir().unwrap();
@@ -224,14 +248,7 @@ async fn a_full_disk_keeps_readiness_down_until_space_is_freed_and_loses_nothing
     };
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
     assert!(!acked.is_empty());
-    let start = Instant::now();
-    while ready(&server).await {
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "readiness never went down"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_ready(&server, false, Duration::from_secs(2), DOWN).await;
     // While the disk stays full: every Score refused, readiness down the whole time.
     let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
@@ -248,29 +265,73 @@ async fn a_full_disk_keeps_readiness_down_until_space_is_freed_and_loses_nothing
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     std::fs::remove_file(&filler).unwrap();
-    let start = Instant::now();
-    while !ready(&server).await {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "never ready again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_ready(&server, true, Duration::from_secs(10), "never ready again").await;
     let after = client
         .score(request(&customers()[2], "full-after"))
         .await
         .unwrap()
         .into_inner();
     acked.push(after.decision_id);
-    for id in &acked {
-        server
-            .trace()
-            .get_decision(pb::DecisionRef {
-                decision_id: id.clone(),
-            })
+    assert_traceable(&server, &acked).await;
+    assert_eq!(server.records().await, acked.len() as u64);
+    server.stop().await.unwrap();
+}
+
+/// A view that cannot be written (here a reviewer's tool holding its write lock) may not let
+/// the records in memory grow without bound: at `log_max_view_lag` the server refuses new
+/// decisions and reports itself not ready, still answers for every acknowledged one, and
+/// takes decisions again by itself once the view has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_that_falls_too_far_behind_refuses_new_decisions_until_it_catches_up() {
+    let data = tempfile::tempdir().unwrap();
+    let mut c = config(&repo().join("models"), data.path());
+    c.log_max_view_lag = 30;
+    let server = TestServer::start_with(c).await;
+    let reviewer = rusqlite::Connection::open(data.path().join("decisions.db")).unwrap();
+    reviewer.busy_timeout(Duration::from_secs(10)).unwrap();
+    reviewer.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let mut client = server.scoring();
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let r = client
+            .score(request(&customers()[i % 4], &format!("lag-{i}")))
             .await
-            .unwrap_or_else(|e| panic!("acknowledged {id} lost: {e}"));
+            .unwrap();
+        acked.push(r.into_inner().decision_id);
     }
+    let refused = client
+        .score(request(&customers()[0], "lag-30"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    assert!(
+        refused.message().contains("log_max_view_lag"),
+        "{}",
+        refused.message()
+    );
+    // Not ready, and staying so while the view is held: no flapping.
+    until_ready(&server, false, Duration::from_secs(2), DOWN).await;
+    let until = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < until {
+        assert!(
+            !ready(&server).await,
+            "readiness came back while the view was held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every acknowledged decision is still read, from memory.
+    assert_traceable(&server, &acked).await;
+
+    reviewer.execute_batch("ROLLBACK").unwrap();
+    let released = "never ready again after the view was released";
+    until_ready(&server, true, Duration::from_secs(15), released).await;
+    let after = client
+        .score(request(&customers()[0], "lag-30"))
+        .await
+        .unwrap()
+        .into_inner();
+    acked.push(after.decision_id);
     assert_eq!(server.records().await, acked.len() as u64);
     server.stop().await.unwrap();
 }
