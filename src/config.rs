@@ -338,4 +338,19 @@ mod tests {
             assert!(err.contains("log_retention"), "{bad}: {err}");
         }
     }
+
+    #[test]
+    fn the_view_lag_limit_is_read_from_the_file_and_may_not_be_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "log_max_view_lag = 5000\n").unwrap();
+        assert_eq!(Config::from_file(&path).unwrap().log_max_view_lag, 5000);
+        assert_eq!(Config::default().log_max_view_lag, 1_000_000);
+        let zero = Config {
+            log_max_view_lag: 0,
+            ..Config::default()
+        };
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("log_max_view_lag"), "{err}");
+    }
 }
