@@ -480,13 +480,7 @@ impl Journal {
     /// the active segment is unchanged.
     fn add_segment(&mut self, first_seq: u64, prev_first_seq: u64, capacity: u64) -> Result<()> {
         let path = self.dir.join(segment_name(first_seq));
-        let probed = match self.spare.take() {
-            Some(s) if s.capacity >= capacity => Some(s),
-            other => {
-                self.spare = other;
-                None
-            }
-        };
+        let probed = self.spare.take_if(|s| s.capacity >= capacity);
         let ready = probed.or_else(|| self.spares.as_ref()?.take(capacity));
         let (tmp, file, capacity) = match ready {
             Some(s) => (s.path, s.file, s.capacity),

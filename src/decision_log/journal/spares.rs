@@ -67,14 +67,10 @@ impl Spares {
 
     /// The ready spare, if there is one of at least `capacity` bytes.
     pub fn take(&self, capacity: u64) -> Option<Spare> {
-        let mut ready = self.ready.lock().expect("spares poisoned");
-        match ready.take() {
-            Some(s) if s.capacity >= capacity => Some(s),
-            other => {
-                *ready = other;
-                None
-            }
-        }
+        self.ready
+            .lock()
+            .expect("spares poisoned")
+            .take_if(|s| s.capacity >= capacity)
     }
 
     #[cfg(test)]
